@@ -1,0 +1,1 @@
+"""istio-iptables: Istio's sidecar traffic capture, reimplemented in Python."""

@@ -1,0 +1,110 @@
+"""The ``istio-iptables`` command: wires flags to Config, Config and host facts to a Plan, the Plan to output.
+
+The options are generated from ``config.SETTINGS`` so the flag table exists once. Every option arrives as
+text (or a switch) and ``config.load`` parses it, which gives every bad value the same one-line error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+
+from . import config as configuration
+from .errors import IstioIptablesError
+from .hostfacts import gather
+from .logsetup import configure
+from .plan import build_plan
+from .render.dryrun import dry_run_output, istio_command_log
+
+PROG = "istio-iptables"
+log = logging.getLogger(__name__)
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+    help="Make every TCP connection of a pod, and optionally its DNS, go through the sidecar proxy: "
+    "the rules of Istio's istio-iptables for the same flags, printed (--dry-run) or applied.",
+    epilog="Environment only: "
+    + "; ".join(
+        f"{setting.envvars[0]} ({setting.help.rstrip('.')}; default: {setting.default or '(empty)'})"
+        for setting in configuration.SETTINGS
+        if not setting.flags
+    )
+    + ". Exit codes: 0 success, 1 apply or host failure, 2 bad input, 126 validation failed.",
+)
+
+
+def _help(setting: configuration.Setting) -> str:
+    env = f" [env: {', '.join(setting.envvars)}]" if setting.envvars else ""
+    default = f" [default: {setting.default or '(empty)'}]"
+    return setting.help + env + default
+
+
+def _option(setting: configuration.Setting) -> inspect.Parameter:
+    names = (
+        [f"{setting.flags[0]}/{setting.negation}", *setting.flags[1:]] if setting.negation else setting.flags
+    )
+    return inspect.Parameter(
+        setting.key,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(
+            None,
+            *names,
+            help=_help(setting),
+            show_default=False,
+            metavar=None if setting.switch else setting.metavar,
+        ),
+        annotation=Optional[bool] if setting.switch else Optional[str],  # noqa: UP045 (Typer reads it)
+    )
+
+
+def capture(ctx: typer.Context, **given: Any) -> None:
+    config = configuration.load(given, os.environ)
+    configure(config.log)
+    ctx.obj = config
+    if ctx.invoked_subcommand is None:
+        run(config)
+
+
+capture.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        *(_option(setting) for setting in configuration.SETTINGS if setting.flags),
+    ]
+)
+app.callback(invoke_without_command=True)(capture)
+
+
+def run(config: configuration.Config) -> None:
+    plan = build_plan(config, gather(config))
+    if config.dry_run:
+        if config.dry_run_file_path:
+            with open(config.dry_run_file_path, "w", encoding="utf-8") as file:
+                file.write(istio_command_log(plan))
+        sys.stdout.write(dry_run_output(plan, config.dry_run_format))
+        return
+    raise IstioIptablesError("applying rules needs the apply backend, which is not available in this build")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: expected failures end with one line on stderr and their exit code."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except IstioIptablesError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except Exception as error:
+        # Typer's own usage errors (unknown flag, missing value); its exception classes are not public.
+        if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
+            raise
+        print(f"{PROG}: {error.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

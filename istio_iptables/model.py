@@ -1,0 +1,296 @@
+"""The capture plan as typed data: families, tables, match clauses, targets, rules and routes.
+
+Strings exist only at the edges (renderers write them, parsers read them back); everything between works
+on these values, so every renderer, backend, diff and trace sees the same rules.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+
+IPNet = IPv4Interface | IPv6Interface
+"""An address with its prefix length, kept as written (Istio keeps host bits, e.g. ``10.0.0.1/8``)."""
+IPAddress = IPv4Address | IPv6Address
+
+
+class Family(enum.Enum):
+    V4 = 4
+    V6 = 6
+
+    @property
+    def label(self) -> str:
+        return f"ipv{self.value}"
+
+    @property
+    def host_prefix(self) -> int:
+        return 32 if self is Family.V4 else 128
+
+    @staticmethod
+    def of(address: IPAddress | IPNet) -> Family:
+        return Family.V4 if address.version == 4 else Family.V6
+
+
+class Table(enum.Enum):
+    FILTER = "filter"
+    MANGLE = "mangle"
+    NAT = "nat"
+    RAW = "raw"
+
+
+BUILTIN_CHAINS = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"})
+
+# The chains this program creates, in every table it uses.
+ISTIO_INBOUND = "ISTIO_INBOUND"
+ISTIO_REDIRECT = "ISTIO_REDIRECT"
+ISTIO_IN_REDIRECT = "ISTIO_IN_REDIRECT"
+ISTIO_OUTPUT = "ISTIO_OUTPUT"
+ISTIO_OUTPUT_DNS = "ISTIO_OUTPUT_DNS"
+ISTIO_DIVERT = "ISTIO_DIVERT"
+ISTIO_TPROXY = "ISTIO_TPROXY"
+ISTIO_DROP = "ISTIO_DROP"
+ISTIO_CHAINS = (
+    ISTIO_INBOUND,
+    ISTIO_REDIRECT,
+    ISTIO_IN_REDIRECT,
+    ISTIO_OUTPUT,
+    ISTIO_OUTPUT_DNS,
+    ISTIO_DIVERT,
+    ISTIO_TPROXY,
+    ISTIO_DROP,
+)
+
+
+class Proto(enum.Enum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class CtState(enum.Enum):
+    INVALID = "INVALID"
+    NEW = "NEW"
+    RELATED = "RELATED"
+    ESTABLISHED = "ESTABLISHED"
+
+
+# ---- match clauses: each one is a single iptables match, negatable --------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    protocol: Proto
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Source:
+    network: IPNet
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Destination:
+    network: IPNet
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class InInterface:
+    name: str
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class OutInterface:
+    name: str
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class DestinationPort:
+    port: int
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class SourcePort:
+    port: int
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class DestinationPorts:
+    """``-m multiport --dports a,b``."""
+
+    ports: tuple[int, ...]
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class UidOwner:
+    uid: int
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class GidOwner:
+    """A group id, or a group name that iptables resolves when it reads the rule (Istio's owner groups)."""
+
+    group: int | str
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Mark:
+    mark: int
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class ConntrackState:
+    states: tuple[CtState, ...]
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Connmark:
+    mark: int
+    negated: bool = False
+
+
+Match = (
+    Protocol
+    | Source
+    | Destination
+    | InInterface
+    | OutInterface
+    | DestinationPort
+    | SourcePort
+    | DestinationPorts
+    | UidOwner
+    | GidOwner
+    | Mark
+    | ConntrackState
+    | Connmark
+)
+
+# ---- targets -------------------------------------------------------------------------------------------
+
+
+class Verdict(enum.Enum):
+    RETURN = "RETURN"
+    ACCEPT = "ACCEPT"
+    DROP = "DROP"
+
+
+@dataclass(frozen=True)
+class Jump:
+    chain: str
+
+
+@dataclass(frozen=True)
+class Redirect:
+    port: int
+
+
+@dataclass(frozen=True)
+class Tproxy:
+    port: int
+    mark: int
+    mask: int = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SetMark:
+    mark: int
+
+
+@dataclass(frozen=True)
+class SaveMark:
+    """``CONNMARK --save-mark``: copy the packet mark to the connection."""
+
+
+@dataclass(frozen=True)
+class RestoreMark:
+    """``CONNMARK --restore-mark``: copy the connection mark back to the packet."""
+
+
+@dataclass(frozen=True)
+class CtZone:
+    zone: int
+
+
+Target = Verdict | Jump | Redirect | Tproxy | SetMark | SaveMark | RestoreMark | CtZone
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: appended to ``chain`` of ``table``, or inserted at ``position`` (1-based) when given."""
+
+    table: Table
+    chain: str
+    clauses: tuple[Match, ...]
+    target: Target
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The ordered rules of one address family, in the order they are applied."""
+
+    family: Family
+    rules: tuple[Rule, ...]
+
+    def tables(self) -> list[Table]:
+        """Tables that hold rules, sorted by name (the order Istio writes them)."""
+        return sorted({rule.table for rule in self.rules}, key=lambda table: table.value)
+
+    def in_table(self, table: Table) -> list[Rule]:
+        return [rule for rule in self.rules if rule.table is table]
+
+
+@dataclass(frozen=True)
+class PolicyRoute:
+    """TPROXY routing: ``ip rule add fwmark <mark> lookup <table>`` and
+    ``ip route add local default dev lo table <table>``, so marked packets are delivered locally."""
+
+    family: Family
+    mark: int
+    table: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    rulesets: tuple[RuleSet, ...]
+    routes: tuple[PolicyRoute, ...] = ()
+    loopback_addresses: tuple[IPv6Interface, ...] = field(default=())
+    """Addresses added to ``lo``: ``::6/128`` for IPv6, which has only ``::1`` by default and which the
+    proxy binds for inbound passthrough."""
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        return tuple(ruleset.family for ruleset in self.rulesets)
+
+    def ruleset(self, family: Family) -> RuleSet | None:
+        return next((rs for rs in self.rulesets if rs.family is family), None)
+
+
+def declared_chains(rules: Iterable[Rule]) -> dict[Table, list[str]]:
+    """The non-built-in chains to create, per table, in Istio's order: first every chain that holds a rule,
+    in order of first appearance, then any jump target not declared yet."""
+    rules = list(rules)
+    declared: dict[Table, list[str]] = {}
+
+    def declare(table: Table, chain: str) -> None:
+        chains = declared.setdefault(table, [])
+        if chain not in BUILTIN_CHAINS and chain not in chains:
+            chains.append(chain)
+
+    for rule in rules:
+        declare(rule.table, rule.chain)
+    for rule in rules:
+        if isinstance(rule.target, Jump):
+            declare(rule.table, rule.target.chain)
+    return declared

@@ -1,0 +1,78 @@
+"""The plan as JSON; README's "JSON schema" section documents the shape.
+
+Clauses and targets are written generically from their dataclass fields, so each one is
+``{"match": <kind>, <field>: <value>, ..., "negated": bool}`` and ``{"target": <kind>, <field>: <value>}``,
+where the kind is the model's class name in snake case (``destination_port``, ``uid_owner``, ``jump``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+from typing import Any
+
+from ..model import Match, Plan, Rule, Target, Verdict, declared_chains
+from .iptables import rule_text
+
+SCHEMA_VERSION = 1
+
+
+def render_json(plan: Plan) -> str:
+    document = {
+        "version": SCHEMA_VERSION,
+        "families": [
+            {
+                "family": ruleset.family.label,
+                "tables": [
+                    {
+                        "table": table.value,
+                        "chains": declared_chains(ruleset.rules).get(table, []),
+                        "rules": [_rule(rule) for rule in ruleset.in_table(table)],
+                    }
+                    for table in ruleset.tables()
+                ],
+            }
+            for ruleset in plan.rulesets
+        ],
+        "routes": [
+            {"family": route.family.label, "mark": route.mark, "table": route.table} for route in plan.routes
+        ],
+        "loopback_addresses": [str(address) for address in plan.loopback_addresses],
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _rule(rule: Rule) -> dict[str, Any]:
+    return {
+        "chain": rule.chain,
+        "position": rule.position,
+        "clauses": [{"match": _kind(clause), **_fields(clause)} for clause in rule.clauses],
+        "target": _target(rule.target),
+        "text": rule_text(rule),
+    }
+
+
+def _target(target: Target) -> dict[str, Any]:
+    if isinstance(target, Verdict):
+        return {"target": "verdict", "verdict": target.value}
+    return {"target": _kind(target), **_fields(target)}
+
+
+def _kind(value: Match | Target) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(value).__name__).lower()
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return str(value)

@@ -1,0 +1,64 @@
+"""Shared test helpers: the CLI run in-process with a controlled environment, and golden comparison."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import ipaddress
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from istio_iptables import cli
+from istio_iptables.config import SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+SETTING_ENVVARS = {name for setting in SETTINGS for name in setting.envvars}
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def environment(env: Mapping[str, str]) -> Iterator[None]:
+    """os.environ without any of our settings' variables, plus ``env``; restored afterwards."""
+    saved = dict(os.environ)
+    try:
+        for name in SETTING_ENVVARS:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_cli(args: list[str], env: Mapping[str, str] | None = None) -> Result:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with environment(env or {}), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            cli.main(args)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return Result(code, stdout.getvalue(), stderr.getvalue())
+
+
+def canonical_lines(lines: list[str]) -> list[str]:
+    """Lines with IPv6 addresses in canonical form, so ``::127.0.0.53/128`` equals ``::7f00:35/128``."""
+    return [" ".join(_canonical(token) for token in line.split(" ")) for line in lines if line.strip()]
+
+
+def _canonical(token: str) -> str:
+    if ":" not in token:
+        return token
+    try:
+        return str(ipaddress.ip_interface(token))
+    except ValueError:
+        return token
