@@ -15,11 +15,14 @@ from typing import Any, Optional
 import typer
 
 from . import config as configuration
-from .errors import IstioIptablesError
+from . import netns
+from .apply import apply
+from .errors import ApplyError, ConfigError, IstioIptablesError
 from .hostfacts import gather
 from .logsetup import configure
-from .plan import build_plan
+from .plan import build_plan, proxy_identity
 from .render.dryrun import dry_run_output, istio_command_log
+from .validate import validate
 
 PROG = "istio-iptables"
 log = logging.getLogger(__name__)
@@ -48,9 +51,7 @@ def _help(setting: configuration.Setting) -> str:
 
 
 def _option(setting: configuration.Setting) -> inspect.Parameter:
-    names = (
-        [f"{setting.flags[0]}/{setting.negation}", *setting.flags[1:]] if setting.negation else setting.flags
-    )
+    names = [f"{setting.flags[0]}/{setting.negation}", *setting.flags[1:]] if setting.negation else setting.flags
     return inspect.Parameter(
         setting.key,
         inspect.Parameter.KEYWORD_ONLY,
@@ -83,14 +84,26 @@ app.callback(invoke_without_command=True)(capture)
 
 
 def run(config: configuration.Config) -> None:
-    plan = build_plan(config, gather(config))
+    if config.network_namespace and not config.dry_run:
+        netns.enter(config.network_namespace)
+    facts = gather(config)
+    plan = build_plan(config, facts)
     if config.dry_run:
         if config.dry_run_file_path:
-            with open(config.dry_run_file_path, "w", encoding="utf-8") as file:
-                file.write(istio_command_log(plan))
+            try:
+                with open(config.dry_run_file_path, "w", encoding="utf-8") as file:
+                    file.write(istio_command_log(plan))
+            except OSError as error:
+                raise ConfigError(
+                    f"invalid value for DRY_RUN_FILE_PATH: '{config.dry_run_file_path}': {error.strerror}"
+                ) from None
         sys.stdout.write(dry_run_output(plan, config.dry_run_format))
-        return
-    raise IstioIptablesError("applying rules needs the apply backend, which is not available in this build")
+    elif config.native_nftables:
+        raise ApplyError("--native-nftables: the native nftables backend is not part of this build yet")
+    elif not config.skip_rule_apply:
+        apply(config, plan)
+    if config.run_validation:
+        validate(config, plan.families, *proxy_identity(config, facts))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -337,9 +337,7 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="CIDR",
     ),
     Setting("envoy_user", (), ("ENVOY_USER",), "istio-proxy", "User whose UID is the default --proxy-uid."),
-    Setting(
-        "dry_run_file_path", (), ("DRY_RUN_FILE_PATH",), "", "Dry run: also write Istio's command log here."
-    ),
+    Setting("dry_run_file_path", (), ("DRY_RUN_FILE_PATH",), "", "Dry run: also write Istio's command log here."),
     # ---- host inputs Istio reads implicitly, as flags so every output is reproducible ------------------
     Setting(
         "ipv6",
@@ -518,7 +516,7 @@ MAX_OWNER_GROUPS = 64
 _INTERFACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,14}")
 _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _NETNS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -588,6 +586,8 @@ def parse_cidr(text: str) -> IPNet:
         raise ValueError("not a CIDR (address/prefix-length)")
     if "%" in text:
         raise ValueError("not a CIDR (zone ids are not allowed)")
+    if not text.rpartition("/")[2].isdigit() or not text.isascii():
+        raise ValueError("not a CIDR (the prefix length must be a number)")
     return ipaddress.ip_interface(text)
 
 
@@ -644,7 +644,8 @@ def parse_mode(text: str) -> Mode:
     if text == "":
         return Mode.REDIRECT
     try:
-        return Mode(text.upper())
+        # isascii: str.upper() maps some non-ASCII letters (the dotless i) onto ASCII ones.
+        return Mode(text.upper() if text.isascii() else text)
     except ValueError:
         raise ValueError("must be REDIRECT or TPROXY") from None
 
@@ -659,8 +660,8 @@ def parse_loopback_cidr(text: str) -> ipaddress.IPv4Interface:
 
 
 def parse_duration(text: str) -> float:
-    """A Go duration (``5s``, ``1m30s``, ``500ms``), in seconds; must be positive."""
-    position, seconds = 0, 0.0
+    """A Go duration (``5s``, ``+1m30s``, ``500ms``), in seconds; must be positive."""
+    position, seconds = (1 if text.startswith("+") else 0), 0.0
     while position < len(text):
         part = _DURATION_PART.match(text, position)
         if part is None:
@@ -727,8 +728,14 @@ def _each(items: list[str], parse: Callable[[str], T]) -> list[T]:
             parsed.append(parse(item))
         except ValueError as error:
             # In a list, say which element is wrong.
-            raise ValueError(f"'{item}': {_reason(error)}" if len(items) > 1 else _reason(error)) from None
+            raise ValueError(f"'{shown(item)}': {_reason(error)}" if len(items) > 1 else _reason(error)) from None
     return parsed
+
+
+def shown(text: str) -> str:
+    """A value as it can appear in a one-line message: control characters escaped, length bounded."""
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _no_wildcard(text: str, parse: Callable[[str], T]) -> T:
@@ -776,8 +783,7 @@ def load(given: Given, environ: Mapping[str, str]) -> Config:
         try:
             return parse(text)
         except ValueError as error:
-            shown = text if len(text) <= 200 else text[:200] + "..."
-            raise ConfigError(f"invalid value for {raw.origin}: '{shown}': {_reason(error)}") from None
+            raise ConfigError(f"invalid value for {raw.origin}: '{shown(text)}': {_reason(error)}") from None
 
     def switch(key: str) -> bool:
         return get(key, parse_go_bool)

@@ -11,9 +11,9 @@ import ipaddress
 import logging
 import pwd
 import socket
-import struct
 from dataclasses import dataclass
 
+from . import netlink
 from .config import Config, parse_address
 from .errors import HostError
 from .model import IPAddress
@@ -64,54 +64,15 @@ def read_nameservers(path: str) -> list[IPAddress]:
     return servers
 
 
-# Netlink RTM_GETADDR dump, the same source Go's net.InterfaceAddrs reads.
-_NLMSG_HEADER = struct.Struct("=LHHLL")
-_IFADDRMSG = struct.Struct("=BBBBI")
-_RTATTR = struct.Struct("=HH")
-_RTM_NEWADDR, _RTM_GETADDR = 20, 22
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 
 
 def local_addresses() -> list[IPAddress]:
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        sock.send(
-            _NLMSG_HEADER.pack(
-                _NLMSG_HEADER.size + len(request), _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
-            )
-            + request
-        )
-        addresses: list[IPAddress] = []
-        while True:
-            data = sock.recv(65536)
-            offset = 0
-            while offset + _NLMSG_HEADER.size <= len(data):
-                length, kind, _flags, _seq, _pid = _NLMSG_HEADER.unpack_from(data, offset)
-                if kind == _NLMSG_DONE:
-                    return addresses
-                if kind == _NLMSG_ERROR:
-                    raise HostError("cannot list the host's addresses: netlink error")
-                if kind == _RTM_NEWADDR:
-                    address = _address_of(data[offset + _NLMSG_HEADER.size : offset + length])
-                    if address is not None:
-                        addresses.append(address)
-                offset += (length + 3) & ~3
-
-
-def _address_of(message: bytes) -> IPAddress | None:
-    family = message[0]
-    attributes: dict[int, bytes] = {}
-    offset = _IFADDRMSG.size
-    while offset + _RTATTR.size <= len(message):
-        length, kind = _RTATTR.unpack_from(message, offset)
-        if length < _RTATTR.size:
-            break
-        attributes[kind] = message[offset + _RTATTR.size : offset + length]
-        offset += (length + 3) & ~3
-    # On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is ours (Go prefers it the same way).
-    raw = attributes.get(_IFA_LOCAL, attributes.get(_IFA_ADDRESS))
-    if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    return ipaddress.ip_address(raw)
+    """The addresses Go's ``net.InterfaceAddrs`` returns, in its order (the kernel dumps IPv4 first)."""
+    addresses: list[IPAddress] = []
+    for message in netlink.dump(netlink.RTM_GETADDR):
+        # On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is ours (Go prefers it the same way).
+        raw = message.attributes.get(_IFA_LOCAL, message.attributes.get(_IFA_ADDRESS))
+        if raw is not None and message.family in (socket.AF_INET, socket.AF_INET6):
+            addresses.append(ipaddress.ip_address(raw))
+    return addresses

@@ -23,8 +23,7 @@ class _IstioFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = (
-            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs * 1000):06d}Z"
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.created % 1 * 1e6):06d}Z"
         )
         level = _LEVEL_NAMES.get(record.levelno, "fatal" if record.levelno >= logging.CRITICAL else "error")
         message = record.getMessage()

@@ -94,15 +94,12 @@ class Decisions:
 
 def build_plan(config: Config, facts: HostFacts) -> Plan:
     decisions = decide(config, facts)
-    rulesets = tuple(
-        RuleSet(family, tuple(family_rules(family, config, decisions))) for family in decisions.families
-    )
+    rulesets = tuple(RuleSet(family, tuple(family_rules(family, config, decisions))) for family in decisions.families)
     tproxy_inbound = config.mode is Mode.TPROXY and bool(config.inbound_ports)
     return Plan(
         rulesets=rulesets,
         routes=tuple(
-            PolicyRoute(family, config.tproxy_mark, config.tproxy_route_table)
-            for family in decisions.families
+            PolicyRoute(family, config.tproxy_mark, config.tproxy_route_table) for family in decisions.families
         )
         if tproxy_inbound
         else (),
@@ -124,14 +121,20 @@ def decide(config: Config, facts: HostFacts) -> Decisions:
         redirect_dns=config.redirect_dns and (config.capture_all_dns or bool(servers)),
         dns_servers={
             family: tuple(
-                ip_interface(f"{server}/{family.host_prefix}")
-                for server in servers
-                if Family.of(server) is family
+                ip_interface(f"{server}/{family.host_prefix}") for server in servers if Family.of(server) is family
             )
             for family in Family
         },
         include_cidr_is_loopback=any(cidr.ip.is_loopback for cidr in include),
     )
+
+
+def proxy_identity(config: Config, facts: HostFacts) -> tuple[int, int]:
+    """The proxy's first UID and GID: the identity validation connects as."""
+    owners = decide(config, facts).owners
+    uid = next(owner.uid for owner in owners if isinstance(owner, UidOwner))
+    gid = next(owner.group for owner in owners if isinstance(owner, GidOwner))
+    return uid, int(gid)
 
 
 def ipv6_enabled(config: Config, facts: HostFacts) -> bool:
@@ -141,18 +144,14 @@ def ipv6_enabled(config: Config, facts: HostFacts) -> bool:
         return config.ipv6
     usable = [address for address in facts.addresses if _usable(address)]
     if not usable:
-        raise HostError(
-            "no valid local IP address found; pass --ipv6 or --no-ipv6 to choose without detection"
-        )
+        raise HostError("no valid local IP address found; pass --ipv6 or --no-ipv6 to choose without detection")
     if config.dual_stack:
         return any(address.version == 6 for address in usable)
     return usable[0].version == 6
 
 
 def _usable(address: IPAddress) -> bool:
-    return not (
-        address.is_loopback or address.is_link_local or (address.is_multicast and address.is_link_local)
-    )
+    return not (address.is_loopback or address.is_link_local or (address.is_multicast and address.is_link_local))
 
 
 def loopback(family: Family, config: Config) -> IPNet:
@@ -310,9 +309,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
                     )
         for owner in decisions.owners:
             add(RAW, ISTIO_OUTPUT_DNS, UDP, DestinationPort(DNS_PORT), owner, target=CtZone(DNS_ZONE_QUERIES))
-            add(
-                RAW, ISTIO_OUTPUT_DNS, UDP, SourcePort(DNS_PROXY_PORT), owner, target=CtZone(DNS_ZONE_ANSWERS)
-            )
+            add(RAW, ISTIO_OUTPUT_DNS, UDP, SourcePort(DNS_PROXY_PORT), owner, target=CtZone(DNS_ZONE_ANSWERS))
         if config.capture_all_dns:
             add(RAW, PREROUTING, target=Jump(ISTIO_INBOUND))
             add(RAW, ISTIO_OUTPUT_DNS, UDP, DestinationPort(DNS_PORT), target=CtZone(DNS_ZONE_ANSWERS))

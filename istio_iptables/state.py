@@ -6,12 +6,18 @@ iptables-save prints it (``-m tcp --dport``, ``--mark 0x539``, ``--set-xmark 0x5
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import shlex
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import cache
 
+from .config import ALL, Config, Mode
+from .hostfacts import HostFacts
 from .model import (
+    BUILTIN_CHAINS,
+    ISTIO_CHAINS,
     Connmark,
     ConntrackState,
     CtState,
@@ -39,7 +45,10 @@ from .model import (
     Tproxy,
     UidOwner,
     Verdict,
+    declared_chains,
 )
+from .plan import build_plan
+from .render.iptables import rule_text
 
 FULL_MASK = 0xFFFFFFFF
 # Targets that take no option and so could be mistaken for a jump to a chain of that name.
@@ -67,13 +76,30 @@ class UnparsedRuleError(ValueError):
     """A rule using something this model does not describe (a foreign rule, usually)."""
 
 
+@dataclass(frozen=True)
+class SavedRule:
+    """One rule line as read, with its meaning when the model can express it (else ``rule`` is None)."""
+
+    chain: str
+    text: str
+    rule: Rule | None
+
+
 @dataclass
 class TableState:
     chains: dict[str, str | None] = field(default_factory=dict)
     """Declared chains in order: built-in ones with their policy, user chains with None."""
-    rules: list[Rule] = field(default_factory=list)
-    unparsed: list[str] = field(default_factory=list)
-    """Rule lines the model cannot express, kept verbatim."""
+    entries: list[SavedRule] = field(default_factory=list)
+    """Rule lines in order."""
+
+    @property
+    def rules(self) -> list[Rule]:
+        return [entry.rule for entry in self.entries if entry.rule is not None]
+
+    @property
+    def unparsed(self) -> list[str]:
+        """Rule lines the model cannot express, kept verbatim."""
+        return [entry.text for entry in self.entries if entry.rule is None]
 
 
 def parse_tables(text: str) -> dict[Table, TableState]:
@@ -102,10 +128,12 @@ def parse_tables(text: str) -> dict[Table, TableState]:
         elif line.startswith("-N "):
             current.chains[line[3:].strip()] = None
         elif line.startswith(("-A ", "-I ")):
+            chain = line.split()[1] if len(line.split()) > 1 else ""
             try:
-                current.rules.append(parse_rule(table, shlex.split(line)))
-            except (UnparsedRuleError, ValueError):
-                current.unparsed.append(line)
+                rule: Rule | None = parse_rule(table, shlex.split(line))
+            except (UnparsedRuleError, ValueError, StopIteration):
+                rule = None
+            current.entries.append(SavedRule(chain, line, rule))
         else:
             raise ValueError(f"line {number}: not iptables-restore syntax: {line}")
     return tables
@@ -214,3 +242,138 @@ def _full_mask_value(text: str) -> int:
 
 def _network(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     return ipaddress.ip_interface(text)
+
+
+# ---- ownership: which live rules this program wrote ----------------------------------------------------
+
+OWN_CHAINS = frozenset(ISTIO_CHAINS)
+
+
+def _signature(rule: Rule) -> tuple[Table, str, tuple[tuple[str, bool], ...], str]:
+    """A rule's shape without its values: what kind of rule it is, not which port or interface."""
+    clauses = tuple(sorted((type(clause).__name__, clause.negated) for clause in rule.clauses))
+    target = rule.target.value if isinstance(rule.target, Verdict) else type(rule.target).__name__
+    return rule.table, rule.chain, clauses, target
+
+
+@cache
+def _builtin_chain_signatures() -> frozenset[tuple[Table, str, tuple[tuple[str, bool], ...], str]]:
+    """The shapes of every rule any configuration of this program puts in a built-in chain, taken from the
+    plan itself with every feature turned on (REDIRECT and TPROXY), so the two can never disagree."""
+    everything = Config(
+        inbound_ports=ALL,
+        exclude_interfaces=("eth0",),
+        kube_virt_interfaces=("eth1",),
+        drop_invalid=True,
+        redirect_dns=True,
+        capture_all_dns=True,
+        ipv6=True,
+    )
+    signatures: set[tuple[Table, str, tuple[tuple[str, bool], ...], str]] = set()
+    for config in (
+        replace(everything, service_cidrs=ALL),
+        replace(everything, service_cidrs=(ipaddress.ip_interface("10.0.0.0/8"),), mode=Mode.TPROXY),
+    ):
+        for ruleset in build_plan(config, HostFacts()).rulesets:
+            signatures.update(_signature(rule) for rule in ruleset.rules if rule.chain in BUILTIN_CHAINS)
+    return frozenset(signatures)
+
+
+def is_own(entry: SavedRule) -> bool:
+    if entry.chain in OWN_CHAINS:
+        return True
+    rule = entry.rule
+    if rule is None or entry.chain not in BUILTIN_CHAINS:
+        return False
+    if isinstance(rule.target, Jump):
+        return rule.target.chain in OWN_CHAINS
+    return _signature(rule) in _builtin_chain_signatures()
+
+
+def holds_own(tables: dict[Table, TableState]) -> bool:
+    return any(
+        any(chain in OWN_CHAINS for chain in state.chains) or any(map(is_own, state.entries))
+        for state in tables.values()
+    )
+
+
+# ---- layout: our rules per table and chain, in kernel order, comparable between plan and live ---------
+
+Layout = dict[Table, dict[str, list[str]]]
+"""Per table, per chain (ours, and built-in chains holding ours), the canonical text of our rules in order."""
+
+
+# iptables-save's clause order: addresses and interfaces, protocol, then the extension matches.
+_CLAUSE_ORDER = (
+    Source,
+    Destination,
+    InInterface,
+    OutInterface,
+    Protocol,
+    SourcePort,
+    DestinationPort,
+    DestinationPorts,
+)
+
+
+def canonical(rule: Rule, group_id: Callable[[int | str], int | str]) -> Rule:
+    """The rule as the kernel keeps it: clauses in iptables-save's order, networks masked, group names as ids."""
+
+    def order(clause: Match) -> tuple[int, str]:
+        kind = type(clause)
+        return (_CLAUSE_ORDER.index(kind) if kind in _CLAUSE_ORDER else len(_CLAUSE_ORDER), repr(clause))
+
+    def kernel_form(clause: Match) -> Match:
+        if isinstance(clause, Source | Destination):
+            return replace(clause, network=ipaddress.ip_interface(clause.network.network))
+        if isinstance(clause, GidOwner):
+            return replace(clause, group=group_id(clause.group))
+        return clause
+
+    clauses = [kernel_form(clause) for clause in rule.clauses]
+    return Rule(rule.table, rule.chain, tuple(sorted(clauses, key=order)), rule.target)
+
+
+def planned_layout(rules: Iterable[Rule], group_id: Callable[[int | str], int | str]) -> Layout:
+    """Where the plan's rules end up: appends at the end, inserts at their position, in order."""
+    layout: Layout = {}
+    rules = list(rules)
+    for rule in rules:
+        texts = layout.setdefault(rule.table, {}).setdefault(rule.chain, [])
+        text = rule_text(canonical(rule, group_id))
+        if rule.position is None:
+            texts.append(text)
+        else:
+            texts.insert(rule.position - 1, text)
+    for table, chains in declared_chains(rules).items():
+        for chain in chains:
+            layout.setdefault(table, {}).setdefault(chain, [])
+    return layout
+
+
+def live_layout(tables: dict[Table, TableState], group_id: Callable[[int | str], int | str]) -> Layout:
+    layout: Layout = {}
+    for table, state in tables.items():
+        for chain in state.chains:
+            if chain in OWN_CHAINS:
+                layout.setdefault(table, {}).setdefault(chain, [])
+        for entry in state.entries:
+            if is_own(entry):
+                text = entry.text if entry.rule is None else rule_text(canonical(entry.rule, group_id))
+                layout.setdefault(table, {}).setdefault(entry.chain, []).append(text)
+    return layout
+
+
+def layout_lines(layout: Layout) -> list[str]:
+    """A layout as lines for a readable diff, tables and chains in a stable order."""
+    lines = []
+    for table in sorted(layout, key=lambda table: table.value):
+        for chain in sorted(layout[table]):
+            lines.append(f"*{table.value} {chain}")
+            lines.extend(f"  {text}" for text in layout[table][chain])
+    return lines
+
+
+def drift(expected: Layout, live: Layout) -> list[str]:
+    """A unified diff of expected against live; empty when in sync."""
+    return list(difflib.unified_diff(layout_lines(expected), layout_lines(live), "expected", "live", n=1, lineterm=""))

@@ -36,9 +36,7 @@ def render_json(plan: Plan) -> str:
             }
             for ruleset in plan.rulesets
         ],
-        "routes": [
-            {"family": route.family.label, "mark": route.mark, "table": route.table} for route in plan.routes
-        ],
+        "routes": [{"family": route.family.label, "mark": route.mark, "table": route.table} for route in plan.routes],
         "loopback_addresses": [str(address) for address in plan.loopback_addresses],
     }
     return json.dumps(document, indent=2) + "\n"

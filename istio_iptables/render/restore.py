@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..model import RuleSet, declared_chains
+from ..model import BUILTIN_CHAINS, RuleSet, Table, declared_chains
+from ..state import OWN_CHAINS, TableState, holds_own, is_own
 from .iptables import rule_text
 
 
@@ -15,4 +16,45 @@ def render_restore(ruleset: RuleSet) -> str:
         lines.extend(f"-N {chain}" for chain in chains.get(table, []))
         lines.extend(rule_text(rule) for rule in ruleset.in_table(table))
         lines.append("COMMIT")
+    return "".join(line + "\n" for line in lines)
+
+
+def render_transition(ruleset: RuleSet, live: dict[Table, TableState]) -> str:
+    """One iptables-restore --noflush payload that turns the live tables into the planned ones, each table
+    in one atomic COMMIT: our chains are declared (created, or flushed if they exist) and refilled, our
+    rules in built-in chains deleted and re-added, chains of ours the plan no longer has deleted. Foreign
+    rules are never named, so they stay as they are. With an empty ruleset this is the clean-up."""
+    planned = declared_chains(ruleset.rules)
+    tables = set(ruleset.tables()) | {table for table, state in live.items() if holds_own({table: state})}
+    lines: list[str] = []
+    for table in sorted(tables, key=lambda table: table.value):
+        state = live.get(table, TableState())
+        keep = planned.get(table, [])
+        stale = [chain for chain in state.chains if chain in OWN_CHAINS and chain not in keep]
+        lines.append(f"* {table.value}")
+        lines.extend(f":{chain} - [0:0]" for chain in [*keep, *stale])
+        # Saved rules read "-A CHAIN args": the same args after -D delete exactly that rule.
+        own_in_builtin = [entry for entry in state.entries if entry.chain in BUILTIN_CHAINS and is_own(entry)]
+        lines.extend("-D " + entry.text.split(" ", 1)[1] for entry in own_in_builtin)
+        lines.extend(f"-X {chain}" for chain in stale)
+        lines.extend(rule_text(rule) for rule in ruleset.in_table(table))
+        lines.append("COMMIT")
+    return "".join(line + "\n" for line in lines)
+
+
+def render_tables(saved: str, tables: set[Table]) -> str:
+    """The given tables of a save, whole, for a flushing restore that puts them back exactly as saved; a
+    table the save did not have is restored empty."""
+    names = {table.value for table in tables}
+    lines, keep, seen = [], False, set()
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            keep = line[1:].strip() in names
+            seen.add(line[1:].strip())
+        if keep and not line.startswith("#"):
+            lines.append(line)
+        if line.strip() == "COMMIT":
+            keep = False
+    for name in sorted(names - seen):
+        lines += [f"*{name}", "COMMIT"]
     return "".join(line + "\n" for line in lines)

@@ -1,0 +1,156 @@
+"""Applying a plan: the order of the side effects, and the undo when one of them fails.
+
+1. Hold this namespace's lock so runs never interleave (the CLI has entered ``--network-namespace``).
+2. Per family, detect the iptables variant and read its state (one ``-save``).
+3. Compare our rules there with the plan. In sync: nothing to do. Different: one ``iptables-restore
+   --noflush`` per family turns them into the plan, each table in one atomic COMMIT, so no packet ever
+   meets a half-written table or a gap in the capture (``--no-reconcile`` refuses instead, as Istio does).
+4. Converge TPROXY routing and ``::6``.
+If a step fails, every table already changed is restored whole from its save, and routing changes are
+undone: the namespace ends as it started.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import netns, routes
+from .backends.restore import Iptables, available, detect
+from .config import Config
+from .errors import ApplyError
+from .model import Family, Plan, RuleSet, Table
+from .render.restore import render_tables, render_transition
+from .state import drift, holds_own, live_layout, parse_tables, planned_layout
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT = 60.0
+
+
+class DriftError(ApplyError):
+    """Our rules differ from the plan and ``--no-reconcile`` forbids repairing them."""
+
+
+@dataclass(frozen=True)
+class Transition:
+    iptables: Iptables
+    payload: str
+    tables: frozenset[Table]
+
+
+def apply(config: Config, plan: Plan) -> None:
+    """Make this namespace hold exactly the plan (or, with ``--cleanup-only``, nothing of ours)."""
+    environment = xtables_environment(config)
+    with namespace_lock(environment):
+        transitions = plan_transitions(config, plan, environment)
+        routing = routes.read()
+        done: list[Transition] = []
+        try:
+            for transition in transitions:
+                transition.iptables.restore(transition.payload)
+                done.append(transition)
+            routes.converge(plan, routing, cleanup=config.cleanup_only)
+        except ApplyError as error:
+            raise ApplyError(f"{error}{rollback(done)}") from None
+    if not transitions:
+        log.info("rules already as planned; nothing to change")
+
+
+def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) -> list[Transition]:
+    """What each family needs; raises DriftError (nothing changed) if repair is needed but not allowed."""
+    families = [
+        family for family in Family if family in plan.families or available(family, config.force_iptables_binary)
+    ]
+    transitions, drifts = [], []
+    for family in families:
+        planned = plan.ruleset(family)
+        ruleset = RuleSet(family, ()) if config.cleanup_only or planned is None else planned
+        try:
+            iptables = detect(family, config.force_iptables_binary, environment)
+        except ApplyError:
+            if family in plan.families:
+                raise
+            log.debug("%s: no usable iptables, so no stale rules to remove", family.label)
+            continue
+        live = parse_tables(iptables.saved)
+        difference = drift(planned_layout(ruleset.rules, group_id), live_layout(live, group_id))
+        if not difference and not config.force_apply:
+            continue
+        if difference and holds_own(live) and not (config.reconcile or config.cleanup_only):
+            drifts.append(f"{family.label} ({iptables.variant.value}):\n" + "\n".join(difference))
+            continue
+        payload = render_transition(ruleset, live)
+        tables = frozenset(table for table in Table if f"* {table.value}\n" in payload)
+        transitions.append(Transition(iptables, payload, tables))
+    if drifts:
+        raise DriftError(
+            "live rules differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(drifts)
+        )
+    return transitions
+
+
+def rollback(done: list[Transition]) -> str:
+    """Put every changed table back exactly as saved; returns what to add to the error message."""
+    notes = []
+    for transition in reversed(done):
+        try:
+            transition.iptables.restore(render_tables(transition.iptables.saved, set(transition.tables)), flush=True)
+            notes.append(f"{transition.iptables.family.label} rules restored")
+        except ApplyError as error:
+            notes.append(f"ROLLBACK FAILED for {transition.iptables.family.label}: {error}")
+    return f" ({'; '.join(notes)})" if notes else " (nothing was changed)"
+
+
+def group_id(group: int | str) -> int | str:
+    """Group names as the kernel stores them: iptables resolves a name to its id when it reads a rule."""
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return group
+
+
+def xtables_environment(config: Config) -> dict[str, str]:
+    """Working in another namespace, legacy iptables gets a lock of its own instead of the host's
+    /run/xtables.lock, so it neither waits for nor blocks the host's writers (kube-proxy, ...)."""
+    if not config.network_namespace or "XTABLES_LOCKFILE" in os.environ:
+        return {}
+    return {"XTABLES_LOCKFILE": os.path.join(_lock_directory(), f"xtables-netns-{netns.current_id()}.lock")}
+
+
+@contextmanager
+def namespace_lock(environment: dict[str, str]) -> Iterator[None]:
+    """Serialise runs in one namespace: read state, decide and write must not interleave with another run."""
+    xtables_lock = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE")
+    path = (
+        f"{xtables_lock}.istio-iptables"
+        if xtables_lock
+        else os.path.join(_lock_directory(), f"istio-iptables-netns-{netns.current_id()}.lock")
+    )
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ApplyError(f"another run held {path} for {LOCK_TIMEOUT:.0f} s") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _lock_directory() -> str:
+    return "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()

@@ -1,0 +1,193 @@
+"""The iptables-restore backend: the legacy or nft variant per family, one restore per family.
+
+Detection (better than Istio's, reference 5.1): the variant that already holds rules in this namespace wins,
+else nft, else legacy. Legacy holds nothing when the kernel lists no legacy table for this namespace, which
+costs no process to find out. A variant's ``-save`` is both the probe and the state we diff against, so it
+runs once. Kernel features are probed only when a restore is refused, to name what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from ..config import IptablesVariant
+from ..errors import ApplyError
+from ..model import Family, Table
+
+log = logging.getLogger(__name__)
+
+LEGACY, NFT = IptablesVariant.LEGACY, IptablesVariant.NFT
+_LEGACY_TABLES = {Family.V4: "/proc/net/ip_tables_names", Family.V6: "/proc/net/ip6_tables_names"}
+_FAILED_LINE = re.compile(r"line (\d+) failed")
+_TIMEOUT = 60.0
+
+# What a rule needs from the kernel, by the spelling of its match or target, with the module providing it.
+_FEATURE_PROBES: dict[str, tuple[Table, str, str]] = {
+    "owner": (Table.NAT, "-m owner --uid-owner 0 -j RETURN", "xt_owner"),
+    "multiport": (Table.NAT, "-p tcp -m multiport --dports 1,2 -j RETURN", "xt_multiport"),
+    "conntrack": (Table.MANGLE, "-m conntrack --ctstate INVALID -j RETURN", "xt_conntrack"),
+    "mark": (Table.MANGLE, "-m mark --mark 1 -j RETURN", "xt_mark"),
+    "connmark": (Table.MANGLE, "-m connmark --mark 1 -j RETURN", "xt_connmark"),
+    "REDIRECT": (Table.NAT, "-p tcp -j REDIRECT --to-ports 1", "xt_REDIRECT (nf_nat)"),
+    "TPROXY": (Table.MANGLE, "-p tcp -j TPROXY --on-port 1 --tproxy-mark 1/1", "xt_TPROXY (nf_tproxy)"),
+    "MARK": (Table.MANGLE, "-j MARK --set-mark 1", "xt_mark"),
+    "CONNMARK": (Table.MANGLE, "-j CONNMARK --save-mark", "xt_connmark"),
+    "CT": (Table.RAW, "-j CT --zone 1", "xt_CT"),
+}
+_TABLE_MODULES = {
+    Table.NAT: "iptable_nat / nft_chain_nat",
+    Table.MANGLE: "iptable_mangle",
+    Table.RAW: "iptable_raw",
+    Table.FILTER: "iptable_filter",
+}
+PROBE_CHAIN = "ISTIO_PROBE"
+
+
+def command(family: Family, variant: IptablesVariant, tool: str = "") -> str:
+    """``iptables-nft-save``, ``ip6tables-legacy-restore``, ``iptables-nft``..."""
+    return f"{'ip6tables' if family is Family.V6 else 'iptables'}-{variant.value}" + (f"-{tool}" if tool else "")
+
+
+@dataclass(frozen=True)
+class Iptables:
+    """One family's iptables, with the state it had when detected."""
+
+    family: Family
+    variant: IptablesVariant
+    saved: str
+    environment: dict[str, str]
+    """The environment of every command: a private xtables lock file when working in another namespace."""
+
+    def restore(self, payload: str, flush: bool = False) -> None:
+        arguments = self._restore_command(flush)
+        result = _run(arguments, payload, self.environment)
+        if result.returncode != 0:
+            raise ApplyError(self._refusal(arguments, payload, result.stderr))
+
+    def save(self) -> str:
+        return _save(self.family, self.variant, self.environment)
+
+    def _restore_command(self, flush: bool = False) -> list[str]:
+        arguments = [command(self.family, self.variant, "restore")]
+        if not flush:
+            arguments.append("--noflush")
+        if self.variant is LEGACY:
+            # nft takes no lock; legacy waits for it rather than failing when another writer holds it.
+            arguments.append("--wait")
+        return arguments
+
+    def _refusal(self, arguments: list[str], payload: str, stderr: str) -> str:
+        """The error of a refused restore: the command, the line it refused, and what the kernel lacks."""
+        message = f"{' '.join(arguments)} failed: {stderr.strip() or 'no error message'}"
+        failed = _FAILED_LINE.search(stderr)
+        if failed:
+            lines = payload.splitlines()
+            number = int(failed.group(1))
+            if 0 < number <= len(lines):
+                message += f"; refused line {number}: {lines[number - 1]}"
+                missing = self.missing_features(_table_of_line(lines, number), lines[number - 1])
+                if missing:
+                    message += "; the kernel lacks " + ", ".join(missing)
+        return message
+
+    def missing_features(self, table: Table | None, line: str) -> list[str]:
+        """Probe the table and each match and target the line uses, in a scratch chain created and deleted
+        again, and name those the kernel refuses."""
+        features = re.findall(r"-m (\S+)", line) + re.findall(r"-j (\S+)", line)
+        probes = [(table, "-j RETURN", f"table {table.value} ({_TABLE_MODULES[table]})")] if table else []
+        probes += [
+            (probe_table, rule, f"{name} ({module})")
+            for name, (probe_table, rule, module) in _FEATURE_PROBES.items()
+            if name in features
+        ]
+        missing = []
+        for probe_table, rule, label in probes:
+            payload = (
+                f"*{probe_table.value}\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} {rule}\nCOMMIT\n"
+                f"*{probe_table.value}\n:{PROBE_CHAIN} - [0:0]\n-X {PROBE_CHAIN}\nCOMMIT\n"
+            )
+            if _run(self._restore_command(), payload, self.environment).returncode != 0:
+                missing.append(label)
+        return missing
+
+
+def detect(family: Family, forced: IptablesVariant | None, environment: dict[str, str]) -> Iptables:
+    """The iptables to use for one family, and its current state."""
+    if forced is not None:
+        return Iptables(family, forced, _save(family, forced, environment), environment)
+    errors = []
+    saves: dict[IptablesVariant, str] = {}
+    for variant in (LEGACY, NFT):
+        if variant is LEGACY and not _legacy_tables_in_use(family):
+            continue
+        try:
+            saves[variant] = _save(family, variant, environment)
+        except ApplyError as error:
+            errors.append(str(error))
+    for variant in (LEGACY, NFT):
+        if _holds_rules(saves.get(variant, "")):
+            log.info("%s: using %s, which holds this namespace's rules", family.label, command(family, variant))
+            return Iptables(family, variant, saves[variant], environment)
+    if NFT in saves:
+        return Iptables(family, NFT, saves[NFT], environment)
+    if LEGACY not in saves and shutil.which(command(family, LEGACY, "save")):
+        return Iptables(family, LEGACY, _save(family, LEGACY, environment), environment)
+    raise ApplyError(f"no usable iptables for {family.label}: " + ("; ".join(errors) or "no iptables binary found"))
+
+
+def available(family: Family, variant: IptablesVariant | None) -> bool:
+    candidates = [variant] if variant else [NFT, LEGACY]
+    return any(shutil.which(command(family, candidate, "save")) for candidate in candidates)
+
+
+def _legacy_tables_in_use(family: Family) -> bool:
+    """Whether any legacy (x_tables) table exists in this namespace; none means legacy holds no rule."""
+    try:
+        with open(_LEGACY_TABLES[family], encoding="ascii") as names:
+            return bool(names.read().strip())
+    except OSError:
+        return False
+
+
+def _holds_rules(saved: str) -> bool:
+    return any(
+        line.startswith("-A ") or (line.startswith(":") and line.split()[1:2] == ["-"]) for line in saved.splitlines()
+    )
+
+
+def _save(family: Family, variant: IptablesVariant, environment: dict[str, str]) -> str:
+    arguments = [command(family, variant, "save")]
+    result = _run(arguments, None, environment)
+    if result.returncode != 0:
+        raise ApplyError(f"{arguments[0]} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _run(arguments: list[str], stdin: str | None, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            arguments,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **environment},
+            timeout=_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise ApplyError(f"{arguments[0]} not found: install iptables (legacy and nft variants)") from None
+    except subprocess.TimeoutExpired:
+        raise ApplyError(f"{arguments[0]} did not finish within {_TIMEOUT:.0f} s") from None
+
+
+def _table_of_line(lines: list[str], number: int) -> Table | None:
+    for line in reversed(lines[:number]):
+        if line.startswith("*"):
+            name = line[1:].strip()
+            return next((table for table in Table if table.value == name), None)
+    return None

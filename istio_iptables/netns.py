@@ -1,0 +1,37 @@
+"""Entering the network namespace to work in, before any change to the system."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ApplyError
+
+NETNS_RUN_DIR = "/var/run/netns"
+
+
+def namespace_path(name_or_path: str) -> str:
+    """A name is looked up under /var/run/netns (as ``ip netns`` names them); anything with a / is a path."""
+    return name_or_path if "/" in name_or_path else os.path.join(NETNS_RUN_DIR, name_or_path)
+
+
+def enter(name_or_path: str) -> None:
+    """Move this process into the namespace; everything after (subprocesses, sockets) runs there.
+    The namespace must exist: unlike pyroute2's default, we never create one by accident."""
+    from pyroute2 import netns  # noqa: PLC0415 (heavy; only the apply path needs it)
+
+    path = namespace_path(name_or_path)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise ApplyError(f"cannot open network namespace {path}: {error.strerror}") from None
+    try:
+        netns.setns(descriptor, flags=0)
+    except OSError as error:
+        raise ApplyError(f"cannot enter network namespace {path}: {os.strerror(error.errno or 0)}") from None
+    finally:
+        os.close(descriptor)
+
+
+def current_id() -> int:
+    """The inode of this process's network namespace: the same for every process working in it."""
+    return os.stat("/proc/self/ns/net").st_ino
