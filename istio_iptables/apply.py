@@ -27,7 +27,7 @@ from .backends.restore import Iptables, available, detect
 from .config import Config
 from .errors import ApplyError
 from .model import Family, Plan, RuleSet, Table
-from .render.restore import render_tables, render_transition
+from .render.restore import render_tables, render_transition, table_text
 from .state import drift, holds_own, live_layout, parse_tables, planned_layout
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,15 @@ def apply(config: Config, plan: Plan) -> None:
     with namespace_lock(environment):
         transitions = plan_transitions(config, plan, environment)
         routing = routes.read()
-        done: list[Transition] = []
+        attempted: list[Transition] = []
         try:
             for transition in transitions:
+                # A refused restore may still have committed the tables before the refused one.
+                attempted.append(transition)
                 transition.iptables.restore(transition.payload)
-                done.append(transition)
             routes.converge(plan, routing, cleanup=config.cleanup_only)
         except ApplyError as error:
-            raise ApplyError(f"{error}{rollback(done)}") from None
+            raise ApplyError(f"{error}{rollback(attempted)}") from None
     if not transitions:
         log.info("rules already as planned; nothing to change")
 
@@ -84,7 +85,7 @@ def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) ->
         difference = drift(planned_layout(ruleset.rules, group_id), live_layout(live, group_id))
         if not difference and not config.force_apply:
             continue
-        if difference and holds_own(live) and not (config.reconcile or config.cleanup_only):
+        if difference and any(map(holds_own, live.values())) and not (config.reconcile or config.cleanup_only):
             drifts.append(f"{family.label} ({iptables.variant.value}):\n" + "\n".join(difference))
             continue
         payload = render_transition(ruleset, live)
@@ -97,15 +98,21 @@ def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) ->
     return transitions
 
 
-def rollback(done: list[Transition]) -> str:
-    """Put every changed table back exactly as saved; returns what to add to the error message."""
+def rollback(attempted: list[Transition]) -> str:
+    """Put every table a restore changed back exactly as saved; returns what to add to the error."""
     notes = []
-    for transition in reversed(done):
+    for transition in reversed(attempted):
+        iptables = transition.iptables
         try:
-            transition.iptables.restore(render_tables(transition.iptables.saved, set(transition.tables)), flush=True)
-            notes.append(f"{transition.iptables.family.label} rules restored")
+            now = iptables.save()
+            changed = {
+                table for table in transition.tables if table_text(now, table) != table_text(iptables.saved, table)
+            }
+            if changed:
+                iptables.restore(render_tables(iptables.saved, changed), flush=True)
+                notes.append(f"{iptables.family.label} rules restored")
         except ApplyError as error:
-            notes.append(f"ROLLBACK FAILED for {transition.iptables.family.label}: {error}")
+            notes.append(f"ROLLBACK FAILED for {iptables.family.label}: {error}")
     return f" ({'; '.join(notes)})" if notes else " (nothing was changed)"
 
 

@@ -51,7 +51,7 @@ def _help(setting: configuration.Setting) -> str:
 
 
 def _option(setting: configuration.Setting) -> inspect.Parameter:
-    names = [f"{setting.flags[0]}/{setting.negation}", *setting.flags[1:]] if setting.negation else setting.flags
+    names = [f"{setting.flags[0]}/{setting.off}", *setting.flags[1:]] if setting.switch else setting.flags
     return inspect.Parameter(
         setting.key,
         inspect.Parameter.KEYWORD_ONLY,
@@ -84,8 +84,14 @@ app.callback(invoke_without_command=True)(capture)
 
 
 def run(config: configuration.Config) -> None:
+    changes_system = not (config.dry_run or config.skip_rule_apply)
     if config.network_namespace and not config.dry_run:
         netns.enter(config.network_namespace)
+    elif changes_system and not config.allow_host_namespace and _looks_like_a_host():
+        raise ConfigError(
+            "refusing to change the network of PID 1's namespace outside Kubernetes (this looks like the host, "
+            "not a pod): pass --network-namespace NAME, or --allow-host-namespace if this host is the workload"
+        )
     facts = gather(config)
     plan = build_plan(config, facts)
     if config.dry_run:
@@ -106,11 +112,32 @@ def run(config: configuration.Config) -> None:
         validate(config, plan.families, *proxy_identity(config, facts))
 
 
+def go_switches(argv: list[str]) -> list[str]:
+    """Istio's flag library takes ``--dry-run=true`` and ``--redirect-dns=false``; Click takes the bare flag
+    or its ``--no-`` form. Translate, so an Istio command line works as it is."""
+    switches = {setting.flags[0]: setting for setting in configuration.SETTINGS if setting.switch}
+    translated = []
+    for argument in argv:
+        name, equals, value = argument.partition("=")
+        setting = switches.get(name) if equals else None
+        if setting is None:
+            translated.append(argument)
+            continue
+        try:
+            translated.append(name if configuration.parse_go_bool(value) else setting.off)
+        except ValueError:
+            raise ConfigError(
+                f"invalid value for {setting.label}: '{configuration.shown(value)}': not a boolean (true or false)"
+            ) from None
+    return translated
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures end with one line on stderr and their exit code."""
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+        arguments = go_switches(sys.argv[1:] if argv is None else argv)
+        code = command.main(args=arguments, prog_name=PROG, standalone_mode=False)
     except IstioIptablesError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
@@ -121,3 +148,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG}: {error.format_message()}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def clean_main() -> None:
+    """``istio-clean-iptables``, as Istio 1.5 shipped it: the same flags, clean-up only."""
+    main([*sys.argv[1:], "--cleanup-only"])
+
+
+def _looks_like_a_host() -> bool:
+    # Kubernetes sets KUBERNETES_SERVICE_HOST in every container, the init container included.
+    return "KUBERNETES_SERVICE_HOST" not in os.environ and netns.may_be_pid1_namespace()

@@ -47,6 +47,11 @@ class Setting:
     metavar: str = "VALUE"
 
     @property
+    def off(self) -> str:
+        """A switch's ``--no-...`` form, so a command line can turn off what the environment turned on."""
+        return self.negation or f"--no-{self.flags[0][2:]}"
+
+    @property
     def label(self) -> str:
         names = [*reversed(self.flags)] if len(self.flags) > 1 else list(self.flags)
         return "/".join(names) or self.envvars[0]
@@ -311,6 +316,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Use iptables-legacy ('legacy') or iptables-nft ('nft') without detection.",
         metavar="legacy|nft",
     ),
+    Setting(
+        "allow_host_namespace",
+        ("--allow-host-namespace",),
+        ("ALLOW_HOST_NAMESPACE",),
+        "false",
+        "Allow changing the network namespace of PID 1 outside Kubernetes (a VM); refused otherwise, since "
+        "that is the host's own network.",
+        switch=True,
+    ),
     # ---- Istio's environment-only settings, with flags of their own here --------------------------------
     Setting(
         "outbound_owner_groups",
@@ -494,6 +508,7 @@ class Config:
     cleanup_only: bool = False
     force_apply: bool = False
     native_nftables: bool = False
+    allow_host_namespace: bool = False
     force_iptables_binary: IptablesVariant | None = None
     owner_groups_include: tuple[int | str, ...] | All = ALL
     owner_groups_exclude: tuple[int | str, ...] = ()
@@ -823,6 +838,7 @@ def load(given: Given, environ: Mapping[str, str]) -> Config:
         cleanup_only=switch("cleanup_only"),
         force_apply=switch("force_apply"),
         native_nftables=switch("native_nftables"),
+        allow_host_namespace=switch("allow_host_namespace"),
         force_iptables_binary=get("force_iptables_binary", parse_force_binary),
         owner_groups_include=get("outbound_owner_groups", parse_groups_include),
         owner_groups_exclude=get("outbound_owner_groups_exclude", parse_groups),

@@ -35,3 +35,13 @@ def enter(name_or_path: str) -> None:
 def current_id() -> int:
     """The inode of this process's network namespace: the same for every process working in it."""
     return os.stat("/proc/self/ns/net").st_ino
+
+
+def may_be_pid1_namespace() -> bool:
+    """Whether this process may be working in PID 1's network namespace: on a host (not a pod, not
+    ``ip netns exec``), that is the host's own network. When PID 1 cannot be read, the answer is yes:
+    a guard must fail closed."""
+    try:
+        return os.stat("/proc/1/ns/net").st_ino == current_id()
+    except OSError:
+        return True

@@ -8,7 +8,7 @@ family; a step marked "both" in Istio simply runs in each family, a versioned va
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Interface, IPv6Interface, ip_interface
+from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_interface
 
 from .config import ALL, Config, Mode
 from .errors import HostError
@@ -142,7 +142,8 @@ def ipv6_enabled(config: Config, facts: HostFacts) -> bool:
     IPv6-only host), or with ``--dual-stack`` when any usable address is IPv6."""
     if config.ipv6 is not None:
         return config.ipv6
-    usable = [address for address in facts.addresses if _usable(address)]
+    unwrapped = [_unwrap(address) for address in facts.addresses]
+    usable = [address for address in unwrapped if _usable(address)]
     if not usable:
         raise HostError("no valid local IP address found; pass --ipv6 or --no-ipv6 to choose without detection")
     if config.dual_stack:
@@ -150,8 +151,20 @@ def ipv6_enabled(config: Config, facts: HostFacts) -> bool:
     return usable[0].version == 6
 
 
+_LINK_LOCAL_MULTICAST = (IPv4Network("224.0.0.0/24"), IPv6Network("ff02::/16"))
+
+
+def _unwrap(address: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address is the IPv4 address, as Go's netip.Addr.Unmap has it."""
+    return address.ipv4_mapped or address if isinstance(address, IPv6Address) else address
+
+
 def _usable(address: IPAddress) -> bool:
-    return not (address.is_loopback or address.is_link_local or (address.is_multicast and address.is_link_local))
+    """Go's rule: not loopback, not link-local unicast, not link-local multicast."""
+    link_local_multicast = any(
+        address in network for network in _LINK_LOCAL_MULTICAST if network.version == address.version
+    )
+    return not (address.is_loopback or address.is_link_local or link_local_multicast)
 
 
 def loopback(family: Family, config: Config) -> IPNet:

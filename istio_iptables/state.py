@@ -54,17 +54,8 @@ FULL_MASK = 0xFFFFFFFF
 # Targets that take no option and so could be mistaken for a jump to a chain of that name.
 _EXTENSION_TARGETS = frozenset(
     {
-        "MASQUERADE",
-        "REJECT",
-        "NOTRACK",
-        "LOG",
-        "NFLOG",
-        "QUEUE",
-        "NFQUEUE",
-        "TRACE",
-        "CHECKSUM",
-        "TCPMSS",
-        "AUDIT",
+        *("MASQUERADE", "REJECT", "NOTRACK", "LOG", "NFLOG", "QUEUE", "NFQUEUE", "TRACE", "CHECKSUM", "TCPMSS"),
+        *("AUDIT", "DNAT", "SNAT", "REDIRECT", "TPROXY", "MARK", "CONNMARK", "CT"),
     }
 )
 
@@ -197,22 +188,25 @@ def _clause(option: str, value: str, negated: bool, module: str) -> Match:
 
 
 def _target(name: str, arguments: list[str]) -> Target:
+    """A target, only when every option it carries is one the model keeps; anything more is foreign."""
     options = dict(_options(arguments))
+    keys = set(options)
     if name in Verdict.__members__ and not options:
         return Verdict(name)
-    if name == "REDIRECT":
-        return Redirect(int(options.get("--to-ports") or options["--to-port"]))
-    if name == "TPROXY" and options.get("--on-ip", "0.0.0.0") in ("0.0.0.0", "::"):
+    if name == "REDIRECT" and len(keys) == 1 and keys <= {"--to-ports", "--to-port"}:
+        return Redirect(int(options.popitem()[1]))
+    on_ip = options.get("--on-ip", "0.0.0.0")
+    if name == "TPROXY" and keys - {"--on-ip"} == {"--on-port", "--tproxy-mark"} and on_ip in ("0.0.0.0", "::"):
         mark, _, mask = options["--tproxy-mark"].partition("/")
         return Tproxy(int(options["--on-port"]), int(mark, 0), int(mask or str(FULL_MASK), 0))
-    if name == "MARK":
-        return SetMark(_full_mask_value(options.get("--set-mark") or options["--set-xmark"]))
+    if name == "MARK" and len(keys) == 1 and keys <= {"--set-mark", "--set-xmark"}:
+        return SetMark(_full_mask_value(options.popitem()[1]))
     if name == "CONNMARK" and _full_masks(options, "--nfmask", "--ctmask"):
-        if set(options) - {"--nfmask", "--ctmask"} == {"--save-mark"}:
+        if keys - {"--nfmask", "--ctmask"} == {"--save-mark"}:
             return SaveMark()
-        if set(options) - {"--nfmask", "--ctmask"} == {"--restore-mark"}:
+        if keys - {"--nfmask", "--ctmask"} == {"--restore-mark"}:
             return RestoreMark()
-    if name == "CT" and set(options) == {"--zone"}:
+    if name == "CT" and keys == {"--zone"}:
         return CtZone(int(options["--zone"]))
     if not options and name not in _EXTENSION_TARGETS:
         return Jump(name)
@@ -279,22 +273,46 @@ def _builtin_chain_signatures() -> frozenset[tuple[Table, str, tuple[tuple[str, 
     return frozenset(signatures)
 
 
-def is_own(entry: SavedRule) -> bool:
-    if entry.chain in OWN_CHAINS:
-        return True
+def own_entries(state: TableState) -> list[SavedRule]:
+    """The rules of a table that this program wrote, in order: everything in our chains, jumps to them, and
+    rules in built-in chains shaped like ours. An interface RETURN (``-i X -j RETURN``) is a common shape, so
+    it counts as ours only beside its partner: excluded interfaces always come as a PREROUTING ``-i X`` and
+    an OUTPUT ``-o X`` pair; a KubeVirt ``-i X`` comes alone, in nat, only where our chains are."""
+    returns = {(entry.chain, name) for entry in state.entries if (name := _interface_return(entry))}
+    ours_here = any(chain in OWN_CHAINS for chain in state.chains)
+
+    def is_own(entry: SavedRule) -> bool:
+        rule = entry.rule
+        if entry.chain in OWN_CHAINS:
+            return True
+        if rule is None or entry.chain not in BUILTIN_CHAINS:
+            return False
+        if isinstance(rule.target, Jump):
+            return rule.target.chain in OWN_CHAINS
+        name = _interface_return(entry)
+        if name is None:
+            return _signature(rule) in _builtin_chain_signatures()
+        partner = ("OUTPUT", name) if entry.chain == "PREROUTING" else ("PREROUTING", name)
+        kube_virt = rule.table is Table.NAT and entry.chain == "PREROUTING" and ours_here
+        return partner in returns or kube_virt
+
+    return [entry for entry in state.entries if is_own(entry)]
+
+
+def _interface_return(entry: SavedRule) -> str | None:
     rule = entry.rule
-    if rule is None or entry.chain not in BUILTIN_CHAINS:
-        return False
-    if isinstance(rule.target, Jump):
-        return rule.target.chain in OWN_CHAINS
-    return _signature(rule) in _builtin_chain_signatures()
+    if rule is None or rule.target is not Verdict.RETURN or len(rule.clauses) != 1:
+        return None
+    clause = rule.clauses[0]
+    if entry.chain == "PREROUTING" and isinstance(clause, InInterface) and not clause.negated:
+        return clause.name
+    if entry.chain == "OUTPUT" and isinstance(clause, OutInterface) and not clause.negated:
+        return clause.name
+    return None
 
 
-def holds_own(tables: dict[Table, TableState]) -> bool:
-    return any(
-        any(chain in OWN_CHAINS for chain in state.chains) or any(map(is_own, state.entries))
-        for state in tables.values()
-    )
+def holds_own(state: TableState) -> bool:
+    return any(chain in OWN_CHAINS for chain in state.chains) or bool(own_entries(state))
 
 
 # ---- layout: our rules per table and chain, in kernel order, comparable between plan and live ---------
@@ -357,10 +375,9 @@ def live_layout(tables: dict[Table, TableState], group_id: Callable[[int | str],
         for chain in state.chains:
             if chain in OWN_CHAINS:
                 layout.setdefault(table, {}).setdefault(chain, [])
-        for entry in state.entries:
-            if is_own(entry):
-                text = entry.text if entry.rule is None else rule_text(canonical(entry.rule, group_id))
-                layout.setdefault(table, {}).setdefault(entry.chain, []).append(text)
+        for entry in own_entries(state):
+            text = entry.text if entry.rule is None else rule_text(canonical(entry.rule, group_id))
+            layout.setdefault(table, {}).setdefault(entry.chain, []).append(text)
     return layout
 
 

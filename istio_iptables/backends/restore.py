@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 LEGACY, NFT = IptablesVariant.LEGACY, IptablesVariant.NFT
 _LEGACY_TABLES = {Family.V4: "/proc/net/ip_tables_names", Family.V6: "/proc/net/ip6_tables_names"}
-_FAILED_LINE = re.compile(r"line (\d+) failed")
+_FAILED_LINE = re.compile(r"line (\d+) failed|Error occurred at line: (\d+)")
 _TIMEOUT = 60.0
 
 # What a rule needs from the kernel, by the spelling of its match or target, with the module providing it.
@@ -87,7 +87,7 @@ class Iptables:
         failed = _FAILED_LINE.search(stderr)
         if failed:
             lines = payload.splitlines()
-            number = int(failed.group(1))
+            number = int(failed.group(1) or failed.group(2))
             if 0 < number <= len(lines):
                 message += f"; refused line {number}: {lines[number - 1]}"
                 missing = self.missing_features(_table_of_line(lines, number), lines[number - 1])

@@ -1,9 +1,12 @@
-"""The iptables-restore payload of one family, exactly as Istio writes it (reference 3.5)."""
+"""The iptables-restore payload of one family, exactly as Istio writes it (reference 3.5), and the payloads
+that move live tables to a plan."""
 
 from __future__ import annotations
 
+import re
+
 from ..model import BUILTIN_CHAINS, RuleSet, Table, declared_chains
-from ..state import OWN_CHAINS, TableState, holds_own, is_own
+from ..state import OWN_CHAINS, TableState, holds_own, own_entries
 from .iptables import rule_text
 
 
@@ -25,7 +28,7 @@ def render_transition(ruleset: RuleSet, live: dict[Table, TableState]) -> str:
     rules in built-in chains deleted and re-added, chains of ours the plan no longer has deleted. Foreign
     rules are never named, so they stay as they are. With an empty ruleset this is the clean-up."""
     planned = declared_chains(ruleset.rules)
-    tables = set(ruleset.tables()) | {table for table, state in live.items() if holds_own({table: state})}
+    tables = set(ruleset.tables()) | {table for table, state in live.items() if holds_own(state)}
     lines: list[str] = []
     for table in sorted(tables, key=lambda table: table.value):
         state = live.get(table, TableState())
@@ -34,7 +37,7 @@ def render_transition(ruleset: RuleSet, live: dict[Table, TableState]) -> str:
         lines.append(f"* {table.value}")
         lines.extend(f":{chain} - [0:0]" for chain in [*keep, *stale])
         # Saved rules read "-A CHAIN args": the same args after -D delete exactly that rule.
-        own_in_builtin = [entry for entry in state.entries if entry.chain in BUILTIN_CHAINS and is_own(entry)]
+        own_in_builtin = [entry for entry in own_entries(state) if entry.chain in BUILTIN_CHAINS]
         lines.extend("-D " + entry.text.split(" ", 1)[1] for entry in own_in_builtin)
         lines.extend(f"-X {chain}" for chain in stale)
         lines.extend(rule_text(rule) for rule in ruleset.in_table(table))
@@ -42,19 +45,22 @@ def render_transition(ruleset: RuleSet, live: dict[Table, TableState]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def table_text(saved: str, table: Table) -> str:
+    """One table of a save, without comments and counters: what a comparison of rules needs."""
+    lines, keep = [], False
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            keep = line[1:].strip() == table.value
+        if keep and not line.startswith("#"):
+            lines.append(re.sub(r"\[\d+:\d+\]$", "[0:0]", line))
+        if line.strip() == "COMMIT":
+            keep = False
+    return "".join(line + "\n" for line in lines)
+
+
 def render_tables(saved: str, tables: set[Table]) -> str:
     """The given tables of a save, whole, for a flushing restore that puts them back exactly as saved; a
     table the save did not have is restored empty."""
-    names = {table.value for table in tables}
-    lines, keep, seen = [], False, set()
-    for line in saved.splitlines():
-        if line.startswith("*"):
-            keep = line[1:].strip() in names
-            seen.add(line[1:].strip())
-        if keep and not line.startswith("#"):
-            lines.append(line)
-        if line.strip() == "COMMIT":
-            keep = False
-    for name in sorted(names - seen):
-        lines += [f"*{name}", "COMMIT"]
-    return "".join(line + "\n" for line in lines)
+    return "".join(
+        table_text(saved, table) or f"*{table.value}\nCOMMIT\n" for table in sorted(tables, key=lambda t: t.value)
+    )

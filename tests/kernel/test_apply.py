@@ -1,0 +1,340 @@
+"""Apply, re-run, drift, reconcile, clean-up and failure injection on the real kernel, in namespaces.
+
+Every test works in network namespaces it creates (never in the one the runner lives in) and compares
+``iptables-save`` before and after. Both iptables variants are exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.namespaces import (
+    CLI,
+    Pod,
+    iptables_save,
+    needs_root,
+    normalized_save,
+    run_cli,
+)
+
+pytestmark = [pytest.mark.kernel, needs_root]
+
+INIT_FLAGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
+INIT_FLAGS += ["-d", "15090,15021,15020"]
+EVERYTHING = [
+    *["-p", "15001", "-z", "15006", "-u", "1337", "-m", "TPROXY", "-i", "*", "-x", "198.19.0.0/24", "-b", "*"],
+    *["-d", "15090", "--redirect-dns", "--dns-servers", "198.18.0.1,2001:db8::1", "--drop-invalid"],
+    *["-c", "eth9", "-k", "veth7", "-o", "5432", "-q", "25", "--ipv6"],
+]
+VARIANTS = ["legacy", "nft"]
+
+FOREIGN = {
+    "nat": ["-A PREROUTING -p udp --dport 9999 -j RETURN", "-A OUTPUT -d {peer} -j RETURN"],
+    "mangle": ["-A PREROUTING -p tcp --dport 9999 -j MARK --set-mark 7", "-A OUTPUT -o lo -j RETURN"],
+    "raw": ["-A PREROUTING -p udp --dport 9999 -j NOTRACK", "-A OUTPUT -p udp --dport 9999 -j RETURN"],
+    "filter": ["-A INPUT -p tcp --dport 9999 -j ACCEPT", "-A OUTPUT -p tcp --dport 9999 -j ACCEPT"],
+}
+
+
+@pytest.fixture
+def pod() -> Iterator[Pod]:
+    with Pod.create() as created:
+        yield created
+
+
+def add_foreign_rules(pod: Pod, variant: str, family: int) -> None:
+    binary = f"{'ip6tables' if family == 6 else 'iptables'}-{variant}-restore"
+    payload = ""
+    for table, rules in FOREIGN.items():
+        payload += f"*{table}\n:FOREIGN_CHAIN - [0:0]\n-A FOREIGN_CHAIN -j RETURN\n"
+        peer = "2001:db8:9::9/128" if family == 6 else "198.19.9.9/32"
+        payload += "".join(rule.format(peer=peer) + "\n" for rule in rules) + "COMMIT\n"
+    pod.run([binary, "--noflush"], stdin=payload)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_apply_then_rerun_changes_nothing(pod: Pod, variant: str) -> None:
+    first = run_cli(pod, [*INIT_FLAGS, "--no-ipv6", "--force-iptables-binary", variant])
+    assert first.returncode == 0, first.stderr
+    applied = iptables_save(pod, variant, 4)
+    assert applied.count("-A ISTIO_OUTPUT") == 9
+    assert "-A PREROUTING -p tcp -j ISTIO_INBOUND" in applied
+
+    again = run_cli(pod, [*INIT_FLAGS, "--no-ipv6", "--force-iptables-binary", variant])
+    assert again.returncode == 0, again.stderr
+    assert "nothing to change" in again.stderr
+    assert iptables_save(pod, variant, 4) == applied
+
+
+def test_detection_prefers_nft_then_the_variant_holding_rules(pod: Pod) -> None:
+    add_foreign_rules(pod, "legacy", 4)
+    result = run_cli(pod, [*INIT_FLAGS, "--no-ipv6"])
+    assert result.returncode == 0, result.stderr
+    assert "ISTIO_OUTPUT" in iptables_save(pod, "legacy", 4)
+    assert "ISTIO_OUTPUT" not in iptables_save(pod, "nft", 4)
+
+
+def test_detection_defaults_to_nft_in_a_fresh_namespace(pod: Pod) -> None:
+    result = run_cli(pod, [*INIT_FLAGS, "--no-ipv6"])
+    assert result.returncode == 0, result.stderr
+    assert "ISTIO_OUTPUT" in iptables_save(pod, "nft", 4)
+    assert "ISTIO_OUTPUT" not in iptables_save(pod, "legacy", 4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_drift_is_repaired_by_default_and_refused_with_no_reconcile(pod: Pod, variant: str) -> None:
+    flags = [*INIT_FLAGS, "--no-ipv6", "--force-iptables-binary", variant]
+    assert run_cli(pod, flags).returncode == 0
+    planned = iptables_save(pod, variant, 4)
+    pod.run(
+        [f"iptables-{variant}", "-t", "nat", "-D", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15021", "-j", "RETURN"]
+    )
+    pod.run([f"iptables-{variant}", "-t", "nat", "-A", "ISTIO_OUTPUT", "-d", "198.19.0.0/24", "-j", "RETURN"])
+    pod.run([f"iptables-{variant}", "-t", "nat", "-A", "OUTPUT", "-j", "ISTIO_OUTPUT"])  # a duplicate jump
+    drifted = iptables_save(pod, variant, 4)
+
+    refused = run_cli(pod, [*flags, "--no-reconcile"])
+    assert refused.returncode == 1
+    assert "--- expected" in refused.stderr and "+++ live" in refused.stderr
+    assert "-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN" in refused.stderr
+    assert iptables_save(pod, variant, 4) == drifted
+
+    repaired = run_cli(pod, flags)
+    assert repaired.returncode == 0, repaired.stderr
+    assert normalized_save(iptables_save(pod, variant, 4)) == normalized_save(planned)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_half_applied_and_changed_configurations_converge(pod: Pod, variant: str) -> None:
+    base = ["--force-iptables-binary", variant]
+    assert run_cli(pod, [*INIT_FLAGS, "--no-ipv6", *base]).returncode == 0
+    assert "ISTIO" not in iptables_save(pod, variant, 6)
+
+    # IPv4 applied, IPv6 not: the re-run with IPv6 completes it.
+    assert run_cli(pod, [*INIT_FLAGS, "--ipv6", *base]).returncode == 0
+    v4, v6 = iptables_save(pod, variant, 4), iptables_save(pod, variant, 6)
+    assert "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN" in v6
+
+    # Everything on, then back: nothing of the richer configuration may stay behind.
+    assert run_cli(pod, [*EVERYTHING, *base]).returncode == 0
+    assert "ISTIO_OUTPUT_DNS" in iptables_save(pod, variant, 4)
+    assert "fwmark 0x539 lookup 133" in pod.run(["ip", "rule"]).stdout
+    assert run_cli(pod, [*INIT_FLAGS, "--ipv6", *base]).returncode == 0
+    assert normalized_save(iptables_save(pod, variant, 4)) == normalized_save(v4)
+    assert normalized_save(iptables_save(pod, variant, 6)) == normalized_save(v6)
+    assert "lookup 133" not in pod.run(["ip", "rule"]).stdout
+    assert "::6/128" in pod.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
+
+    # IPv6 turned off: its rules and ::6 go.
+    assert run_cli(pod, [*INIT_FLAGS, "--no-ipv6", *base]).returncode == 0
+    assert "ISTIO" not in iptables_save(pod, variant, 6)
+    assert "::6/128" not in pod.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cleanup_removes_everything_of_ours_and_keeps_foreign_rules(pod: Pod, variant: str) -> None:
+    for family in (4, 6):
+        add_foreign_rules(pod, variant, family)
+    before = {family: iptables_save(pod, variant, family) for family in (4, 6)}
+    rules_before = pod.run(["ip", "rule"]).stdout + pod.run(["ip", "-6", "rule"]).stdout
+    addresses_before = pod.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
+
+    assert run_cli(pod, [*EVERYTHING, "--force-iptables-binary", variant]).returncode == 0
+    assert "ISTIO_DIVERT" in iptables_save(pod, variant, 6)
+    # Clean-up with other flags than the install's: state decides, not flags.
+    cleaned = run_cli(pod, [*INIT_FLAGS, "--no-ipv6", "--cleanup-only", "--force-iptables-binary", variant])
+    assert cleaned.returncode == 0, cleaned.stderr
+    for family in (4, 6):
+        assert normalized_save(iptables_save(pod, variant, family)) == normalized_save(before[family])
+    assert pod.run(["ip", "rule"]).stdout + pod.run(["ip", "-6", "rule"]).stdout == rules_before
+    assert pod.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout == addresses_before
+    assert "133" not in pod.run(["ip", "route", "show", "table", "all"]).stdout
+
+
+def test_istio_clean_iptables_script_cleans(pod: Pod) -> None:
+    assert run_cli(pod, [*INIT_FLAGS, "--no-ipv6"]).returncode == 0
+    clean = Path(CLI).with_name("istio-clean-iptables")
+    result = subprocess.run(
+        [str(clean), "--network-namespace", pod.name], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ISTIO" not in iptables_save(pod, "nft", 4)
+
+
+# ---- failures leave no trace ------------------------------------------------------------------------
+
+
+def wrapper(directory: Path, name: str, script: str) -> dict[str, str]:
+    """A stand-in for a restore binary, first on PATH: ``script`` (with the real binary as $REAL) handles the
+    --noflush payloads, the rollback's flushing restores go to the real binary."""
+    real = shutil.which(name)
+    path = directory / name
+    path.write_text(
+        f'#!/bin/sh\nREAL={real}\ncase " $* " in *" --noflush "*) ;; *) exec "$REAL" "$@";; esac\n{script}\n'
+    )
+    path.chmod(0o755)
+    return {"PATH": f"{directory}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_refused_ipv6_restore_rolls_back_ipv4(pod: Pod, variant: str, tmp_path: Path) -> None:
+    add_foreign_rules(pod, variant, 4)
+    before = iptables_save(pod, variant, 4)
+    env = wrapper(tmp_path, f"ip6tables-{variant}-restore", 'echo "ip6tables-restore: line 1 failed" >&2; exit 1')
+    result = run_cli(pod, [*INIT_FLAGS, "--ipv6", "--force-iptables-binary", variant], env=env)
+    assert result.returncode == 1
+    assert "line 1 failed" in result.stderr and "ipv4 rules restored" in result.stderr
+    assert normalized_save(iptables_save(pod, variant, 4)) == normalized_save(before)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_table_refused_mid_payload_rolls_back_the_tables_before_it(pod: Pod, variant: str, tmp_path: Path) -> None:
+    for family in (4, 6):
+        add_foreign_rules(pod, variant, family)
+    before = {family: iptables_save(pod, variant, family) for family in (4, 6)}
+    # The last table of the IPv4 payload (nat) gets a rule the kernel refuses, after mangle and raw committed.
+    bad = '{ sed "$ d"; echo "-A ISTIO_OUTPUT -j NO_SUCH_CHAIN_X"; echo COMMIT; } | "$REAL" "$@"'
+    env = wrapper(tmp_path, f"iptables-{variant}-restore", bad)
+    result = run_cli(pod, [*EVERYTHING, "--force-iptables-binary", variant], env=env)
+    assert result.returncode == 1
+    assert "NO_SUCH_CHAIN_X" in result.stderr
+    for family in (4, 6):
+        assert normalized_save(iptables_save(pod, variant, family)) == normalized_save(before[family])
+    assert "lookup 133" not in pod.run(["ip", "rule"]).stdout
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reconcile_failure_keeps_the_old_configuration(pod: Pod, variant: str, tmp_path: Path) -> None:
+    assert run_cli(pod, [*INIT_FLAGS, "--no-ipv6", "--force-iptables-binary", variant]).returncode == 0
+    old = iptables_save(pod, variant, 4)
+    env = wrapper(tmp_path, f"iptables-{variant}-restore", 'echo "iptables-restore: line 3 failed" >&2; exit 1')
+    result = run_cli(pod, [*EVERYTHING[:-1], "--no-ipv6", "--force-iptables-binary", variant], env=env)
+    assert result.returncode == 1
+    assert normalized_save(iptables_save(pod, variant, 4)) == normalized_save(old)
+
+
+def test_missing_binary_is_named_and_changes_nothing(pod: Pod, tmp_path: Path) -> None:
+    add_foreign_rules(pod, "nft", 4)
+    before = iptables_save(pod, "nft", 4)
+    # Everything but ip6tables-nft-restore: IPv4 applies, IPv6 cannot, IPv4 is put back.
+    for name in ("iptables-nft-save", "iptables-nft-restore", "ip6tables-nft-save", "iptables-legacy-save"):
+        (tmp_path / name).symlink_to(str(shutil.which(name)))
+    result = run_cli(pod, [*INIT_FLAGS, "--ipv6"], env={"PATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert "ip6tables-nft-restore not found" in result.stderr
+    assert iptables_save(pod, "nft", 4) == before
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_refused_ip_rule_rolls_back_the_rules(pod: Pod, variant: str) -> None:
+    before = {family: iptables_save(pod, variant, family) for family in (4, 6)}
+    # With IPv6 disabled on lo, its IPv6 routes cannot be added: the routing step fails after the rules.
+    pod.run(["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"])
+    result = run_cli(pod, [*EVERYTHING, "--force-iptables-binary", variant])
+    assert result.returncode == 1
+    assert "cannot add" in result.stderr and "(ipv6)" in result.stderr
+    for family in (4, 6):
+        assert normalized_save(iptables_save(pod, variant, family)) == normalized_save(before[family])
+    assert "lookup 133" not in pod.run(["ip", "rule"]).stdout
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_killed_at_any_point_each_table_is_old_or_new_and_a_rerun_completes(
+    pod: Pod, variant: str, tmp_path: Path
+) -> None:
+    flags = [*EVERYTHING, "--force-iptables-binary", variant]
+    assert run_cli(pod, [*INIT_FLAGS, "--ipv6", "--force-iptables-binary", variant]).returncode == 0
+    old = {family: iptables_save(pod, variant, family) for family in (4, 6)}
+    assert run_cli(pod, flags).returncode == 0
+    new = {family: iptables_save(pod, variant, family) for family in (4, 6)}
+    rng = random.Random(20261125)
+    for _ in range(6):
+        assert run_cli(pod, [*INIT_FLAGS, "--ipv6", "--force-iptables-binary", variant]).returncode == 0
+        process = subprocess.Popen(
+            [CLI, "--network-namespace", pod.name, *flags],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        for family in (4, 6):
+            for table, text in tables_of(iptables_save(pod, variant, family)).items():
+                assert text in (tables_of(old[family]).get(table), tables_of(new[family]).get(table)), (family, table)
+        assert run_cli(pod, flags).returncode == 0
+        for family in (4, 6):
+            assert normalized_save(iptables_save(pod, variant, family)) == normalized_save(new[family])
+
+
+def tables_of(saved: str) -> dict[str, str]:
+    tables: dict[str, str] = {}
+    current = ""
+    for line in normalized_save(saved).splitlines():
+        if line.startswith("*"):
+            current = line
+            tables[current] = ""
+        elif current:
+            tables[current] += line + "\n"
+    return tables
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_twenty_concurrent_runs_end_in_one_consistent_state(pod: Pod, variant: str) -> None:
+    flags = [*INIT_FLAGS, "--ipv6", "--force-iptables-binary", variant]
+    assert run_cli(pod, flags).returncode == 0
+    expected = {family: normalized_save(iptables_save(pod, variant, family)) for family in (4, 6)}
+    assert (
+        run_cli(pod, [*INIT_FLAGS, "--no-ipv6", "--cleanup-only", "--force-iptables-binary", variant]).returncode == 0
+    )
+    processes = [
+        subprocess.Popen(
+            [CLI, "--network-namespace", pod.name, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(20)
+    ]
+    results = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 20, results
+    for family in (4, 6):
+        assert normalized_save(iptables_save(pod, variant, family)) == expected[family]
+
+
+# ---- validation --------------------------------------------------------------------------------------
+
+
+def test_validation_passes_after_apply_and_as_the_proxy_user(pod: Pod) -> None:
+    result = run_cli(pod, [*INIT_FLAGS, "--no-ipv6", "--run-validation"])
+    assert result.returncode == 0, result.stderr
+    assert "Validation passed" in result.stderr
+    as_proxy = pod.run(
+        ["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups", CLI, *INIT_FLAGS, "--no-ipv6"]
+        + ["--skip-rule-apply", "--run-validation"],
+        check=False,
+    )
+    assert as_proxy.returncode == 0, as_proxy.stderr
+
+
+def test_validation_fails_with_126_without_rules(pod: Pod) -> None:
+    started = time.monotonic()
+    result = run_cli(pod, [*INIT_FLAGS, "--no-ipv6", "--skip-rule-apply", "--run-validation", "--probe-timeout", "1s"])
+    assert result.returncode == 126
+    assert "validation timeout" in result.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_nothing_is_ever_written_to_the_test_runner_namespace() -> None:
+    for variant in VARIANTS:
+        for family in (4, 6):
+            binary = f"{'ip6tables' if family == 6 else 'iptables'}-{variant}-save"
+            saved = subprocess.run([binary], capture_output=True, text=True, check=False).stdout
+            assert "ISTIO_" not in saved, (binary, sys.argv)
