@@ -146,10 +146,13 @@ def available(family: Family, variant: IptablesVariant | None) -> bool:
 
 
 def _legacy_tables_in_use(family: Family) -> bool:
-    """Whether any legacy (x_tables) table exists in this namespace; none means legacy holds no rule."""
+    """Whether any legacy (x_tables) table exists in this namespace; none means legacy holds no rule.
+    Unreadable (the file is root's; a non-root run with capabilities cannot read it) means maybe."""
     try:
         with open(_LEGACY_TABLES[family], encoding="ascii") as names:
             return bool(names.read().strip())
+    except PermissionError:
+        return True
     except OSError:
         return False
 
@@ -163,6 +166,11 @@ def _holds_rules(saved: str) -> bool:
 def _save(family: Family, variant: IptablesVariant, environment: dict[str, str]) -> str:
     arguments = [command(family, variant, "save")]
     result = _run(arguments, None, environment)
+    if result.returncode != 0 and variant is LEGACY and "Permission denied" in result.stderr:
+        # Legacy save lists tables from a root-only /proc file; without root, name each table we use.
+        tables = [_run([*arguments, "-t", table.value], None, environment) for table in Table]
+        if all(table.returncode == 0 for table in tables):
+            return "".join(table.stdout for table in tables)
     if result.returncode != 0:
         raise ApplyError(f"{arguments[0]} failed: {result.stderr.strip()}")
     return result.stdout
