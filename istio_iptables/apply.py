@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from . import netns, routes
 from .backends.restore import Iptables, available, detect
-from .config import Config
+from .config import Backend, Config
 from .errors import ApplyError
 from .model import Family, Plan, RuleSet, Table
 from .render.restore import render_tables, render_transition, table_text
@@ -75,7 +75,7 @@ def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) ->
         planned = plan.ruleset(family)
         ruleset = RuleSet(family, ()) if config.cleanup_only or planned is None else planned
         try:
-            iptables = detect(family, config.force_iptables_binary, environment)
+            iptables = _detect(config, family, environment)
         except ApplyError:
             if family in plan.families:
                 raise
@@ -96,6 +96,14 @@ def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) ->
             "live rules differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(drifts)
         )
     return transitions
+
+
+def _detect(config: Config, family: Family, environment: dict[str, str]) -> Iptables:
+    if config.backend is Backend.LIBIPTC:
+        from .backends import libiptc  # noqa: PLC0415 (python-iptables is an optional extra)
+
+        return libiptc.detect(family, environment)
+    return detect(family, config.force_iptables_binary, environment)
 
 
 def rollback(attempted: list[Transition]) -> str:
@@ -143,7 +151,12 @@ def namespace_lock(environment: dict[str, str]) -> Iterator[None]:
         if xtables_lock
         else os.path.join(_lock_directory(), f"istio-iptables-netns-{netns.current_id()}.lock")
     )
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise ApplyError(
+            f"cannot open the lock file {path}: {error.strerror}; point XTABLES_LOCKFILE at a writable directory"
+        ) from None
     try:
         deadline = time.monotonic() + LOCK_TIMEOUT
         while True:

@@ -21,7 +21,7 @@ from .errors import ApplyError, ConfigError, IstioIptablesError
 from .hostfacts import gather
 from .logsetup import configure
 from .plan import build_plan, proxy_identity
-from .render.dryrun import dry_run_output, istio_command_log
+from .render.dryrun import cleanup_output, dry_run_output, istio_command_log
 from .validate import validate
 
 PROG = "istio-iptables"
@@ -103,7 +103,7 @@ def run(config: configuration.Config) -> None:
                 raise ConfigError(
                     f"invalid value for DRY_RUN_FILE_PATH: '{config.dry_run_file_path}': {error.strerror}"
                 ) from None
-        sys.stdout.write(dry_run_output(plan, config.dry_run_format))
+        sys.stdout.write(cleanup_output(plan) if config.cleanup_only else dry_run_output(plan, config.dry_run_format))
     elif config.native_nftables:
         raise ApplyError("--native-nftables: the native nftables backend is not part of this build yet")
     elif not config.skip_rule_apply:

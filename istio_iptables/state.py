@@ -238,6 +238,24 @@ def _network(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     return ipaddress.ip_interface(text)
 
 
+def tables_holding(rules: Iterable[Rule]) -> dict[Table, TableState]:
+    """The tables of a namespace holding exactly these rules, as a save would show them."""
+    tables: dict[Table, TableState] = {}
+    rules = list(rules)
+    for table, chains in declared_chains(rules).items():
+        tables.setdefault(table, TableState()).chains.update(dict.fromkeys(chains))
+    for rule in rules:
+        state = tables.setdefault(rule.table, TableState())
+        saved = replace(rule, position=None)
+        if rule.position is None:
+            state.entries.append(SavedRule(rule.chain, rule_text(saved), saved))
+        else:
+            chain_entries = [index for index, entry in enumerate(state.entries) if entry.chain == rule.chain]
+            at = chain_entries[rule.position - 1] if rule.position <= len(chain_entries) else len(state.entries)
+            state.entries.insert(at, SavedRule(rule.chain, rule_text(saved), saved))
+    return tables
+
+
 # ---- ownership: which live rules this program wrote ----------------------------------------------------
 
 OWN_CHAINS = frozenset(ISTIO_CHAINS)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ..config import DryRunFormat
-from ..model import Family, Plan
+from ..model import Family, Plan, RuleSet
+from ..state import tables_holding
 from .commands import render_commands
 from .json import render_json
-from .restore import render_restore
+from .restore import render_restore, render_transition
 
 RESTORE_COMMAND = {Family.V4: "iptables-restore --noflush", Family.V6: "ip6tables-restore --noflush"}
 
@@ -17,6 +18,21 @@ def dry_run_output(plan: Plan, output: DryRunFormat) -> str:
     if output is DryRunFormat.JSON:
         return render_json(plan)
     return "".join(f"# {RESTORE_COMMAND[rs.family]}\n{render_restore(rs)}" for rs in plan.rulesets)
+
+
+def cleanup_output(plan: Plan) -> str:
+    """What ``--cleanup-only`` would send to a namespace holding exactly this plan (a real clean-up works
+    from the live state and also removes what other configurations left)."""
+    text = ""
+    for ruleset in plan.rulesets:
+        cleanup = render_transition(RuleSet(ruleset.family, ()), tables_holding(ruleset.rules))
+        text += f"# {RESTORE_COMMAND[ruleset.family]}\n{cleanup}"
+    ip = {Family.V4: "ip", Family.V6: "ip -6"}
+    for route in plan.routes:
+        text += f"# {ip[route.family]} rule del fwmark {route.mark} lookup {route.table}\n"
+        text += f"# {ip[route.family]} route del local default dev lo table {route.table}\n"
+    text += "".join(f"# ip -6 addr del {address} dev lo\n" for address in plan.loopback_addresses)
+    return text
 
 
 def istio_command_log(plan: Plan) -> str:
