@@ -28,7 +28,7 @@ from .config import Backend, Config
 from .errors import ApplyError
 from .model import Family, Plan, RuleSet, Table
 from .render.restore import render_tables, render_transition, table_text
-from .state import drift, holds_own, live_layout, parse_tables, planned_layout
+from .state import Layout, TableState, drift, holds_own, live_layout, parse_tables, planned_layout
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,31 @@ def apply(config: Config, plan: Plan) -> None:
         log.info("rules already as planned; nothing to change")
 
 
-def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) -> list[Transition]:
-    """What each family needs; raises DriftError (nothing changed) if repair is needed but not allowed."""
+@dataclass(frozen=True)
+class Observation:
+    """One family: its iptables, the rules it should hold, and what it holds."""
+
+    iptables: Iptables
+    target: RuleSet
+    live: dict[Table, TableState]
+    expected: Layout
+    actual: Layout
+
+    @property
+    def in_sync(self) -> bool:
+        return self.expected == self.actual
+
+
+def observe(config: Config, plan: Plan, environment: dict[str, str]) -> list[Observation]:
+    """Every family's state next to its target: the plan's rules, or none for a clean-up. A family the plan
+    leaves out is looked at too (stale rules of an earlier configuration), when its iptables exists."""
     families = [
         family for family in Family if family in plan.families or available(family, config.force_iptables_binary)
     ]
-    transitions, drifts = [], []
+    observations = []
     for family in families:
         planned = plan.ruleset(family)
-        ruleset = RuleSet(family, ()) if config.cleanup_only or planned is None else planned
+        target = RuleSet(family, ()) if config.cleanup_only or planned is None else planned
         try:
             iptables = _detect(config, family, environment)
         except ApplyError:
@@ -82,15 +98,28 @@ def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) ->
             log.debug("%s: no usable iptables, so no stale rules to remove", family.label)
             continue
         live = parse_tables(iptables.saved)
-        difference = drift(planned_layout(ruleset.rules, group_id), live_layout(live, group_id))
-        if not difference and not config.force_apply:
+        expected, actual = planned_layout(target.rules, group_id), live_layout(live, group_id)
+        observations.append(Observation(iptables, target, live, expected, actual))
+    return observations
+
+
+def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) -> list[Transition]:
+    """What each family needs; raises DriftError (nothing changed) if repair is needed but not allowed."""
+    transitions, drifts = [], []
+    for seen in observe(config, plan, environment):
+        if seen.in_sync and not config.force_apply:
             continue
-        if difference and any(map(holds_own, live.values())) and not (config.reconcile or config.cleanup_only):
-            drifts.append(f"{family.label} ({iptables.variant.value}):\n" + "\n".join(difference))
+        if (
+            not seen.in_sync
+            and any(map(holds_own, seen.live.values()))
+            and not (config.reconcile or config.cleanup_only)
+        ):
+            label = f"{seen.target.family.label} ({seen.iptables.variant.value})"
+            drifts.append(f"{label}:\n" + "\n".join(drift(seen.expected, seen.actual)))
             continue
-        payload = render_transition(ruleset, live)
+        payload = render_transition(seen.target, seen.live)
         tables = frozenset(table for table in Table if f"* {table.value}\n" in payload)
-        transitions.append(Transition(iptables, payload, tables))
+        transitions.append(Transition(seen.iptables, payload, tables))
     if drifts:
         raise DriftError(
             "live rules differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(drifts)

@@ -18,10 +18,12 @@ from . import config as configuration
 from . import netns
 from .apply import apply
 from .errors import ApplyError, ConfigError, IstioIptablesError
-from .hostfacts import gather
+from .hostfacts import HostFacts, gather
 from .logsetup import configure
+from .model import Plan
 from .plan import build_plan, proxy_identity
 from .render.dryrun import cleanup_output, dry_run_output, istio_command_log
+from .status import render_status_json, render_status_text, status
 from .validate import validate
 
 PROG = "istio-iptables"
@@ -84,17 +86,9 @@ app.callback(invoke_without_command=True)(capture)
 
 
 def run(config: configuration.Config) -> None:
-    changes_system = not (config.dry_run or config.skip_rule_apply)
-    if config.network_namespace and not config.dry_run:
-        netns.enter(config.network_namespace)
-    elif changes_system and not config.allow_host_namespace and _looks_like_a_host():
-        raise ConfigError(
-            "refusing to change the network of PID 1's namespace outside Kubernetes (this looks like the host, "
-            "not a pod): pass --network-namespace NAME, or --allow-host-namespace if this host is the workload"
-        )
-    facts = gather(config)
-    plan = build_plan(config, facts)
     if config.dry_run:
+        facts = gather(config)
+        plan = build_plan(config, facts)
         if config.dry_run_file_path:
             try:
                 with open(config.dry_run_file_path, "w", encoding="utf-8") as file:
@@ -104,12 +98,50 @@ def run(config: configuration.Config) -> None:
                     f"invalid value for DRY_RUN_FILE_PATH: '{config.dry_run_file_path}': {error.strerror}"
                 ) from None
         sys.stdout.write(cleanup_output(plan) if config.cleanup_only else dry_run_output(plan, config.dry_run_format))
-    elif config.native_nftables:
-        raise ApplyError("--native-nftables: the native nftables backend is not part of this build yet")
-    elif not config.skip_rule_apply:
-        apply(config, plan)
+    else:
+        facts, plan = _enter(config, changes_system=not config.skip_rule_apply)
+        if config.native_nftables and not config.skip_rule_apply:
+            raise ApplyError("--native-nftables: the native nftables backend is not part of this build yet")
+        if not config.skip_rule_apply:
+            apply(config, plan)
     if config.run_validation:
         validate(config, plan.families, *proxy_identity(config, facts))
+
+
+def _enter(config: configuration.Config, changes_system: bool) -> tuple[HostFacts, Plan]:
+    """Move into the namespace to work in (refusing the host's own when about to change it), then read the
+    host facts there and build the plan."""
+    if config.network_namespace:
+        netns.enter(config.network_namespace)
+    elif changes_system and not config.allow_host_namespace and _looks_like_a_host():
+        raise ConfigError(
+            "refusing to change the network of PID 1's namespace outside Kubernetes (this looks like the host, "
+            "not a pod): pass --network-namespace NAME, or --allow-host-namespace if this host is the workload"
+        )
+    facts = gather(config)
+    return facts, build_plan(config, facts)
+
+
+def _output_format(value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"invalid value for --format: '{configuration.shown(value)}': must be one of: {', '.join(choices)}"
+        )
+    return value
+
+
+@app.command("status")
+def status_command(
+    ctx: typer.Context,
+    output: str = typer.Option("text", "--format", help="text or json.", metavar="text|json"),
+) -> None:
+    """Compare the namespace's live rules with the plan of the given flags: exit 0 in sync, 1 on drift."""
+    config: configuration.Config = ctx.obj
+    output = _output_format(output, ("text", "json"))
+    _, plan = _enter(config, changes_system=False)
+    report = status(config, plan)
+    sys.stdout.write(render_status_json(report) if output == "json" else render_status_text(report))
+    raise typer.Exit(0 if report.in_sync else 1)
 
 
 def go_switches(argv: list[str]) -> list[str]:

@@ -78,18 +78,21 @@ Step = Callable[[Any], object]
 """One routing change, given an open pyroute2 IPRoute."""
 
 
-def converge(plan: Plan, live: Routing, cleanup: bool = False) -> list[Step]:
-    """Make our routing exactly the plan's (or remove all of ours with ``cleanup``). Returns the steps that
-    undo what was changed, to run with ``undo`` if a later step of the apply fails."""
+Change = tuple[str, Step, Step]
+"""A description, the step, and its inverse."""
+
+
+def changes(plan: Plan, live: Routing, cleanup: bool = False) -> list[Change]:
+    """What turns our live routing into the plan's (or removes all of ours with ``cleanup``)."""
     wanted_routes = set() if cleanup else set(plan.routes)
     wanted_addresses = set() if cleanup else set(plan.loopback_addresses)
     own_rules = live.own_rules()
     present = {PolicyRoute(rule.family, rule.mark, rule.table) for rule in own_rules}
     wanted_tables = {(route.family, route.table) for route in wanted_routes}
     stale_rules = [rule for rule in own_rules if PolicyRoute(rule.family, rule.mark, rule.table) not in wanted_routes]
-    changes: list[tuple[str, Step, Step]] = []
+    found: list[Change] = []
     for rule in stale_rules:
-        changes.append(
+        found.append(
             (
                 f"delete ip rule fwmark {rule.mark} lookup {rule.table} ({rule.family.label})",
                 _rule("del", rule.family, rule.mark, rule.table, rule.priority),
@@ -97,7 +100,7 @@ def converge(plan: Plan, live: Routing, cleanup: bool = False) -> list[Step]:
             )
         )
     for family, table in sorted({(rule.family, rule.table) for rule in stale_rules} - wanted_tables, key=str):
-        changes.append(
+        found.append(
             (
                 f"delete local default route of table {table} ({family.label})",
                 _route("del", family, table),
@@ -105,7 +108,7 @@ def converge(plan: Plan, live: Routing, cleanup: bool = False) -> list[Step]:
             )
         )
     for family, table in sorted(wanted_tables - live.local_tables, key=str):
-        changes.append(
+        found.append(
             (
                 f"add local default route to table {table} ({family.label})",
                 _route("add", family, table),
@@ -113,7 +116,7 @@ def converge(plan: Plan, live: Routing, cleanup: bool = False) -> list[Step]:
             )
         )
     for route in sorted(wanted_routes - present, key=str):
-        changes.append(
+        found.append(
             (
                 f"add ip rule fwmark {route.mark} lookup {route.table} ({route.family.label})",
                 _rule("add", route.family, route.mark, route.table),
@@ -122,10 +125,17 @@ def converge(plan: Plan, live: Routing, cleanup: bool = False) -> list[Step]:
         )
     for address in live.loopback_addresses:
         if address == LOOPBACK_PASSTHROUGH and address not in wanted_addresses:
-            changes.append((f"delete {address} from lo", _address("del", address), _address("add", address)))
+            found.append((f"delete {address} from lo", _address("del", address), _address("add", address)))
     for address in sorted(wanted_addresses - set(live.loopback_addresses), key=str):
-        changes.append((f"add {address} to lo", _address("add", address), _address("del", address)))
-    if not changes:
+        found.append((f"add {address} to lo", _address("add", address), _address("del", address)))
+    return found
+
+
+def converge(plan: Plan, live: Routing, cleanup: bool = False) -> list[Step]:
+    """Make our routing exactly the plan's. Returns the steps that undo what was changed, to run with
+    ``undo`` if a later step of the apply fails."""
+    todo = changes(plan, live, cleanup)
+    if not todo:
         return []
 
     from pyroute2 import IPRoute  # noqa: PLC0415 (heavy; imported only when routing must change)
@@ -133,7 +143,7 @@ def converge(plan: Plan, live: Routing, cleanup: bool = False) -> list[Step]:
 
     done: list[Step] = []
     with IPRoute() as ipr:
-        for description, step, inverse in changes:
+        for description, step, inverse in todo:
             try:
                 step(ipr)
             except NetlinkError as error:

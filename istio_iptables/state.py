@@ -412,3 +412,33 @@ def layout_lines(layout: Layout) -> list[str]:
 def drift(expected: Layout, live: Layout) -> list[str]:
     """A unified diff of expected against live; empty when in sync."""
     return list(difflib.unified_diff(layout_lines(expected), layout_lines(live), "expected", "live", n=1, lineterm=""))
+
+
+@dataclass(frozen=True)
+class LayoutDiff:
+    """Our rules that the plan has and the live tables lack, that the live tables have in excess, and that
+    differ in place (expected, live). Each rule is (table, chain, text)."""
+
+    missing: list[tuple[Table, str, str]]
+    extra: list[tuple[Table, str, str]]
+    changed: list[tuple[tuple[Table, str, str], tuple[Table, str, str]]]
+
+
+def compare(expected: Layout, live: Layout) -> LayoutDiff:
+    missing, extra, changed = [], [], []
+    for table in sorted(set(expected) | set(live), key=lambda table: table.value):
+        chains = set(expected.get(table, {})) | set(live.get(table, {}))
+        for chain in sorted(chains):
+            want, have = expected.get(table, {}).get(chain, []), live.get(table, {}).get(chain, [])
+            for operation, w1, w2, h1, h2 in difflib.SequenceMatcher(a=want, b=have, autojunk=False).get_opcodes():
+                wanted = [(table, chain, text) for text in want[w1:w2]]
+                found = [(table, chain, text) for text in have[h1:h2]]
+                if operation == "replace":
+                    changed += list(zip(wanted, found, strict=False))
+                    missing += wanted[len(found) :]
+                    extra += found[len(wanted) :]
+                elif operation == "delete":
+                    missing += wanted
+                elif operation == "insert":
+                    extra += found
+    return LayoutDiff(missing, extra, changed)
