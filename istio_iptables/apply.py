@@ -171,15 +171,18 @@ def xtables_environment(config: Config) -> dict[str, str]:
     return {"XTABLES_LOCKFILE": os.path.join(_lock_directory(), f"xtables-netns-{netns.current_id()}.lock")}
 
 
+def namespace_lock_path(environment: dict[str, str]) -> str:
+    """Beside the xtables lock when there is one (the emptyDir of the image), else one per namespace."""
+    xtables_lock = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE")
+    if xtables_lock:
+        return f"{xtables_lock}.istio-iptables"
+    return os.path.join(_lock_directory(), f"istio-iptables-netns-{netns.current_id()}.lock")
+
+
 @contextmanager
 def namespace_lock(environment: dict[str, str]) -> Iterator[None]:
     """Serialise runs in one namespace: read state, decide and write must not interleave with another run."""
-    xtables_lock = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE")
-    path = (
-        f"{xtables_lock}.istio-iptables"
-        if xtables_lock
-        else os.path.join(_lock_directory(), f"istio-iptables-netns-{netns.current_id()}.lock")
-    )
+    path = namespace_lock_path(environment)
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as error:

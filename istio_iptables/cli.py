@@ -22,6 +22,7 @@ from .hostfacts import HostFacts, gather
 from .logsetup import configure
 from .model import Plan
 from .plan import build_plan, proxy_identity
+from .preflight import preflight, render_preflight_json, render_preflight_text
 from .render.dryrun import cleanup_output, dry_run_output, istio_command_log
 from .status import render_status_json, render_status_text, status
 from .validate import validate
@@ -128,6 +129,20 @@ def _output_format(value: str, choices: tuple[str, ...]) -> str:
             f"invalid value for --format: '{configuration.shown(value)}': must be one of: {', '.join(choices)}"
         )
     return value
+
+
+@app.command("preflight")
+def preflight_command(
+    ctx: typer.Context,
+    output: str = typer.Option("text", "--format", help="text or json.", metavar="text|json"),
+) -> None:
+    """Say what an apply would do here and whether it can, changing nothing: exit 0 if it would succeed."""
+    config: configuration.Config = ctx.obj
+    output = _output_format(output, ("text", "json"))
+    _, plan = _enter(config, changes_system=False)
+    report = preflight(config, plan)
+    sys.stdout.write(render_preflight_json(report) if output == "json" else render_preflight_text(report))
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command("status")

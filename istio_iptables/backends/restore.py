@@ -62,6 +62,8 @@ class Iptables:
     saved: str
     environment: dict[str, str]
     """The environment of every command: a private xtables lock file when working in another namespace."""
+    reason: str = ""
+    """Why detection chose this variant."""
 
     def restore(self, payload: str, flush: bool = False) -> None:
         arguments = self._restore_command(flush)
@@ -96,30 +98,63 @@ class Iptables:
         return message
 
     def missing_features(self, table: Table | None, line: str) -> list[str]:
-        """Probe the table and each match and target the line uses, in a scratch chain created and deleted
-        again, and name those the kernel refuses."""
-        features = re.findall(r"-m (\S+)", line) + re.findall(r"-j (\S+)", line)
-        probes = [(table, "-j RETURN", f"table {table.value} ({_TABLE_MODULES[table]})")] if table else []
-        probes += [
-            (probe_table, rule, f"{name} ({module})")
-            for name, (probe_table, rule, module) in _FEATURE_PROBES.items()
-            if name in features
-        ]
-        missing = []
-        for probe_table, rule, label in probes:
+        """Name what the kernel lacks among the table, matches and targets of one refused line."""
+        return [feature.label for feature, present in self.probe(features_of(table, [line])) if not present]
+
+    def probe(self, features: list[Feature]) -> list[tuple[Feature, bool]]:
+        """Whether the kernel takes each feature: a rule using it is added to a scratch chain, which is
+        deleted again in a second commit of the same restore (a refused rule commits nothing)."""
+        results = []
+        for feature in features:
             payload = (
-                f"*{probe_table.value}\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} {rule}\nCOMMIT\n"
-                f"*{probe_table.value}\n:{PROBE_CHAIN} - [0:0]\n-X {PROBE_CHAIN}\nCOMMIT\n"
+                f"*{feature.table.value}\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} {feature.rule}\nCOMMIT\n"
+                f"*{feature.table.value}\n:{PROBE_CHAIN} - [0:0]\n-X {PROBE_CHAIN}\nCOMMIT\n"
             )
-            if _run(self._restore_command(), payload, self.environment).returncode != 0:
-                missing.append(label)
-        return missing
+            results.append((feature, _run(self._restore_command(), payload, self.environment).returncode == 0))
+        return results
+
+
+@dataclass(frozen=True)
+class Feature:
+    """Something a rule needs from the kernel, and a rule that uses only it."""
+
+    label: str
+    table: Table
+    rule: str
+
+
+def features_of(table: Table | None, lines: list[str]) -> list[Feature]:
+    """The table and every match and target the lines use, each once."""
+    found = [Feature(f"table {table.value} ({_TABLE_MODULES[table]})", table, "-j RETURN")] if table else []
+    used = {name for line in lines for name in re.findall(r"-[mj] (\S+)", line)}
+    found += [
+        Feature(f"{'target' if name.isupper() else 'match'} {name} ({module})", probe_table, rule)
+        for name, (probe_table, rule, module) in _FEATURE_PROBES.items()
+        if name in used
+    ]
+    return found
+
+
+def payload_features(payload: str) -> list[Feature]:
+    """Every feature a whole payload needs, table by table."""
+    found: list[Feature] = []
+    table: Table | None = None
+    lines: list[str] = []
+    for line in [*payload.splitlines(), "* "]:
+        if line.startswith("*"):
+            found += [feature for feature in features_of(table, lines) if feature not in found]
+            table = next((t for t in Table if t.value == line[1:].strip()), None)
+            lines = []
+        else:
+            lines.append(line)
+    return found
 
 
 def detect(family: Family, forced: IptablesVariant | None, environment: dict[str, str]) -> Iptables:
     """The iptables to use for one family, and its current state."""
     if forced is not None:
-        return Iptables(family, forced, _save(family, forced, environment), environment)
+        saved = _save(family, forced, environment)
+        return Iptables(family, forced, saved, environment, "forced with --force-iptables-binary")
     errors = []
     saves: dict[IptablesVariant, str] = {}
     for variant in (LEGACY, NFT):
@@ -131,12 +166,14 @@ def detect(family: Family, forced: IptablesVariant | None, environment: dict[str
             errors.append(str(error))
     for variant in (LEGACY, NFT):
         if _holds_rules(saves.get(variant, "")):
-            log.info("%s: using %s, which holds this namespace's rules", family.label, command(family, variant))
-            return Iptables(family, variant, saves[variant], environment)
+            reason = "it holds this namespace's rules"
+            log.info("%s: using %s: %s", family.label, command(family, variant), reason)
+            return Iptables(family, variant, saves[variant], environment, reason)
     if NFT in saves:
-        return Iptables(family, NFT, saves[NFT], environment)
+        return Iptables(family, NFT, saves[NFT], environment, "no variant holds rules here; nft is preferred")
     if LEGACY not in saves and shutil.which(command(family, LEGACY, "save")):
-        return Iptables(family, LEGACY, _save(family, LEGACY, environment), environment)
+        reason = "nft is unusable here: " + ("; ".join(errors) or "not installed")
+        return Iptables(family, LEGACY, _save(family, LEGACY, environment), environment, reason)
     raise ApplyError(f"no usable iptables for {family.label}: " + ("; ".join(errors) or "no iptables binary found"))
 
 

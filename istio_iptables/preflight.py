@@ -1,0 +1,125 @@
+"""``preflight``: what an apply would do here and whether it can, without applying anything.
+
+Per family: the iptables variant detection would choose and why; every table, match and target the plan
+needs, probed in a scratch chain that is deleted again (with the kernel module that provides it); the
+foreign rules already in the built-in chains where ours would be appended, which packets meet first. Then
+IPv6: whether the namespace has addresses the flags leave uncaptured. And the locks an apply would take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from .apply import namespace_lock_path, observe, xtables_environment
+from .backends.restore import payload_features
+from .config import Config
+from .errors import ApplyError
+from .hostfacts import local_addresses
+from .model import BUILTIN_CHAINS, Family, Plan
+from .render.restore import render_restore
+from .state import own_entries
+
+
+@dataclass
+class FamilyCheck:
+    family: str
+    variant: str = ""
+    reason: str = ""
+    error: str = ""
+    features: list[tuple[str, bool]] = field(default_factory=list)
+    preceding: list[str] = field(default_factory=list)
+    """Foreign rules that packets meet before ours, as 'table chain: rule'."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and all(present for _, present in self.features)
+
+
+@dataclass
+class Preflight:
+    families: list[FamilyCheck]
+    uncaptured_ipv6: list[str]
+    locks: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.families)
+
+
+def preflight(config: Config, plan: Plan) -> Preflight:
+    environment = xtables_environment(config)
+    checks = {family.label: FamilyCheck(family.label) for family in plan.families}
+    try:
+        observations = observe(config, plan, environment)
+    except ApplyError as error:
+        for check in checks.values():
+            check.error = str(error)
+        observations = []
+    for seen in observations:
+        family = seen.target.family
+        if family not in plan.families:
+            continue
+        check = checks[family.label]
+        check.variant, check.reason = seen.iptables.variant.value, seen.iptables.reason
+        needed = payload_features(render_restore(seen.target))
+        check.features = [(feature.label, present) for feature, present in seen.iptables.probe(needed)]
+        appended = {(rule.table, rule.chain) for rule in seen.target.rules if rule.position is None}
+        for table, state in seen.live.items():
+            ours = own_entries(state)
+            check.preceding += [
+                f"{table.value} {entry.chain}: {entry.text}"
+                for entry in state.entries
+                if entry.chain in BUILTIN_CHAINS and (table, entry.chain) in appended and entry not in ours
+            ]
+    ipv6 = [
+        str(address)
+        for address in local_addresses()
+        if address.version == 6 and not (address.is_loopback or address.is_link_local)
+    ]
+    uncaptured = ipv6 if Family.V6 not in plan.families else []
+    locks = [namespace_lock_path(environment)]
+    xtables_lock = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE") or "/run/xtables.lock"
+    if any(check.variant == "legacy" for check in checks.values()):
+        locks.append(f"{xtables_lock} (legacy iptables, --wait)")
+    return Preflight(list(checks.values()), uncaptured, locks)
+
+
+def render_preflight_text(report: Preflight) -> str:
+    lines = []
+    for check in report.families:
+        if check.error:
+            lines.append(f"{check.family}: cannot apply: {check.error}")
+            continue
+        lines.append(f"{check.family}: iptables-{check.variant} ({check.reason})")
+        lines += [f"  {'ok     ' if present else 'MISSING'} {label}" for label, present in check.features]
+        if check.preceding:
+            lines.append("  foreign rules that packets meet before ours:")
+            lines += [f"    {rule}" for rule in check.preceding]
+    if report.uncaptured_ipv6:
+        lines.append("IPv6 addresses here whose traffic the flags leave uncaptured (IPv6 off): ")
+        lines += [f"  {address}" for address in report.uncaptured_ipv6]
+    lines += [f"lock: {lock}" for lock in report.locks]
+    lines.append("an apply would succeed" if report.ok else "an apply would FAIL")
+    return "\n".join(lines) + "\n"
+
+
+def render_preflight_json(report: Preflight) -> str:
+    document = {
+        "ok": report.ok,
+        "families": [
+            {
+                "family": check.family,
+                "variant": check.variant,
+                "reason": check.reason,
+                "error": check.error,
+                "features": [{"feature": label, "present": present} for label, present in check.features],
+                "foreign_rules_before_ours": check.preceding,
+            }
+            for check in report.families
+        ],
+        "uncaptured_ipv6_addresses": report.uncaptured_ipv6,
+        "locks": report.locks,
+    }
+    return json.dumps(document, indent=2) + "\n"
