@@ -24,6 +24,7 @@ from .model import Plan
 from .plan import build_plan, proxy_identity
 from .preflight import preflight, render_preflight_json, render_preflight_text
 from .render.dryrun import cleanup_output, dry_run_output, istio_command_log
+from .render.nft import render_nft
 from .status import render_status_json, render_status_text, status
 from .validate import validate
 
@@ -98,7 +99,12 @@ def run(config: configuration.Config) -> None:
                 raise ConfigError(
                     f"invalid value for DRY_RUN_FILE_PATH: '{config.dry_run_file_path}': {error.strerror}"
                 ) from None
-        sys.stdout.write(cleanup_output(plan) if config.cleanup_only else dry_run_output(plan, config.dry_run_format))
+        if config.native_nftables:
+            sys.stdout.write(render_nft(plan))
+        else:
+            sys.stdout.write(
+                cleanup_output(plan) if config.cleanup_only else dry_run_output(plan, config.dry_run_format)
+            )
     else:
         facts, plan = _enter(config, changes_system=not config.skip_rule_apply)
         if config.native_nftables and not config.skip_rule_apply:
