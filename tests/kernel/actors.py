@@ -364,6 +364,28 @@ def run_client(host: str, port: int, data: str, source: str | None, timeout: flo
     return 0
 
 
+def run_clientloop(host: str, port: int, stop: str, limit: int, timeout: float) -> int:
+    """Connections one after another until the file ``stop`` exists (or ``limit``), then a JSON summary:
+    how many were answered through the proxy (``PROXY`` prefix), directly, or failed."""
+    counts = {"total": 0, "proxied": 0, "direct": 0, "failed": 0}
+    errors: list[str] = []
+    while not os.path.exists(stop) and counts["total"] < limit:
+        counts["total"] += 1
+        try:
+            with socket.socket(family_of(host), socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect((host, port))
+                sock.sendall(b"loop")
+                sock.shutdown(socket.SHUT_WR)
+                response = read_to_eof(sock)
+            counts["proxied" if response.startswith(b"PROXY") else "direct"] += 1
+        except OSError as error:
+            counts["failed"] += 1
+            errors.append(repr(error))
+    print(json.dumps({**counts, "errors": errors[:10]}))
+    return 0
+
+
 def run_dnsquery(server: str, name: str, *, tcp: bool, port: int, qtype: int, timeout: float) -> int:
     ident = os.getpid() & 0xFFFF
     query = dns_query(ident, name, qtype)
@@ -408,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     client.add_argument("--data", default="hello")
     client.add_argument("--source")
     client.add_argument("--timeout", type=float, default=IO_TIMEOUT)
+    loop = roles.add_parser("clientloop")
+    loop.add_argument("host")
+    loop.add_argument("port", type=int)
+    loop.add_argument("--stop", required=True, help="stop when this file exists")
+    loop.add_argument("--limit", type=int, default=100_000)
+    loop.add_argument("--timeout", type=float, default=IO_TIMEOUT)
     dns = roles.add_parser("dns")
     dns.add_argument("name")
     dns.add_argument("port", type=int)
@@ -420,11 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     query.add_argument("--port", type=int, default=53)
     query.add_argument("--type", choices=["A", "TXT"], default="A")
     query.add_argument("--timeout", type=float, default=IO_TIMEOUT)
-    for server in (echo, proxy, dns):
+    for server in (echo, proxy, dns, loop):
         server.add_argument("--lifetime", type=int, default=300, help="exit after this many seconds")
     args = parser.parse_args(argv)
 
-    if args.role in ("echo", "proxy", "dns"):
+    if args.role in ("echo", "proxy", "dns", "clientloop"):
         signal.alarm(args.lifetime)  # SIGALRM's default action ends the process
     if args.role == "echo":
         run_echo(args.name, args.ports)
@@ -435,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dns(args.name, args.port, args.answer, args.bind or ["0.0.0.0", "::"])
     elif args.role == "client":
         return run_client(args.host, args.port, args.data, args.source, args.timeout)
+    elif args.role == "clientloop":
+        return run_clientloop(args.host, args.port, args.stop, args.limit, args.timeout)
     elif args.role == "dnsquery":
         qtype = TYPE_A if args.type == "A" else TYPE_TXT
         return run_dnsquery(args.server, args.name, tcp=args.tcp, port=args.port, qtype=qtype, timeout=args.timeout)

@@ -9,6 +9,8 @@ destination, so a capture to the wrong place, a loop, or a missing capture fails
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,3 +428,30 @@ def test_ipv4_only_rules_leave_ipv6_alone(lab: Lab, variant: str) -> None:
     assert lab.client(PEER6, 8080, data="6") == reply("peer", POD6, PEER6, 8080, "6")
     assert lab.client(POD6, 8080, data="6", ns=lab.peer, uid=0) == reply("app", PEER6, POD6, 8080, "6")
     pod.no_new_event()
+
+
+# ---- repair under load ---------------------------------------------------------------------------------
+
+
+def test_reconcile_under_load_never_drops_or_bypasses(lab: Lab, variant: str) -> None:
+    """Connections flow from the app to the peer while the rules are repaired again and again (a rule
+    deleted by hand, a foreign rule added, the exclusions changed): every one is answered through the proxy."""
+    peer = lab.echo(lab.peer, "peer", [8080])
+    proxy = lab.proxy()
+    lab.wait_ready(peer, proxy)
+    apply_capture(lab, flags(), variant)
+    stop = lab.tmp / "stop-loop"
+    loop = lab.actor(lab.pod, "clientloop", PEER4, "8080", "--stop", str(stop), name="loop", uid=APP_UID)
+    iptables = f"iptables-{variant}"
+    deadline = time.monotonic() + 60
+    for round_ in range(8):
+        lab.sh(lab.pod, [iptables, "-t", "nat", "-D", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15090", "-j", "RETURN"])
+        lab.sh(lab.pod, [iptables, "-t", "nat", "-I", "ISTIO_OUTPUT", "1", "-p", "udp", "--dport", "9", "-j", "RETURN"])
+        exclusions = "15090,15021,15020" if round_ % 2 else f"15090,15021,15020,{9000 + round_}"
+        apply_capture(lab, flags(d=exclusions), variant)
+        assert time.monotonic() < deadline
+    stop.touch()
+    loop.popen.wait(timeout=30)
+    summary = json.loads(loop.stdout.read_text())
+    assert summary["total"] >= 20, summary
+    assert summary["failed"] == 0 and summary["direct"] == 0, summary
