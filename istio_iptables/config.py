@@ -380,6 +380,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     # ---- output and backend choices of this implementation -------------------------------------------
     Setting(
+        "rule_comments",
+        ("--rule-comments",),
+        (),
+        "false",
+        "Give every rule a comment saying what it is for (-m comment; nft comment). Off: Istio's exact rules.",
+        switch=True,
+    ),
+    Setting(
         "dry_run_format",
         ("--dry-run-format",),
         (),
@@ -520,6 +528,7 @@ class Config:
     dns_servers: tuple[IPAddress, ...] | None = None
     """None: the nameservers of ``resolv_conf``."""
     resolv_conf: str = "/etc/resolv.conf"
+    rule_comments: bool = False
     dry_run_format: DryRunFormat = DryRunFormat.RESTORE
     backend: Backend = Backend.RESTORE
     log: LogOptions = LogOptions()
@@ -848,6 +857,7 @@ def load(given: Given, environ: Mapping[str, str]) -> Config:
         ipv6=get("ipv6", ipv6),
         dns_servers=get("dns_servers", parse_addresses),
         resolv_conf=get("resolv_conf", _nonempty),
+        rule_comments=switch("rule_comments"),
         dry_run_format=get("dry_run_format", _enum_parser(DryRunFormat)),
         backend=get("backend", _enum_parser(Backend)),
         log=LogOptions(

@@ -41,6 +41,8 @@ class Table(enum.Enum):
 
 
 BUILTIN_CHAINS = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"})
+COMMENT_PREFIX = "istio-iptables: "
+"""Every ``--rule-comments`` comment starts so: a rule carrying it is ours, whatever its shape."""
 
 # The chains this program creates, in every table it uses.
 ISTIO_INBOUND = "ISTIO_INBOUND"
@@ -234,6 +236,8 @@ class Rule:
     clauses: tuple[Match, ...]
     target: Target
     position: int | None = None
+    comment: str | None = None
+    """``-m comment`` text (``--rule-comments``): what the rule is for, so a save explains itself."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from .config import ALL, Config, Mode
 from .errors import HostError
 from .hostfacts import HostFacts
 from .model import (
+    COMMENT_PREFIX,
     ISTIO_DIVERT,
     ISTIO_DROP,
     ISTIO_IN_REDIRECT,
@@ -174,9 +175,16 @@ def loopback(family: Family, config: Config) -> IPNet:
 def family_rules(family: Family, config: Config, decisions: Decisions) -> list[Rule]:
     """Every rule of one family, in Istio's emission order."""
     rules: list[Rule] = []
+    purpose = ""
+
+    def why(text: str) -> None:
+        """What the rules that follow are for (their --rule-comments text)."""
+        nonlocal purpose
+        purpose = text
 
     def add(table: Table, chain: str, *clauses: Match, target: Target, position: int | None = None) -> None:
-        rules.append(Rule(table, chain, clauses, target, position))
+        comment = COMMENT_PREFIX + purpose if config.rule_comments else None
+        rules.append(Rule(table, chain, clauses, target, position, comment))
 
     tproxy = config.mode is Mode.TPROXY
     lo_net = loopback(family, config)
@@ -186,6 +194,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
     servers = decisions.dns_servers[family]
 
     # 1. Excluded interfaces: nothing in or out of them is captured.
+    why("excluded interface, never captured")
     for nic in config.exclude_interfaces:
         add(NAT, PREROUTING, InInterface(nic), target=RETURN)
         add(NAT, OUTPUT, OutInterface(nic), target=RETURN)
@@ -195,22 +204,28 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
             add(MANGLE, OUTPUT, OutInterface(nic), target=RETURN)
 
     # 2. KubeVirt interfaces skip inbound capture; step 18 sends them to the outbound listener instead.
+    why("KubeVirt interface, not captured as inbound")
     for nic in config.kube_virt_interfaces:
         add(NAT, PREROUTING, InInterface(nic), target=RETURN, position=1)
 
     # 3. ISTIO_DROP: packets conntrack cannot place would otherwise slip past NAT uncaptured.
+    why("drop packets conntrack sees as invalid")
     if config.drop_invalid:
         add(MANGLE, PREROUTING, ConntrackState((CtState.INVALID,)), target=Jump(ISTIO_DROP))
         add(MANGLE, ISTIO_DROP, target=Verdict.DROP)
 
     # 4-6. ISTIO_INBOUND never captures the HBONE tunnel; ISTIO_REDIRECT and ISTIO_IN_REDIRECT are the two
     # listeners: tcp ⤸ ISTIO_REDIRECT ⤸ REDIRECT :15001, tcp ⤸ ISTIO_IN_REDIRECT ⤸ REDIRECT :15006.
+    why("HBONE tunnel port, never captured inbound")
     add(NAT, ISTIO_INBOUND, TCP, DestinationPort(tunnel), target=RETURN)
+    why("to the outbound listener of the proxy")
     add(NAT, ISTIO_REDIRECT, TCP, target=Redirect(config.proxy_port))
+    why("to the inbound listener of the proxy")
     add(NAT, ISTIO_IN_REDIRECT, TCP, target=Redirect(config.inbound_capture_port))
 
     # 7. Inbound: tcp to :8080 ⤸ PREROUTING ⤸ ISTIO_INBOUND ⤸ ISTIO_IN_REDIRECT (nat), or, in TPROXY mode,
     # ⤸ ISTIO_TPROXY (mangle), with established flows marked by ISTIO_DIVERT and accepted.
+    why("inbound capture")
     if config.inbound_ports:
         inbound = MANGLE if tproxy else NAT
         if tproxy:
@@ -249,18 +264,22 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
                     add(NAT, ISTIO_INBOUND, TCP, DestinationPort(port), target=Jump(ISTIO_IN_REDIRECT))
 
     # 8. Outbound: every locally generated packet ⤸ OUTPUT ⤸ ISTIO_OUTPUT, which decides in order below.
+    why("outbound capture")
     add(NAT, OUTPUT, target=Jump(ISTIO_OUTPUT))
 
     # 9. Excluded outbound ports, TCP and UDP.
+    why("excluded outbound port")
     for port in config.local_outbound_ports_exclude:
         add(NAT, ISTIO_OUTPUT, TCP, DestinationPort(port), target=RETURN)
         add(NAT, ISTIO_OUTPUT, UDP, DestinationPort(port), target=RETURN)
 
     # 10. The proxy's inbound passthrough (from 127.0.0.6 over lo) reaches the app as it is.
+    why("inbound passthrough of the proxy from 127.0.0.6")
     add(NAT, ISTIO_OUTPUT, OutInterface(LO), Source(passthrough), target=RETURN)
 
     # 11-12. Per proxy UID, then GID: the proxy calling its own pod address over lo goes to the inbound
     # listener; other traffic over lo is the app talking to itself and stays; the proxy's own traffic leaves.
+    why("proxy traffic and traffic over lo")
     for owner in decisions.owners:
         if decisions.redirect_dns and isinstance(owner, UidOwner):
             not_special: tuple[Match, ...] = (TCP, DestinationPorts((DNS_PORT, tunnel), negated=True))
@@ -284,6 +303,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
         add(NAT, ISTIO_OUTPUT, owner, target=RETURN)
 
     # 13. Owner groups: capture only the listed groups, or all but the excluded ones.
+    why("owner groups")
     if config.owner_groups_include is ALL:
         for group in config.owner_groups_exclude:
             add(NAT, ISTIO_OUTPUT, GidOwner(group), target=RETURN)
@@ -297,6 +317,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
 
     # 14. DNS: udp/tcp :53 ⤸ ISTIO_OUTPUT_DNS ⤸ REDIRECT :15053, with conntrack zones (raw) keeping the
     # app's query and the agent's upstream query to the same server from colliding.
+    why("DNS capture")
     if decisions.redirect_dns:
         add(RAW, OUTPUT, target=Jump(ISTIO_OUTPUT_DNS))
         if config.capture_all_dns or servers:
@@ -348,16 +369,19 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
                 )
 
     # 15-16. Loopback and excluded CIDRs are never captured.
+    why("loopback and excluded CIDRs, never captured")
     add(NAT, ISTIO_OUTPUT, Destination(lo_net), target=RETURN)
     for cidr in config.service_exclude_cidrs:
         if Family.of(cidr) is family:
             add(NAT, ISTIO_OUTPUT, Destination(cidr), target=RETURN)
 
     # 17. Outbound ports captured whatever the destination.
+    why("outbound port always captured")
     for port in config.outbound_ports:
         add(NAT, ISTIO_OUTPUT, TCP, DestinationPort(port), target=Jump(ISTIO_REDIRECT))
 
     # 18. Captured CIDRs (or all): ISTIO_OUTPUT ⤸ ISTIO_REDIRECT; KubeVirt traffic from PREROUTING too.
+    why("captured CIDRs")
     if config.service_cidrs is ALL:
         add(NAT, ISTIO_OUTPUT, target=Jump(ISTIO_REDIRECT))
         for nic in config.kube_virt_interfaces:
@@ -379,6 +403,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
 
     # 19. TPROXY: the mark of intercepted connections is kept on the connection so the proxy's replies
     # route back through lo; the proxy's own traffic over lo is marked 1338 and not intercepted again.
+    why("TPROXY marks and routing")
     if tproxy:
         mark = config.tproxy_mark
         add(MANGLE, PREROUTING, TCP, Mark(mark), target=SaveMark())

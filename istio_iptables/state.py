@@ -12,11 +12,13 @@ import shlex
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import cache
+from typing import Any
 
 from .config import ALL, Config, Mode
 from .hostfacts import HostFacts
 from .model import (
     BUILTIN_CHAINS,
+    COMMENT_PREFIX,
     ISTIO_CHAINS,
     Connmark,
     ConntrackState,
@@ -48,7 +50,7 @@ from .model import (
     declared_chains,
 )
 from .plan import build_plan
-from .render.iptables import rule_text
+from .render.iptables import rule_text, save_text
 
 FULL_MASK = 0xFFFFFFFF
 # Targets that take no option and so could be mistaken for a jump to a chain of that name.
@@ -67,13 +69,43 @@ class UnparsedRuleError(ValueError):
     """A rule using something this model does not describe (a foreign rule, usually)."""
 
 
-@dataclass(frozen=True)
-class SavedRule:
-    """One rule line as read, with its meaning when the model can express it (else ``rule`` is None)."""
+_UNREAD: Any = object()
 
-    chain: str
-    text: str
-    rule: Rule | None
+
+class SavedRule:
+    """One rule line as read, with its meaning when the model can express it (else ``rule`` is None).
+
+    Read from a save, the line is parsed on first use: an unchanged re-run compares the text of our
+    chains' 10,000 rules without parsing one of them."""
+
+    __slots__ = ("_rule", "chain", "table", "text")
+
+    def __init__(self, chain: str, text: str, rule: Rule | None = _UNREAD, table: Table | None = None) -> None:
+        self.chain, self.text, self._rule, self.table = chain, text, rule, table
+
+    @property
+    def rule(self) -> Rule | None:
+        if self._rule is _UNREAD:
+            self._rule = _parse_line(self.table, self.text) if self.table else None
+        rule: Rule | None = self._rule
+        return rule
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SavedRule) and (self.chain, self.text) == (other.chain, other.text)
+
+    def __hash__(self) -> int:
+        return hash((self.chain, self.text))
+
+    def __repr__(self) -> str:
+        return f"SavedRule({self.chain!r}, {self.text!r})"
+
+
+def _parse_line(table: Table, line: str) -> Rule | None:
+    try:
+        # shlex only where save quoted something (a comment); it is slow on 10,000 rules.
+        return parse_rule(table, shlex.split(line) if '"' in line or "'" in line else line.split())
+    except (UnparsedRuleError, ValueError, StopIteration):
+        return None
 
 
 @dataclass
@@ -119,12 +151,8 @@ def parse_tables(text: str) -> dict[Table, TableState]:
         elif line.startswith("-N "):
             current.chains[line[3:].strip()] = None
         elif line.startswith(("-A ", "-I ")):
-            chain = line.split()[1] if len(line.split()) > 1 else ""
-            try:
-                rule: Rule | None = parse_rule(table, shlex.split(line))
-            except (UnparsedRuleError, ValueError, StopIteration):
-                rule = None
-            current.entries.append(SavedRule(chain, line, rule))
+            chain = line.split(maxsplit=2)[1] if len(line.split(maxsplit=2)) > 1 else ""
+            current.entries.append(SavedRule(chain, line, table=table))
         else:
             raise ValueError(f"line {number}: not iptables-restore syntax: {line}")
     return tables
@@ -136,8 +164,15 @@ def parse_rule(table: Table, tokens: list[str]) -> Rule:
     position = None
     if command == "-I":
         position = int(arguments.pop(0)) if arguments and arguments[0].isdigit() else 1
+    comment = None
+    if "--comment" in arguments:
+        at = arguments.index("--comment")
+        if at < 2 or arguments[at - 2 : at] != ["-m", "comment"] or at + 1 >= len(arguments):
+            raise UnparsedRuleError("comment without its match")
+        comment = arguments[at + 1]
+        del arguments[at - 2 : at + 2]
     clauses, target = parse_arguments(arguments)
-    return Rule(table, chain, clauses, target, position)
+    return Rule(table, chain, clauses, target, position, comment)
 
 
 def parse_arguments(arguments: list[str]) -> tuple[tuple[Match, ...], Target]:
@@ -238,8 +273,9 @@ def _network(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     return ipaddress.ip_interface(text)
 
 
-def tables_holding(rules: Iterable[Rule]) -> dict[Table, TableState]:
-    """The tables of a namespace holding exactly these rules, as a save would show them."""
+def tables_holding(rules: Iterable[Rule], spell: Callable[[Rule], str] = rule_text) -> dict[Table, TableState]:
+    """The tables of a namespace holding exactly these rules, in the kernel's order (each insert at its
+    position), each rule written by ``spell`` (Istio's spelling unless told otherwise)."""
     tables: dict[Table, TableState] = {}
     rules = list(rules)
     for table, chains in declared_chains(rules).items():
@@ -247,12 +283,13 @@ def tables_holding(rules: Iterable[Rule]) -> dict[Table, TableState]:
     for rule in rules:
         state = tables.setdefault(rule.table, TableState())
         saved = replace(rule, position=None)
+        entry = SavedRule(rule.chain, spell(saved), saved)
         if rule.position is None:
-            state.entries.append(SavedRule(rule.chain, rule_text(saved), saved))
+            state.entries.append(entry)
         else:
             chain_entries = [index for index, entry in enumerate(state.entries) if entry.chain == rule.chain]
             at = chain_entries[rule.position - 1] if rule.position <= len(chain_entries) else len(state.entries)
-            state.entries.insert(at, SavedRule(rule.chain, rule_text(saved), saved))
+            state.entries.insert(at, entry)
     return tables
 
 
@@ -300,9 +337,9 @@ def own_entries(state: TableState) -> list[SavedRule]:
     ours_here = any(chain in OWN_CHAINS for chain in state.chains)
 
     def is_own(entry: SavedRule) -> bool:
-        rule = entry.rule
-        if entry.chain in OWN_CHAINS:
+        if entry.chain in OWN_CHAINS or f'--comment "{COMMENT_PREFIX}' in entry.text:
             return True
+        rule = entry.rule
         if rule is None or entry.chain not in BUILTIN_CHAINS:
             return False
         if isinstance(rule.target, Jump):
@@ -355,12 +392,13 @@ _CLAUSE_ORDER = (
 def canonical(rule: Rule, group_id: Callable[[int | str], int | str]) -> Rule:
     """The rule as the kernel keeps it: clauses in iptables-save's order, networks masked, group names as ids."""
 
-    def order(clause: Match) -> tuple[int, str]:
+    def order(clause: Match) -> int:
+        # A stable sort: clauses of one kind keep their order, as iptables-save keeps it.
         kind = type(clause)
-        return (_CLAUSE_ORDER.index(kind) if kind in _CLAUSE_ORDER else len(_CLAUSE_ORDER), repr(clause))
+        return _CLAUSE_ORDER.index(kind) if kind in _CLAUSE_ORDER else len(_CLAUSE_ORDER)
 
     def kernel_form(clause: Match) -> Match:
-        if isinstance(clause, Source | Destination):
+        if isinstance(clause, Source | Destination) and clause.network.ip != clause.network.network.network_address:
             return replace(clause, network=ipaddress.ip_interface(clause.network.network))
         if isinstance(clause, GidOwner):
             return replace(clause, group=group_id(clause.group))
@@ -371,32 +409,28 @@ def canonical(rule: Rule, group_id: Callable[[int | str], int | str]) -> Rule:
 
 
 def planned_layout(rules: Iterable[Rule], group_id: Callable[[int | str], int | str]) -> Layout:
-    """Where the plan's rules end up: appends at the end, inserts at their position, in order."""
-    layout: Layout = {}
-    rules = list(rules)
-    for rule in rules:
-        texts = layout.setdefault(rule.table, {}).setdefault(rule.chain, [])
-        text = rule_text(canonical(rule, group_id))
-        if rule.position is None:
-            texts.append(text)
-        else:
-            texts.insert(rule.position - 1, text)
-    for table, chains in declared_chains(rules).items():
-        for chain in chains:
-            layout.setdefault(table, {}).setdefault(chain, [])
-    return layout
+    """Where the plan's rules end up, in the canonical spelling that live rules are compared in."""
+    return live_layout(tables_holding(rules), group_id)
 
 
-def live_layout(tables: dict[Table, TableState], group_id: Callable[[int | str], int | str]) -> Layout:
+def live_layout(tables: dict[Table, TableState], group_id: Callable[[int | str], int | str] | None) -> Layout:
+    """Our chains and our rules per chain, canonically spelled; with ``group_id`` None, as the text reads
+    (for comparing a save with the plan spelled as iptables-save prints it, without parsing)."""
     layout: Layout = {}
     for table, state in tables.items():
         for chain in state.chains:
             if chain in OWN_CHAINS:
                 layout.setdefault(table, {}).setdefault(chain, [])
         for entry in own_entries(state):
-            text = entry.text if entry.rule is None else rule_text(canonical(entry.rule, group_id))
+            rule = None if group_id is None else entry.rule
+            text = entry.text if rule is None or group_id is None else rule_text(canonical(rule, group_id))
             layout.setdefault(table, {}).setdefault(entry.chain, []).append(text)
     return layout
+
+
+def saved_as_planned(rules: Iterable[Rule], group_id: Callable[[int | str], int | str]) -> Layout:
+    """The plan's rules as iptables-save prints them, to compare with a save's text as it reads."""
+    return live_layout(tables_holding(rules, lambda rule: save_text(canonical(rule, group_id))), None)
 
 
 def layout_lines(layout: Layout) -> list[str]:

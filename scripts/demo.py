@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.kernel.netlab import ISTIO_IPTABLES, PEER4, POD4, Lab  # noqa: E402
+from tests.kernel.netlab import ISTIO_IPTABLES, PEER4, POD4, Lab
 
 FLAGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
 FLAGS += ["-d", "15090,15021,15020"]

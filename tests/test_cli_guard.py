@@ -1,7 +1,7 @@
 """The guard against changing the host's own network: without --network-namespace, outside Kubernetes,
 applying (or cleaning up) in what may be PID 1's namespace is refused.
 
-These tests never reach the kernel: ``cli.apply`` is replaced by a recorder that fails the test if called,
+These tests never reach the kernel: ``apply.apply`` is replaced by a recorder that fails the test if called,
 so a broken guard cannot change this machine's network.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from istio_iptables import cli, netns
+from istio_iptables import apply as apply_module
+from istio_iptables import netns
 from istio_iptables.config import Config
 from istio_iptables.model import Plan
 from tests.helpers import run_cli
@@ -24,7 +25,7 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
     def record(config: Config, plan: Plan) -> None:
         calls.append(config)
 
-    monkeypatch.setattr(cli, "apply", record)
+    monkeypatch.setattr(apply_module, "apply", record)
     monkeypatch.setattr(netns, "enter", lambda name: None)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     return calls

@@ -119,6 +119,7 @@ def test_every_clause_and_target_kind() -> None:
                                     },
                                 ],
                                 "target": {"target": "verdict", "verdict": "RETURN"},
+                                "comment": None,
                                 "text": "-I ISTIO_INBOUND 3 -m mark ! --mark 1338 -m conntrack --ctstate "
                                 "RELATED,ESTABLISHED -j RETURN",
                             },
@@ -127,6 +128,7 @@ def test_every_clause_and_target_kind() -> None:
                                 "position": None,
                                 "clauses": [],
                                 "target": {"target": "tproxy", "port": 15006, "mark": 1337, "mask": 0xFFFFFFFF},
+                                "comment": None,
                                 "text": "-A ISTIO_TPROXY -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006",
                             },
                             {
@@ -134,6 +136,7 @@ def test_every_clause_and_target_kind() -> None:
                                 "position": None,
                                 "clauses": [],
                                 "target": {"target": "set_mark", "mark": 1337},
+                                "comment": None,
                                 "text": "-A ISTIO_DIVERT -j MARK --set-mark 1337",
                             },
                             {
@@ -141,6 +144,7 @@ def test_every_clause_and_target_kind() -> None:
                                 "position": None,
                                 "clauses": [],
                                 "target": {"target": "save_mark"},
+                                "comment": None,
                                 "text": "-A PREROUTING -j CONNMARK --save-mark",
                             },
                             {
@@ -148,6 +152,7 @@ def test_every_clause_and_target_kind() -> None:
                                 "position": None,
                                 "clauses": [{"match": "connmark", "mark": 1337, "negated": False}],
                                 "target": {"target": "restore_mark"},
+                                "comment": None,
                                 "text": "-A OUTPUT -m connmark --mark 1337 -j CONNMARK --restore-mark",
                             },
                             {
@@ -155,6 +160,7 @@ def test_every_clause_and_target_kind() -> None:
                                 "position": None,
                                 "clauses": [],
                                 "target": {"target": "verdict", "verdict": "DROP"},
+                                "comment": None,
                                 "text": "-A ISTIO_DROP -j DROP",
                             },
                         ],
@@ -180,6 +186,7 @@ def test_every_clause_and_target_kind() -> None:
                                     {"match": "gid_owner", "group": 202, "negated": False},
                                 ],
                                 "target": {"target": "jump", "chain": "ISTIO_IN_REDIRECT"},
+                                "comment": None,
                                 "text": "-A ISTIO_OUTPUT -p tcp -s 127.0.0.6/32 ! -d 10.0.0.1/8 -i eth0 -o lo "
                                 "! --dport 15008 --sport 53 -m multiport ! --dports 53,15008 "
                                 "-m owner --uid-owner 1337 -m owner ! --gid-owner java -m owner --gid-owner 202 "
@@ -190,6 +197,7 @@ def test_every_clause_and_target_kind() -> None:
                                 "position": None,
                                 "clauses": [{"match": "protocol", "protocol": "udp", "negated": False}],
                                 "target": {"target": "redirect", "port": 15053},
+                                "comment": None,
                                 "text": "-A ISTIO_REDIRECT -p udp -j REDIRECT --to-port 15053",
                             },
                         ],
@@ -203,6 +211,7 @@ def test_every_clause_and_target_kind() -> None:
                                 "position": None,
                                 "clauses": [],
                                 "target": {"target": "ct_zone", "zone": 2},
+                                "comment": None,
                                 "text": "-A ISTIO_OUTPUT_DNS -j CT --zone 2",
                             }
                         ],
@@ -221,6 +230,7 @@ def test_every_clause_and_target_kind() -> None:
                                 "position": None,
                                 "clauses": [{"match": "destination", "network": "::1/128", "negated": False}],
                                 "target": {"target": "verdict", "verdict": "ACCEPT"},
+                                "comment": None,
                                 "text": "-A OUTPUT -d ::1/128 -j ACCEPT",
                             }
                         ],
@@ -268,7 +278,7 @@ def test_real_plan_document_agrees_with_restore_payloads() -> None:
             payload_lines.append(f"* {table['table']}")
             payload_lines += [f"-N {chain}" for chain in table["chains"]]
             for rule in table["rules"]:
-                assert set(rule) == {"chain", "position", "clauses", "target", "text"}
+                assert set(rule) == {"chain", "position", "clauses", "target", "comment", "text"}
                 assert all("match" in clause and "negated" in clause for clause in rule["clauses"])
                 assert "target" in rule["target"]
                 payload_lines.append(rule["text"])
@@ -296,6 +306,7 @@ def test_real_plan_spot_checks() -> None:
             {"match": "uid_owner", "uid": 1337, "negated": False},
         ],
         "target": {"target": "jump", "chain": "ISTIO_IN_REDIRECT"},
+        "comment": None,
         "text": "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp -m multiport ! --dports 53,15008 "
         "-m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
     }
@@ -309,6 +320,7 @@ def test_real_plan_spot_checks() -> None:
             {"match": "source", "network": "fd00::a/128", "negated": False},
         ],
         "target": {"target": "ct_zone", "zone": 1},
+        "comment": None,
         "text": "-A ISTIO_INBOUND -p udp --sport 53 -s fd00::a/128 -j CT --zone 1",
     }
 

@@ -346,15 +346,13 @@ def test_iptables_save_document() -> None:
     assert mangle.rules == [
         Rule(Table.MANGLE, "PREROUTING", (TCP,), Jump("ISTIO_INBOUND")),
         Rule(Table.MANGLE, "PREROUTING", (TCP, Mark(1337)), SaveMark()),
+        Rule(Table.MANGLE, "OUTPUT", (TCP,), Verdict.RETURN, comment="x y"),
         Rule(Table.MANGLE, "ISTIO_DIVERT", (), SetMark(1337)),
         Rule(Table.MANGLE, "ISTIO_DIVERT", (), Verdict.ACCEPT),
         Rule(Table.MANGLE, "ISTIO_INBOUND", (TCP, Mark(1337)), Verdict.RETURN),
         Rule(Table.MANGLE, "ISTIO_TPROXY", (Destination(LO4, negated=True), TCP), Tproxy(15006, 1337)),
     ]
-    assert mangle.unparsed == [
-        "-A PREROUTING -j LOG --log-prefix x",
-        '-A OUTPUT -p tcp -m comment --comment "x y" -j RETURN',
-    ]
+    assert mangle.unparsed == ["-A PREROUTING -j LOG --log-prefix x"]
 
     nat = tables[Table.NAT]
     assert nat.chains == {
@@ -394,7 +392,7 @@ def test_ip6tables_save_addresses() -> None:
     "line",
     [
         "-A PREROUTING -j LOG --log-prefix x",
-        '-A OUTPUT -m comment --comment "x y" -j RETURN',
+        "-A OUTPUT -j RETURN --comment x",
         "-A POSTROUTING -j MASQUERADE",
         "-A PREROUTING -p tcp -j DNAT --to-destination 10.0.0.1:80",
         "-A X -m mark --mark 0x1/0xff -j RETURN",
@@ -477,3 +475,10 @@ def test_targets_with_options_the_model_cannot_hold_are_not_simplified() -> None
     state = parse_tables(f"*nat\n{line}\nCOMMIT\n")[Table.NAT]
     assert state.rules == []
     assert state.unparsed == [line]
+
+
+def test_comments_are_read_into_the_rule() -> None:
+    tables = parse_tables('*nat\n-A OUTPUT -o lo -m comment --comment "istio-iptables: why" -j RETURN\nCOMMIT\n')
+    assert tables[Table.NAT].rules == [
+        Rule(Table.NAT, "OUTPUT", (OutInterface("lo"),), Verdict.RETURN, comment="istio-iptables: why")
+    ]

@@ -39,7 +39,12 @@ def rule_text(rule: Rule) -> str:
 
 def rule_arguments(rule: Rule) -> list[str]:
     arguments = [token for clause in rule.clauses for token in match_arguments(clause)]
-    return arguments + target_arguments(rule.target, _protocol(rule))
+    return arguments + comment_arguments(rule) + target_arguments(rule.target, _protocol(rule))
+
+
+def comment_arguments(rule: Rule) -> list[str]:
+    """The comment goes last among the matches; it holds no quote, so double quotes suffice."""
+    return ["-m", "comment", "--comment", f'"{rule.comment}"'] if rule.comment else []
 
 
 def match_arguments(clause: Match) -> list[str]:
@@ -101,3 +106,38 @@ def target_arguments(target: Target, protocol: Proto | None = None) -> list[str]
 
 def _protocol(rule: Rule) -> Proto | None:
     return next((clause.protocol for clause in rule.clauses if isinstance(clause, Protocol)), None)
+
+
+def save_text(rule: Rule) -> str:
+    """A canonical rule (``state.canonical``) as iptables-save prints it: the implicit ``-m tcp`` before a
+    port, marks in hex, MARK, CONNMARK and TPROXY with their masks. Only ever compared with a save's text
+    as a shortcut: when they differ, the rules are compared parsed."""
+    protocol = _protocol(rule)
+    tokens = ["-A", rule.chain]
+    module_done = False
+    for clause in rule.clauses:
+        if isinstance(clause, DestinationPort | SourcePort) and not module_done and protocol:
+            tokens += ["-m", protocol.value]
+            module_done = True
+        if isinstance(clause, Mark | Connmark):
+            bang = ["!"] if clause.negated else []
+            tokens += ["-m", "mark" if isinstance(clause, Mark) else "connmark", *bang, "--mark", f"{clause.mark:#x}"]
+        else:
+            tokens += match_arguments(clause)
+    tokens += comment_arguments(rule)
+    target = rule.target
+    if isinstance(target, Redirect):
+        tokens += ["-j", "REDIRECT", "--to-ports", str(target.port)]
+    elif isinstance(target, Tproxy):
+        ipv6 = any(isinstance(clause, Source | Destination) and clause.network.version == 6 for clause in rule.clauses)
+        any_address = "::" if ipv6 else "0.0.0.0"
+        tokens += ["-j", "TPROXY", "--on-port", str(target.port), "--on-ip", any_address]
+        tokens += ["--tproxy-mark", f"{target.mark:#x}/{target.mask:#x}"]
+    elif isinstance(target, SetMark):
+        tokens += ["-j", "MARK", "--set-xmark", f"{target.mark:#x}/0xffffffff"]
+    elif isinstance(target, SaveMark | RestoreMark):
+        action = "--save-mark" if isinstance(target, SaveMark) else "--restore-mark"
+        tokens += ["-j", "CONNMARK", action, "--nfmask", "0xffffffff", "--ctmask", "0xffffffff"]
+    else:
+        tokens += target_arguments(target)
+    return " ".join(tokens)

@@ -48,6 +48,7 @@ def _rule(rule: Rule) -> dict[str, Any]:
         "position": rule.position,
         "clauses": [{"match": _kind(clause), **_fields(clause)} for clause in rule.clauses],
         "target": _target(rule.target),
+        "comment": rule.comment,
         "text": rule_text(rule),
     }
 

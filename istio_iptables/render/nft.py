@@ -188,6 +188,8 @@ def rule_expression(rule: Rule, family: Family = Family.V4) -> str:
         tokens += [*_tproxy(rule.target, _address_family(rule) or family), "counter", "accept"]
     else:
         tokens += ["counter", _statement(rule.target)]
+    if rule.comment:
+        tokens += ["comment", f'"{rule.comment}"']
     return " ".join(tokens)
 
 

@@ -1,0 +1,401 @@
+"""Benchmarks behind scripts/bench: every figure is a median of whole-process runs, every comparison a ratio
+against a baseline measured in the same run. Everything runs in network namespaces made for it.
+
+Sections: start-up cost; apply latency of the init container's default flags (ours per backend, the bare
+iptables-restore "floor", and "Istio's way" replayed as plain commands); scale with 10 to 10,000 entries
+(time and processes for apply, unchanged re-run and reconcile, and Istio's per-rule checks replayed); new
+connections per second through the capture with 0 and 10,000 exclusions; peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.prefix, "bin", "istio-iptables"))
+PYTHON = sys.executable
+INIT_FLAGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
+INIT_FLAGS += ["-d", "15090,15021,15020", "--no-ipv6", "--log_output_level=default:none"]
+# The init container runs inside its pod; Kubernetes sets this variable there (the host-namespace guard).
+POD_ENV = {**os.environ, "KUBERNETES_SERVICE_HOST": "198.18.255.1"}
+_names = itertools.count()
+
+
+@dataclass
+class Row:
+    label: str
+    seconds: float
+    processes: int | None = None
+    baseline: float | None = None
+    note: str = ""
+
+    def cells(self) -> list[str]:
+        ratio = f"{self.seconds / self.baseline:.2f}x" if self.baseline else ""
+        processes = "" if self.processes is None else str(self.processes)
+        return [self.label, f"{self.seconds * 1000:.1f}", ratio, processes, self.note]
+
+
+# ---- namespaces -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def namespace() -> Iterator[str]:
+    """A fresh pod namespace: lo up and 198.18.0.2/24 on a veth to a peer namespace (so outbound traffic
+    leaves by an interface that is not lo, as in a pod); both are deleted afterwards."""
+    name = f"iibench-{os.getpid()}-{next(_names)}"
+    peer = f"{name}-peer"
+    try:
+        for created in (name, peer):
+            subprocess.run(["ip", "netns", "add", created], check=True)
+            subprocess.run(["ip", "-n", created, "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            ["ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer], check=True
+        )
+        subprocess.run(["ip", "-n", name, "addr", "add", "198.18.0.2/24", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "eth0", "up"], check=True)
+        subprocess.run(["ip", "-n", peer, "link", "set", "eth0", "up"], check=True)
+        yield name
+    finally:
+        for created in (name, peer):
+            subprocess.run(["ip", "netns", "del", created], check=False, capture_output=True)
+
+
+def inside(name: str, command: Sequence[str]) -> list[str]:
+    return ["ip", "netns", "exec", name, *command]
+
+
+def timed(command: Sequence[str], stdin: str | None = None, env: dict[str, str] | None = None) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(command, input=stdin, capture_output=True, text=True, env=env or POD_ENV, check=False)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(command[:8])}... failed: {result.stderr.strip()[:500]}")
+    return elapsed
+
+
+def median_fresh(runs: int, make: Callable[[str], list[str]], stdin: str | None = None) -> float:
+    """Median time of ``make(namespace)`` run once in each of ``runs`` fresh namespaces."""
+    times = []
+    for _ in range(runs):
+        with namespace() as name:
+            times.append(timed(make(name), stdin))
+    return statistics.median(times)
+
+
+def count_processes(command: Sequence[str], stdin: str | None = None) -> int:
+    """Processes the command spawned (execve calls after its own), counted with strace."""
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as trace:
+        subprocess.run(
+            ["strace", "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-o", trace.name, *command],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=POD_ENV,
+            check=False,
+        )
+        calls = [line for line in Path(trace.name).read_text().splitlines() if "execve(" in line and "= 0" in line]
+    return max(0, len(calls) - 1)
+
+
+# ---- the commands compared ------------------------------------------------------------------------------
+
+
+def payload(flags: Sequence[str]) -> str:
+    result = subprocess.run([CLI, "--dry-run", *flags], capture_output=True, text=True, env=POD_ENV, check=True)
+    return "".join(line + "\n" for line in result.stdout.splitlines() if not line.startswith("# "))
+
+
+def istio_replay(flags: Sequence[str], rerun: bool = False) -> str:
+    """The command sequence Istio's istio-iptables runs for these flags on an IPv4 pod (reference section 5),
+    as a shell script: detection of both variants for both families (save, save --version, the nat kernel
+    test and its undo), the state check (saves; on a re-run one `-C` per planned rule), the restore, the final
+    save."""
+    lines = ["set -e"]
+    for family in ("iptables", "ip6tables"):
+        for variant in ("legacy", "nft"):
+            binary = f"{family}-{variant}"
+            wait = " --wait=30" if variant == "legacy" else ""
+            lines += [f"{binary}-save >/dev/null", f"{binary}-save --version >/dev/null"]
+            lines += [
+                f"{binary} -t nat -A INPUT -p 255 -j RETURN{wait}",
+                f"{binary} -t nat -D INPUT -p 255 -j RETURN{wait}",
+            ]
+    lines += ["iptables-nft-save >/dev/null", "ip6tables-nft-save >/dev/null"]
+    if rerun:
+        table = ""
+        for line in payload(flags).splitlines():
+            if line.startswith("*"):
+                table = line[1:].strip()
+            elif line.startswith(("-A ", "-I ")):
+                spec = re.sub(r"^-[AI] (\S+)( \d+)?", r"\1", line)
+                lines.append(f"iptables-nft -t {table} -C {spec} || true")
+    else:
+        lines.append("iptables-nft-restore --noflush <<'PAYLOAD'\n" + payload(flags) + "PAYLOAD")
+    lines.append("iptables-nft-save >/dev/null")
+    return "\n".join(lines) + "\n"
+
+
+def exclusions(count: int) -> tuple[str, str]:
+    """``count`` CIDRs and ``count`` ports, as flag values. The CIDRs are the shortest /16s to write (1.0/16,
+    1.1/16, ...): 10,000 of them just fit in one argument (Linux takes at most 128 KiB per argument or
+    variable, for Istio as for us). None holds the lab's addresses."""
+    cidrs = sorted((f"{a}.{b}.0.0/16" for a in range(1, 100) for b in range(256)), key=len)[:count]
+    ports = ",".join(str(port) for port in range(20000, 20000 + count))
+    return ",".join(cidrs), ports
+
+
+# ---- sections ------------------------------------------------------------------------------------------
+
+
+def startup(runs: int) -> list[Row]:
+    def median(command: list[str]) -> float:
+        return statistics.median(timed(command) for _ in range(runs))
+
+    interpreter = median([PYTHON, "-c", "pass"])
+    typer = median([PYTHON, "-c", "import typer"])
+    help_ = median([CLI, "--help"])
+    return [
+        Row("python -c pass (the interpreter)", interpreter, baseline=interpreter),
+        Row("python -c 'import typer'", typer, baseline=interpreter),
+        Row("istio-iptables --help (interpreter + typer + this package)", help_, baseline=interpreter),
+    ]
+
+
+def apply_latency(runs: int) -> list[Row]:
+    flags = INIT_FLAGS
+    text = payload(flags)
+    launcher = median_fresh(runs, lambda ns: inside(ns, ["true"]))
+    floor = median_fresh(runs, lambda ns: inside(ns, ["iptables-nft-restore", "--noflush"]), text)
+    floor_legacy = median_fresh(runs, lambda ns: inside(ns, ["iptables-legacy-restore", "--noflush", "--wait"]), text)
+    istio = median_fresh(runs, lambda ns: inside(ns, ["sh", "-c", istio_replay(flags)]))
+    rows = [
+        Row("ip netns exec NS true (launcher, in every row)", launcher),
+        Row("floor: iptables-nft-restore --noflush, same payload", floor, 1, floor),
+        Row("floor: iptables-legacy-restore --noflush --wait", floor_legacy, 1, floor),
+        Row("Istio's way, replayed (detection, saves, restore)", istio, istio_replay(flags).count("\n") - 2, floor),
+    ]
+    variants = [
+        ("ours: restore backend, nft (detected)", []),
+        ("ours: restore backend, legacy", ["--force-iptables-binary", "legacy"]),
+    ]
+    if _has_libiptc():
+        variants.append(("ours: libiptc backend (legacy)", ["--backend", "libiptc"]))
+    for label, extra in variants:
+        seconds = median_fresh(runs, lambda ns, extra=extra: inside(ns, [CLI, *flags, *extra]))
+        with namespace() as ns:
+            spawned = count_processes(inside(ns, [CLI, *flags, *extra])) - 1  # minus `ip netns exec`'s exec
+        rows.append(Row(label, seconds, spawned, floor, f"{seconds / istio:.2f}x of Istio's way"))
+    dry = median_fresh(runs, lambda ns: inside(ns, [CLI, "--dry-run", *flags]))
+    rows.append(Row("ours: --dry-run", dry, 0, floor))
+    return rows
+
+
+def scale(sizes: Sequence[int], replay_limit: int) -> list[Row]:
+    rows = []
+    for size in sizes:
+        cidrs, ports = exclusions(size)
+        for kind, extra in (("-x CIDRs", ["-x", cidrs]), ("-o ports", ["-o", ports]), ("-d ports", ["-d", ports])):
+            flags = _override(INIT_FLAGS, extra)
+            changed = _override(INIT_FLAGS, [extra[0], extra[1].replace(extra[1].split(",")[0], _other(kind), 1)])
+            with namespace() as ns:
+                apply_time = timed(inside(ns, [CLI, *flags]))
+                rerun_time = timed(inside(ns, [CLI, *flags]))
+                reconcile_time = timed(inside(ns, [CLI, *changed]))
+                rerun_processes = count_processes(inside(ns, [CLI, *changed])) - 1
+            with namespace() as ns:
+                apply_processes = count_processes(inside(ns, [CLI, *flags])) - 1
+            label = f"{kind} x{size}"
+            rows += [
+                Row(f"{label}: apply", apply_time, apply_processes),
+                Row(f"{label}: unchanged re-run", rerun_time, rerun_processes),
+                Row(f"{label}: reconcile (one entry changed)", reconcile_time),
+            ]
+            if size <= replay_limit:
+                with namespace() as ns:
+                    subprocess.run(inside(ns, [CLI, *flags]), env=POD_ENV, check=True, capture_output=True)
+                    replay = istio_replay(flags, rerun=True)
+                    seconds = timed(inside(ns, ["sh", "-c", replay]))
+                checks = replay.count(" -C ")
+                rows.append(
+                    Row(
+                        f"{label}: Istio's re-run check replayed",
+                        seconds,
+                        checks + 18,
+                        None,
+                        f"{seconds / rerun_time:.0f}x ours",
+                    )
+                )
+    return rows
+
+
+def _override(flags: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The flags with one flag's value replaced (or added)."""
+    result = list(flags)
+    if not extra:
+        return result
+    if extra[0] in result:
+        result[result.index(extra[0]) + 1] = extra[1]
+    else:
+        result += list(extra)
+    return result
+
+
+def _other(kind: str) -> str:
+    return "100.127.0.0/16" if kind == "-x CIDRs" else "30999"
+
+
+def connection_rate(seconds: float, size: int, variants: Sequence[str]) -> list[Row]:
+    """New TCP connections per second from the app (uid 1000) through capture to the proxy's listener, with
+    no exclusion and with ``size`` excluded CIDRs and ports that the destination does not match."""
+    cidrs, ports = exclusions(size)
+    rows = []
+    for variant in variants:
+        base = None
+        for label, extra in (
+            ("0 exclusions", []),
+            (f"{size} CIDRs + {size} ports excluded", ["-x", cidrs, "-o", ports]),
+        ):
+            rate = _rate(_override(INIT_FLAGS, extra[:2]) + extra[2:] + ["--force-iptables-binary", variant], seconds)
+            base = base or rate
+            rows.append(Row(f"{variant}: {label}", 1 / rate, None, 1 / base, f"{rate:,.0f} conn/s"))
+    return rows
+
+
+def _rate(flags: Sequence[str], seconds: float) -> float:
+    with namespace() as ns:
+        subprocess.run(inside(ns, [CLI, *flags]), env=POD_ENV, check=True, capture_output=True)
+        server = subprocess.Popen(inside(ns, [PYTHON, "-c", _ACCEPTOR]), stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None
+            server.stdout.readline()
+            client = subprocess.run(
+                inside(
+                    ns,
+                    [
+                        "setpriv",
+                        "--reuid",
+                        "1000",
+                        "--regid",
+                        "1000",
+                        "--clear-groups",
+                        PYTHON,
+                        "-c",
+                        _CONNECTOR,
+                        str(seconds),
+                    ],
+                ),
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=seconds + 30,
+            )
+            return float(client.stdout)
+        finally:
+            server.kill()
+            server.wait()
+
+
+# The proxy's outbound listener, reduced to accepting and closing: the kernel's work is what is measured.
+_ACCEPTOR = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 15001)); s.listen(4096); print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.close()
+"""
+# The app: connections to a peer address outside every exclusion, for a fixed time, one after another.
+_CONNECTOR = """
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[1]); n = 0
+while time.monotonic() < end:
+    c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00")
+    c.connect(("198.18.0.99", 8080)); c.close(); n += 1
+print(n / float(sys.argv[1]))
+"""
+
+
+def memory(size: int) -> list[Row]:
+    cidrs, ports = exclusions(size)
+    with namespace() as ns:
+        result = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", *inside(ns, [CLI, *_override(INIT_FLAGS, ["-x", cidrs]), "-o", ports])],
+            capture_output=True,
+            text=True,
+            env=POD_ENV,
+            check=True,
+        )
+    peak_kb = int(result.stderr.strip().splitlines()[-1])
+    return [Row(f"peak RSS, apply with {size} CIDRs + {size} ports (KiB, not ms)", peak_kb / 1000)]
+
+
+def _has_libiptc() -> bool:
+    return subprocess.run([PYTHON, "-c", "import iptc"], capture_output=True, check=False).returncode == 0
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+
+def table(title: str, rows: list[Row]) -> str:
+    lines = [f"### {title}", "", "| what | median ms | ratio | processes | note |", "|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    iptables = subprocess.run(["iptables", "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, {iptables}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="scripts/bench")
+    parser.add_argument("--runs", type=int, default=15, help="runs per median (default 15)")
+    parser.add_argument("--sizes", default="10,100,1000,10000")
+    parser.add_argument("--replay-limit", type=int, default=10000, help="largest size of Istio's -C replay")
+    parser.add_argument("--rate-seconds", type=float, default=3.0)
+    parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"))
+    args = parser.parse_args()
+    if os.geteuid() != 0 or not shutil.which("strace"):
+        raise SystemExit("scripts/bench needs root and strace (scripts/bench installs it)")
+    sizes = [int(size) for size in args.sizes.split(",")]
+    sections = [
+        ("Start-up", startup(args.runs)),
+        ("Apply latency: init container's default flags, fresh namespace per run", apply_latency(args.runs)),
+        ("Scale: entries in -x, -o, -d", scale(sizes, args.replay_limit)),
+        (
+            "New connections per second through the capture",
+            connection_rate(args.rate_seconds, max(sizes), ["nft", "legacy"]),
+        ),
+        ("Memory", memory(max(sizes))),
+    ]
+    report = f"Machine: {machine()}\n\nCommand: `sudo scripts/bench` ({args.runs} runs per median)\n\n"
+    report += "\n".join(table(title, rows) for title, rows in sections)
+    print(report)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(report)
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
