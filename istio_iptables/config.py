@@ -380,6 +380,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     # ---- output and backend choices of this implementation -------------------------------------------
     Setting(
+        "match_sets",
+        ("--match-sets",),
+        (),
+        "false",
+        "Match port and CIDR lists with one set lookup each (ipset; nft sets) instead of a rule per entry.",
+        switch=True,
+    ),
+    Setting(
         "rule_comments",
         ("--rule-comments",),
         (),
@@ -529,6 +537,7 @@ class Config:
     """None: the nameservers of ``resolv_conf``."""
     resolv_conf: str = "/etc/resolv.conf"
     rule_comments: bool = False
+    match_sets: bool = False
     dry_run_format: DryRunFormat = DryRunFormat.RESTORE
     backend: Backend = Backend.RESTORE
     log: LogOptions = LogOptions()
@@ -858,6 +867,7 @@ def load(given: Given, environ: Mapping[str, str]) -> Config:
         dns_servers=get("dns_servers", parse_addresses),
         resolv_conf=get("resolv_conf", _nonempty),
         rule_comments=switch("rule_comments"),
+        match_sets=switch("match_sets"),
         dry_run_format=get("dry_run_format", _enum_parser(DryRunFormat)),
         backend=get("backend", _enum_parser(Backend)),
         log=LogOptions(

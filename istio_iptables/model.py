@@ -53,6 +53,21 @@ ISTIO_OUTPUT_DNS = "ISTIO_OUTPUT_DNS"
 ISTIO_DIVERT = "ISTIO_DIVERT"
 ISTIO_TPROXY = "ISTIO_TPROXY"
 ISTIO_DROP = "ISTIO_DROP"
+# The sets of --match-sets, one per list (and family).
+SET_EXCLUDE_CIDRS = {4: "ISTIO_EXCLUDE_CIDR4", 6: "ISTIO_EXCLUDE_CIDR6"}
+SET_INCLUDE_CIDRS = {4: "ISTIO_INCLUDE_CIDR4", 6: "ISTIO_INCLUDE_CIDR6"}
+SET_INBOUND_PORTS = "ISTIO_INBOUND_PORTS"
+SET_INBOUND_EXCLUDE_PORTS = "ISTIO_INBOUND_EXCLUDE_PORTS"
+SET_OUTBOUND_PORTS = "ISTIO_OUTBOUND_PORTS"
+SET_OUTBOUND_EXCLUDE_PORTS = "ISTIO_OUTBOUND_EXCLUDE_PORTS"
+ISTIO_SETS = (
+    *SET_EXCLUDE_CIDRS.values(),
+    *SET_INCLUDE_CIDRS.values(),
+    SET_INBOUND_PORTS,
+    SET_INBOUND_EXCLUDE_PORTS,
+    SET_OUTBOUND_PORTS,
+    SET_OUTBOUND_EXCLUDE_PORTS,
+)
 ISTIO_CHAINS = (
     ISTIO_INBOUND,
     ISTIO_REDIRECT,
@@ -162,6 +177,14 @@ class Connmark:
     negated: bool = False
 
 
+@dataclass(frozen=True)
+class InSet:
+    """``-m set --match-set NAME dst``: the destination address (or, for a port set, port) is in the set."""
+
+    name: str
+    negated: bool = False
+
+
 Match = (
     Protocol
     | Source
@@ -176,6 +199,7 @@ Match = (
     | Mark
     | ConntrackState
     | Connmark
+    | InSet
 )
 
 # ---- targets -------------------------------------------------------------------------------------------
@@ -266,9 +290,28 @@ class PolicyRoute:
 
 
 @dataclass(frozen=True)
+class AddressSet:
+    """A set of CIDRs of one family (ipset ``hash:net``; an nft interval set)."""
+
+    name: str
+    family: Family
+    networks: tuple[IPNet, ...]
+
+
+@dataclass(frozen=True)
+class PortSet:
+    """A set of ports (ipset ``bitmap:port``; an nft ``inet_service`` set), for TCP and UDP alike."""
+
+    name: str
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     rulesets: tuple[RuleSet, ...]
     routes: tuple[PolicyRoute, ...] = ()
+    sets: tuple[AddressSet | PortSet, ...] = ()
+    """``--match-sets``: the sets the rules look up, created and filled before them."""
     loopback_addresses: tuple[IPv6Interface, ...] = field(default=())
     """Addresses added to ``lo``: ``::6/128`` for IPv6, which has only ``::1`` by default and which the
     proxy binds for inbound passthrough."""

@@ -22,7 +22,15 @@ from .model import (
     ISTIO_OUTPUT,
     ISTIO_OUTPUT_DNS,
     ISTIO_REDIRECT,
+    ISTIO_SETS,
     ISTIO_TPROXY,
+    SET_EXCLUDE_CIDRS,
+    SET_INBOUND_EXCLUDE_PORTS,
+    SET_INBOUND_PORTS,
+    SET_INCLUDE_CIDRS,
+    SET_OUTBOUND_EXCLUDE_PORTS,
+    SET_OUTBOUND_PORTS,
+    AddressSet,
     Connmark,
     ConntrackState,
     CtState,
@@ -33,6 +41,7 @@ from .model import (
     Family,
     GidOwner,
     InInterface,
+    InSet,
     IPAddress,
     IPNet,
     Jump,
@@ -41,6 +50,7 @@ from .model import (
     OutInterface,
     Plan,
     PolicyRoute,
+    PortSet,
     Proto,
     Protocol,
     Redirect,
@@ -97,8 +107,10 @@ def build_plan(config: Config, facts: HostFacts) -> Plan:
     decisions = decide(config, facts)
     rulesets = tuple(RuleSet(family, tuple(family_rules(family, config, decisions))) for family in decisions.families)
     tproxy_inbound = config.mode is Mode.TPROXY and bool(config.inbound_ports)
+    used = {clause.name for rs in rulesets for rule in rs.rules for clause in rule.clauses if isinstance(clause, InSet)}
     return Plan(
         rulesets=rulesets,
+        sets=tuple(_set(name, config) for name in ISTIO_SETS if name in used),
         routes=tuple(
             PolicyRoute(family, config.tproxy_mark, config.tproxy_route_table) for family in decisions.families
         )
@@ -106,6 +118,22 @@ def build_plan(config: Config, facts: HostFacts) -> Plan:
         else (),
         loopback_addresses=(PASSTHROUGH_V6,) if Family.V6 in decisions.families else (),
     )
+
+
+def _set(name: str, config: Config) -> AddressSet | PortSet:
+    """The members of one --match-sets set, from the list it replaces."""
+    include = () if config.service_cidrs is ALL else config.service_cidrs
+    ports = {
+        SET_INBOUND_PORTS: () if config.inbound_ports is ALL else config.inbound_ports,
+        SET_INBOUND_EXCLUDE_PORTS: config.local_exclude_ports,
+        SET_OUTBOUND_PORTS: config.outbound_ports,
+        SET_OUTBOUND_EXCLUDE_PORTS: config.local_outbound_ports_exclude,
+    }
+    if name in ports:
+        return PortSet(name, tuple(dict.fromkeys(ports[name])))
+    family = Family.V4 if name.endswith("4") else Family.V6
+    cidrs = config.service_exclude_cidrs if name in SET_EXCLUDE_CIDRS.values() else include
+    return AddressSet(name, family, tuple(dict.fromkeys(cidr for cidr in cidrs if Family.of(cidr) is family)))
 
 
 def decide(config: Config, facts: HostFacts) -> Decisions:
@@ -186,6 +214,19 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
         comment = COMMENT_PREFIX + purpose if config.rule_comments else None
         rules.append(Rule(table, chain, clauses, target, position, comment))
 
+    def ports(values: tuple[int, ...], set_name: str) -> list[Match]:
+        """One match per port, or with --match-sets one lookup in the set of them all."""
+        if config.match_sets and values:
+            return [InSet(set_name)]
+        return [DestinationPort(port) for port in values]
+
+    def cidrs(values: tuple[IPNet, ...], set_names: dict[int, str]) -> list[Match]:
+        """One match per CIDR of this family, or with --match-sets one lookup."""
+        mine = [cidr for cidr in values if Family.of(cidr) is family]
+        if config.match_sets and mine:
+            return [InSet(set_names[family.value])]
+        return [Destination(cidr) for cidr in mine]
+
     tproxy = config.mode is Mode.TPROXY
     lo_net = loopback(family, config)
     not_lo_net = Destination(lo_net, negated=True)
@@ -241,27 +282,20 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
         add(inbound, PREROUTING, TCP, target=Jump(ISTIO_INBOUND))
         established = ConntrackState((CtState.RELATED, CtState.ESTABLISHED))
         if config.inbound_ports is ALL:
-            for port in config.local_exclude_ports:
-                add(inbound, ISTIO_INBOUND, TCP, DestinationPort(port), target=RETURN)
+            for port in ports(config.local_exclude_ports, SET_INBOUND_EXCLUDE_PORTS):
+                add(inbound, ISTIO_INBOUND, TCP, port, target=RETURN)
             if tproxy:
                 add(MANGLE, ISTIO_INBOUND, TCP, established, target=Jump(ISTIO_DIVERT))
                 add(MANGLE, ISTIO_INBOUND, TCP, target=Jump(ISTIO_TPROXY))
             else:
                 add(NAT, ISTIO_INBOUND, TCP, target=Jump(ISTIO_IN_REDIRECT))
         else:
-            for port in config.inbound_ports:
+            for port in ports(config.inbound_ports, SET_INBOUND_PORTS):
                 if tproxy:
-                    add(
-                        MANGLE,
-                        ISTIO_INBOUND,
-                        TCP,
-                        DestinationPort(port),
-                        established,
-                        target=Jump(ISTIO_DIVERT),
-                    )
-                    add(MANGLE, ISTIO_INBOUND, TCP, DestinationPort(port), target=Jump(ISTIO_TPROXY))
+                    add(MANGLE, ISTIO_INBOUND, TCP, port, established, target=Jump(ISTIO_DIVERT))
+                    add(MANGLE, ISTIO_INBOUND, TCP, port, target=Jump(ISTIO_TPROXY))
                 else:
-                    add(NAT, ISTIO_INBOUND, TCP, DestinationPort(port), target=Jump(ISTIO_IN_REDIRECT))
+                    add(NAT, ISTIO_INBOUND, TCP, port, target=Jump(ISTIO_IN_REDIRECT))
 
     # 8. Outbound: every locally generated packet ⤸ OUTPUT ⤸ ISTIO_OUTPUT, which decides in order below.
     why("outbound capture")
@@ -269,9 +303,9 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
 
     # 9. Excluded outbound ports, TCP and UDP.
     why("excluded outbound port")
-    for port in config.local_outbound_ports_exclude:
-        add(NAT, ISTIO_OUTPUT, TCP, DestinationPort(port), target=RETURN)
-        add(NAT, ISTIO_OUTPUT, UDP, DestinationPort(port), target=RETURN)
+    for port in ports(config.local_outbound_ports_exclude, SET_OUTBOUND_EXCLUDE_PORTS):
+        add(NAT, ISTIO_OUTPUT, TCP, port, target=RETURN)
+        add(NAT, ISTIO_OUTPUT, UDP, port, target=RETURN)
 
     # 10. The proxy's inbound passthrough (from 127.0.0.6 over lo) reaches the app as it is.
     why("inbound passthrough of the proxy from 127.0.0.6")
@@ -371,14 +405,13 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
     # 15-16. Loopback and excluded CIDRs are never captured.
     why("loopback and excluded CIDRs, never captured")
     add(NAT, ISTIO_OUTPUT, Destination(lo_net), target=RETURN)
-    for cidr in config.service_exclude_cidrs:
-        if Family.of(cidr) is family:
-            add(NAT, ISTIO_OUTPUT, Destination(cidr), target=RETURN)
+    for cidr in cidrs(config.service_exclude_cidrs, SET_EXCLUDE_CIDRS):
+        add(NAT, ISTIO_OUTPUT, cidr, target=RETURN)
 
     # 17. Outbound ports captured whatever the destination.
     why("outbound port always captured")
-    for port in config.outbound_ports:
-        add(NAT, ISTIO_OUTPUT, TCP, DestinationPort(port), target=Jump(ISTIO_REDIRECT))
+    for port in ports(config.outbound_ports, SET_OUTBOUND_PORTS):
+        add(NAT, ISTIO_OUTPUT, TCP, port, target=Jump(ISTIO_REDIRECT))
 
     # 18. Captured CIDRs (or all): ISTIO_OUTPUT ⤸ ISTIO_REDIRECT; KubeVirt traffic from PREROUTING too.
     why("captured CIDRs")
@@ -387,19 +420,10 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
         for nic in config.kube_virt_interfaces:
             add(NAT, PREROUTING, InInterface(nic), target=Jump(ISTIO_REDIRECT), position=1)
     else:
-        for cidr in config.service_cidrs:
-            if Family.of(cidr) is not family:
-                continue
+        for cidr in cidrs(config.service_cidrs, SET_INCLUDE_CIDRS):
             for nic in config.kube_virt_interfaces:
-                add(
-                    NAT,
-                    PREROUTING,
-                    InInterface(nic),
-                    Destination(cidr),
-                    target=Jump(ISTIO_REDIRECT),
-                    position=1,
-                )
-            add(NAT, ISTIO_OUTPUT, Destination(cidr), target=Jump(ISTIO_REDIRECT))
+                add(NAT, PREROUTING, InInterface(nic), cidr, target=Jump(ISTIO_REDIRECT), position=1)
+            add(NAT, ISTIO_OUTPUT, cidr, target=Jump(ISTIO_REDIRECT))
 
     # 19. TPROXY: the mark of intercepted connections is kept on the connection so the proxy's replies
     # route back through lo; the proxy's own traffic over lo is marked 1338 and not intercepted again.

@@ -29,6 +29,7 @@ from .model import (
     DestinationPorts,
     GidOwner,
     InInterface,
+    InSet,
     Jump,
     Mark,
     Match,
@@ -189,7 +190,13 @@ def parse_arguments(arguments: list[str]) -> tuple[tuple[Match, ...], Target]:
         if token == "-m":
             module = next(tokens)
             continue
-        clauses.append(_clause(token, next(tokens), negated, module))
+        if token == "--match-set" and module == "set":
+            name, direction = next(tokens), next(tokens)
+            if direction != "dst":
+                raise UnparsedRuleError(f"a set match on {direction}")
+            clauses.append(InSet(name, negated))
+        else:
+            clauses.append(_clause(token, next(tokens), negated, module))
         negated = False
     raise UnparsedRuleError("rule without a target")
 

@@ -6,6 +6,7 @@ which the renderer tests pin separately), so a failure shows the whole sequence 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_address
 
 import pytest
@@ -14,14 +15,17 @@ from istio_iptables.config import ALL, Config, Mode
 from istio_iptables.errors import HostError
 from istio_iptables.hostfacts import HostFacts
 from istio_iptables.model import (
+    AddressSet,
     Destination,
     DestinationPort,
     Family,
     GidOwner,
+    InSet,
     Jump,
     OutInterface,
     Plan,
     PolicyRoute,
+    PortSet,
     Proto,
     Protocol,
     Redirect,
@@ -35,6 +39,7 @@ from istio_iptables.model import (
 )
 from istio_iptables.plan import build_plan, decide
 from istio_iptables.render.iptables import rule_text
+from istio_iptables.render.restore import render_restore
 
 V4, V6 = Family.V4, Family.V6
 NO_FACTS = HostFacts()
@@ -1060,3 +1065,48 @@ def test_rulesets_hold_only_their_familys_addresses() -> None:
             for clause in rule.clauses:
                 if isinstance(clause, Source | Destination):
                     assert Family.of(clause.network) is family, rule
+
+
+# ---- --match-sets ----------------------------------------------------------------------------------------
+
+
+def test_match_sets_replace_each_list_by_one_lookup_in_the_same_place() -> None:
+    listed = Config(
+        inbound_ports=(8080, 8081),
+        local_exclude_ports=(15090,),
+        service_cidrs=(IPv4Interface("10.0.0.0/8"), IPv4Interface("10.1.0.0/16")),
+        service_exclude_cidrs=(IPv4Interface("10.2.0.0/16"),),
+        outbound_ports=(25,),
+        local_outbound_ports_exclude=(5432, 3306),
+        kube_virt_interfaces=("eth1",),
+        ipv6=False,
+    )
+    plain = build_plan(listed, HostFacts())
+    sets = build_plan(replace(listed, match_sets=True), HostFacts())
+    assert plain.sets == ()
+    assert sets.sets == (
+        AddressSet("ISTIO_EXCLUDE_CIDR4", Family.V4, (IPv4Interface("10.2.0.0/16"),)),
+        AddressSet("ISTIO_INCLUDE_CIDR4", Family.V4, (IPv4Interface("10.0.0.0/8"), IPv4Interface("10.1.0.0/16"))),
+        PortSet("ISTIO_INBOUND_PORTS", (8080, 8081)),
+        PortSet("ISTIO_OUTBOUND_PORTS", (25,)),
+        PortSet("ISTIO_OUTBOUND_EXCLUDE_PORTS", (5432, 3306)),
+    )
+    payload = render_restore(sets.rulesets[0])
+    assert "-A ISTIO_INBOUND -p tcp -m set --match-set ISTIO_INBOUND_PORTS dst -j ISTIO_IN_REDIRECT\n" in payload
+    assert "-A ISTIO_OUTPUT -m set --match-set ISTIO_EXCLUDE_CIDR4 dst -j RETURN\n" in payload
+    assert "-I PREROUTING 1 -i eth1 -m set --match-set ISTIO_INCLUDE_CIDR4 dst -j ISTIO_REDIRECT\n" in payload
+    assert "--dport 8080" not in payload and "10.1.0.0/16" not in payload
+    # -d is ignored without -b '*', so its set is not made either.
+    assert all(ipset.name != "ISTIO_INBOUND_EXCLUDE_PORTS" for ipset in sets.sets)
+    # Every lookup replaced the rules of one list, where those rules stood.
+    plain_rules, set_rules = plain.rulesets[0].rules, sets.rulesets[0].rules
+    assert len(set_rules) == len(plain_rules) - 1 - 1 - 1 - 2  # -b, -i (+kube-virt), -o tcp+udp
+    assert [rule.chain for rule in set_rules if any(isinstance(c, InSet) for c in rule.clauses)] == [
+        "ISTIO_INBOUND",
+        "ISTIO_OUTPUT",
+        "ISTIO_OUTPUT",
+        "ISTIO_OUTPUT",
+        "ISTIO_OUTPUT",
+        "PREROUTING",
+        "ISTIO_OUTPUT",
+    ]

@@ -238,6 +238,7 @@ def test_every_clause_and_target_kind() -> None:
                 ],
             },
         ],
+        "sets": [],
         "routes": [
             {"family": "ipv4", "mark": 1337, "table": 133},
             {"family": "ipv6", "mark": 7, "table": 200},
@@ -265,7 +266,7 @@ def test_real_plan_document_agrees_with_restore_payloads() -> None:
     plan = full_plan()
     doc = document(plan)
     assert doc["version"] == SCHEMA_VERSION == 1
-    assert set(doc) == {"version", "families", "routes", "loopback_addresses"}
+    assert set(doc) == {"version", "families", "sets", "routes", "loopback_addresses"}
     assert [family["family"] for family in doc["families"]] == ["ipv4", "ipv6"]
     for ruleset, family in zip(plan.rulesets, doc["families"], strict=True):
         assert set(family) == {"family", "tables"}

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..model import Family, Plan, declared_chains
-from .iptables import rule_text
+from .iptables import ipset_payload, rule_text
 
 
 def render_commands(plan: Plan) -> str:
-    lines: list[str] = []
+    lines: list[str] = [f"ipset {line}" for line in ipset_payload(plan.sets).splitlines()]
     for ruleset in plan.rulesets:
         binary = "iptables" if ruleset.family is Family.V4 else "ip6tables"
         chains = declared_chains(ruleset.rules)

@@ -6,6 +6,7 @@ from ..config import DryRunFormat
 from ..model import Family, Plan, RuleSet
 from ..state import tables_holding
 from .commands import render_commands
+from .iptables import ipset_payload
 from .json import render_json
 from .restore import render_restore, render_transition
 
@@ -17,7 +18,8 @@ def dry_run_output(plan: Plan, output: DryRunFormat) -> str:
         return render_commands(plan)
     if output is DryRunFormat.JSON:
         return render_json(plan)
-    return "".join(f"# {RESTORE_COMMAND[rs.family]}\n{render_restore(rs)}" for rs in plan.rulesets)
+    sets = f"# ipset restore\n{ipset_payload(plan.sets)}" if plan.sets else ""
+    return sets + "".join(f"# {RESTORE_COMMAND[rs.family]}\n{render_restore(rs)}" for rs in plan.rulesets)
 
 
 def cleanup_output(plan: Plan) -> str:

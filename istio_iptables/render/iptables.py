@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..model import (
+    AddressSet,
     Connmark,
     ConntrackState,
     CtZone,
     Destination,
     DestinationPort,
     DestinationPorts,
+    Family,
     GidOwner,
     InInterface,
+    InSet,
     Jump,
     Mark,
     Match,
     OutInterface,
+    PortSet,
     Proto,
     Protocol,
     Redirect,
@@ -73,8 +79,29 @@ def match_arguments(clause: Match) -> list[str]:
         return ["-m", "mark", *bang, "--mark", str(clause.mark)]
     if isinstance(clause, ConntrackState):
         return ["-m", "conntrack", *bang, "--ctstate", ",".join(state.value for state in clause.states)]
+    if isinstance(clause, InSet):
+        return ["-m", "set", *bang, "--match-set", clause.name, "dst"]
     assert isinstance(clause, Connmark)
     return ["-m", "connmark", *bang, "--mark", str(clause.mark)]
+
+
+def ipset_payload(sets: Sequence[AddressSet | PortSet]) -> str:
+    """``ipset restore`` input creating and filling the sets (each as ``ipset save`` prints it)."""
+    lines = []
+    for ipset in sets:
+        if isinstance(ipset, AddressSet):
+            family = "inet" if ipset.family is Family.V4 else "inet6"
+            lines.append(f"create {ipset.name} hash:net family {family} hashsize 1024 maxelem {_capacity(ipset)}")
+            lines += [f"add {ipset.name} {network.network}" for network in ipset.networks]
+        else:
+            lines.append(f"create {ipset.name} bitmap:port range 0-65535")
+            lines += [f"add {ipset.name} {port}" for port in ipset.ports]
+    return "".join(line + "\n" for line in lines)
+
+
+def _capacity(ipset: AddressSet) -> int:
+    # hash:net refuses members past maxelem (65536 by default).
+    return max(65536, 2 * len(ipset.networks))
 
 
 def target_arguments(target: Target, protocol: Proto | None = None) -> list[str]:

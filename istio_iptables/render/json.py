@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from ..model import Match, Plan, Rule, Target, Verdict, declared_chains
+from ..model import AddressSet, Match, Plan, PortSet, Rule, Target, Verdict, declared_chains
 from .iptables import rule_text
 
 SCHEMA_VERSION = 1
@@ -36,10 +36,17 @@ def render_json(plan: Plan) -> str:
             }
             for ruleset in plan.rulesets
         ],
+        "sets": [_set(ipset) for ipset in plan.sets],
         "routes": [{"family": route.family.label, "mark": route.mark, "table": route.table} for route in plan.routes],
         "loopback_addresses": [str(address) for address in plan.loopback_addresses],
     }
     return json.dumps(document, indent=2) + "\n"
+
+
+def _set(ipset: AddressSet | PortSet) -> dict[str, Any]:
+    if isinstance(ipset, AddressSet):
+        return {"name": ipset.name, "type": "hash:net", "family": ipset.family.label, "members": _plain(ipset.networks)}
+    return {"name": ipset.name, "type": "bitmap:port", "family": None, "members": list(ipset.ports)}
 
 
 def _rule(rule: Rule) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..model import (
     ISTIO_OUTPUT_DNS,
     ISTIO_REDIRECT,
     ISTIO_TPROXY,
+    AddressSet,
     Connmark,
     ConntrackState,
     CtState,
@@ -35,11 +36,13 @@ from ..model import (
     Family,
     GidOwner,
     InInterface,
+    InSet,
     Jump,
     Mark,
     Match,
     OutInterface,
     Plan,
+    PortSet,
     Proto,
     Protocol,
     Redirect,
@@ -104,6 +107,8 @@ _CLAUSE_RANK: dict[type[Match], tuple[int, int]] = {
     GidOwner: (10, 7),
     Mark: (11, 11),
     Connmark: (12, 12),
+    # --match-sets (not Istio's): where the address or port it replaces would stand.
+    InSet: (6, 1),
 }
 
 _BARE_PORT_SHAPES: frozenset[tuple[Table, str, frozenset[type[Match]]]] = frozenset(
@@ -144,6 +149,8 @@ def render_nft(plan: Plan) -> str:
         for chain in _chains(table, [rule for _, rule in rules]):
             hook = BASE_CHAINS[table].get(chain)
             lines.append(f"add chain {where} {chain_name(chain)}" + (f" {{ {hook} ; }}" if hook else ""))
+        used = {clause.name for _, rule in rules for clause in rule.clauses if isinstance(clause, InSet)}
+        lines += [line for ipset in plan.sets if ipset.name in used for line in _set_lines(where, ipset)]
         counts: dict[str, int] = {}
         for family, rule in rules:
             index = insert_index(rule, counts.get(rule.chain, 0))
@@ -152,6 +159,23 @@ def render_nft(plan: Plan) -> str:
             lines.append(f"{verb} rule {where} {chain_name(rule.chain)}{position} {rule_expression(rule, family)}")
             counts[rule.chain] = counts.get(rule.chain, 0) + 1
     return "".join(line + "\n" for line in lines)
+
+
+def set_name(name: str) -> str:
+    """ISTIO_EXCLUDE_CIDR4 -> istio-exclude-cidr4, as the chains are named."""
+    return name.lower().replace("_", "-")
+
+
+def _set_lines(where: str, ipset: AddressSet | PortSet) -> list[str]:
+    """A --match-sets set in the table that looks it up: declared, then filled in one statement."""
+    if isinstance(ipset, AddressSet):
+        kind = "ipv4_addr" if ipset.family is Family.V4 else "ipv6_addr"
+        declaration = f"{{ type {kind} ; flags interval ; auto-merge ; }}"
+        members = [str(network.network) for network in ipset.networks]
+    else:
+        declaration, members = "{ type inet_service ; }", [str(port) for port in ipset.ports]
+    name = set_name(ipset.name)
+    return [f"add set {where} {name} {declaration}", f"add element {where} {name} {{ {', '.join(members)} }}"]
 
 
 def insert_index(rule: Rule, rules_in_chain: int) -> int | None:
@@ -222,6 +246,9 @@ def _match(clause: Match, rule: Rule, protocol: Proto | None) -> list[str]:
         return [l4, "sport", *ne, str(clause.port)]
     if isinstance(clause, DestinationPorts):
         return [l4, "dport", *ne, "{ " + ", ".join(map(str, clause.ports)) + " }"]
+    if isinstance(clause, InSet):
+        field = {"4": ["ip", "daddr"], "6": ["ip6", "daddr"]}.get(clause.name[-1], [l4, "dport"])
+        return [*field, *ne, f"@{set_name(clause.name)}"]
     meta = ["meta"] if rule.table is RAW else []
     if isinstance(clause, UidOwner):
         return [*meta, "skuid", *ne, str(clause.uid)]
