@@ -24,7 +24,10 @@ Kernel behaviour the walk reproduces:
   DROP ends everything. RETURN in a user chain goes back to the caller, in a built-in chain it applies the
   chain's policy (ACCEPT unless the saved tables say otherwise). MARK, CONNMARK and CT go on to the next rule.
 - REDIRECT in OUTPUT rewrites the destination to 127.0.0.1 (::1) and the port, and reroutes over lo.
-- TPROXY sets the mark with its mask: ``mark = (mark & ~mask) ^ value``.
+- TPROXY sets the mark with its mask: ``mark = (mark & ~mask) ^ value``, and hands the packet to its
+  listener's socket. A REDIRECT after it (nat PREROUTING runs after mangle) still rewrites the destination,
+  but the packet stays with that socket: the TPROXY listener receives the connection, addressed to the
+  rewritten port (Istio's kube-virt REDIRECT in TPROXY mode sends inbound traffic to 15006 this way).
 - CT ``--zone`` applies only to a packet that has no conntrack entry yet: the first CT target in raw OUTPUT
   wins, later ones are ignored, and so is every CT target for a packet coming back over lo.
 - The owner match needs the sending socket, which exists only for locally generated packets: in OUTPUT it
@@ -36,6 +39,8 @@ Kernel behaviour the walk reproduces:
   interface (no in-interface in OUTPUT, no out-interface in PREROUTING) has the empty name.
 - Addresses: the rule's network (host bits dropped, as the kernel keeps it) contains the packet's address;
   a network of the other family never matches, negated or not.
+- ``-m set --match-set NAME dst`` (``--match-sets``) looks the destination address, or port for a port set,
+  up in the set's members: a Plan's own sets, or those given to ``trace``.
 
 Not modelled: POSTROUTING and nat INPUT (source NAT only), routing decided by a mark (the TPROXY route table
 delivering marked packets over lo), helpers setting up NAT for RELATED connections, match options other than
@@ -54,6 +59,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .model import (
     BUILTIN_CHAINS,
+    AddressSet,
     Connmark,
     ConntrackState,
     CtState,
@@ -64,12 +70,14 @@ from .model import (
     Family,
     GidOwner,
     InInterface,
+    InSet,
     IPAddress,
     Jump,
     Mark,
     Match,
     OutInterface,
     Plan,
+    PortSet,
     Proto,
     Protocol,
     Redirect,
@@ -369,15 +377,23 @@ Rules = Plan | RuleSet | Sequence[Rule] | Mapping[Table, TableState]
 """What ``trace`` walks: a plan, one family's ruleset or rules, or one family's parsed tables."""
 
 
-def trace(tables: Rules, flow: Flow, *, groups: Mapping[str, int] | None = None) -> Trace:
+def trace(
+    tables: Rules,
+    flow: Flow,
+    *,
+    groups: Mapping[str, int] | None = None,
+    sets: Sequence[AddressSet | PortSet] = (),
+) -> Trace:
     """Walk ``flow`` through ``tables``: a Plan (the ruleset of the flow's family), one RuleSet or its rules
     (in application order, ``-I`` positions applied as the kernel does), or the tables of one family parsed
     from iptables-save or iptables-restore text (``state.parse_tables``).
 
     ``groups`` gives the ids of owner groups written by name (``--gid-owner java``); a name not in it makes
-    the rule "could not interpret" for the flow.
+    the rule "could not interpret" for the flow. ``sets`` gives the members of the sets ``-m set
+    --match-set`` looks up (a Plan brings its own); a set not known makes the rule "could not interpret".
     """
     if isinstance(tables, Plan):
+        sets = (*sets, *tables.sets)
         ruleset = tables.ruleset(flow.family)
         if ruleset is None:
             return _absent(flow, f"the plan has no {flow.family.label} rules ({flow.family.label} capture is off)")
@@ -386,7 +402,7 @@ def trace(tables: Rules, flow: Flow, *, groups: Mapping[str, int] | None = None)
         tables = tables.rules
     if not isinstance(tables, Mapping):
         tables = tables_holding(tables)
-    return _Walk(tables, flow, groups or {}).run()
+    return _Walk(tables, flow, groups or {}, {each.name: each for each in sets}).run()
 
 
 def _absent(flow: Flow, why: str) -> Trace:
@@ -460,9 +476,16 @@ class _TableRun:
 
 
 class _Walk:
-    def __init__(self, tables: Mapping[Table, TableState], flow: Flow, groups: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        tables: Mapping[Table, TableState],
+        flow: Flow,
+        groups: Mapping[str, int],
+        sets: Mapping[str, AddressSet | PortSet],
+    ) -> None:
         self.flow = flow
         self.groups = groups
+        self.sets = sets
         self.declared = {table: state.chains for table, state in tables.items()}
         self.chains = {table: kernel_chains(state) for table, state in tables.items()}
         self.events: list[Event] = []
@@ -649,6 +672,15 @@ class _Walk:
             if address.version != clause.network.version:
                 return False, ""
             return (address in clause.network.network) != clause.negated, ""
+        if isinstance(clause, InSet):
+            members = self.sets.get(clause.name)
+            if members is None:
+                return None, f"the members of set {clause.name!r} are not known"
+            if isinstance(members, PortSet):
+                # A port set holds TCP and UDP ports alike (the model's only protocols).
+                return (packet.destination_port in members.ports) != clause.negated, ""
+            hit = any(packet.destination in network.network for network in members.networks)
+            return hit != clause.negated, ""
         return _plain_match(clause, packet) != clause.negated, ""
 
     def failure(self, clause: Match) -> str:
@@ -720,7 +752,10 @@ class _Walk:
         elif isinstance(self.dropped, Note):
             text = f"dropped by the DROP policy of {self.dropped.table.value} {self.dropped.chain}"
         elif captures:
-            capture = captures[-1]
+            # TPROXY hands the packet to its listener's socket; a later REDIRECT (nat PREROUTING runs after
+            # mangle) rewrites the destination but not that choice. Otherwise the last REDIRECT decides.
+            tproxied = [run for run in captures if isinstance(run.terminal_target, Tproxy)]
+            capture = tproxied[-1] if tproxied else captures[-1]
             assert capture.terminal is not None and isinstance(capture.terminal_target, Redirect | Tproxy)
             decided_at = capture.terminal.at
             captured_by = capture.terminal_target.port
@@ -728,6 +763,13 @@ class _Walk:
             if isinstance(capture.terminal_target, Tproxy):
                 kind = "TPROXY"
                 text = f"captured: TPROXY to {captured_by} with mark {packet.mark} by {by}"
+                later = captures[captures.index(capture) + 1 :]
+                if later:
+                    assert later[-1].terminal is not None and isinstance(later[-1].terminal_target, Redirect)
+                    text += (
+                        f"; the REDIRECT by {later[-1].terminal.at.chain} after it only rewrote the destination "
+                        f"to port {later[-1].terminal_target.port}, which the TPROXY socket sees as its own"
+                    )
             else:
                 kind = "REDIRECT"
                 dns = self.flow.destination_port == 53 and by.endswith("_DNS")

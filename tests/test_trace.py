@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from istio_iptables.config import ALL, Config, Mode
 from istio_iptables.hostfacts import HostFacts
 from istio_iptables.model import (
+    AddressSet,
     Connmark,
     ConntrackState,
     CtState,
@@ -331,6 +332,25 @@ def test_tproxy_does_not_exclude_the_tunnel_port() -> None:
     result = trace(TPROXY_PLAN, Flow.inbound(15008))
     assert result.verdict.captured_by == 15006
     assert not [step for step in result.steps if step.at.table is Table.NAT]
+
+
+def test_tproxy_socket_wins_over_a_later_redirect() -> None:
+    # Kube-virt in TPROXY mode (reference 3.3 steps 2, 7, 18): mangle PREROUTING's TPROXY hands the packet to
+    # the 15006 listener, then nat PREROUTING's kube-virt REDIRECT rewrites its port to 15001. The kernel
+    # keeps the socket TPROXY chose (the kernel test saw 15006 accept it, addressed to port 15001).
+    plan = plan_of(mode=Mode.TPROXY, kube_virt_interfaces=("eth1",))
+    result = trace(plan, Flow.inbound(8080, in_interface="eth1"))
+    verdict = result.verdict
+    assert (verdict.captured_by, verdict.capture, verdict.mark) == (15006, "TPROXY", 1337)
+    assert verdict.decided_at == at("mangle", "ISTIO_TPROXY", 1, hook="PREROUTING")
+    assert verdict.text == (
+        "captured: TPROXY to 15006 with mark 1337 by ISTIO_TPROXY; the REDIRECT by ISTIO_REDIRECT after it "
+        "only rewrote the destination to port 15001, which the TPROXY socket sees as its own"
+    )
+    assert step_at(result, at("nat", "ISTIO_REDIRECT", 1, hook="PREROUTING")).outcome is Outcome.MATCHED
+    # In REDIRECT mode the kube-virt REDIRECT alone decides.
+    verdict = trace(plan_of(kube_virt_interfaces=("eth1",)), Flow.inbound(8080, in_interface="eth1")).verdict
+    assert (verdict.captured_by, verdict.capture) == (15001, "REDIRECT")
 
 
 def test_tproxy_established_packets_are_diverted() -> None:
@@ -796,15 +816,46 @@ def test_live_trace_shows_the_save_spelling() -> None:
     assert texts[-1].endswith("--on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff")
 
 
-def test_unparsable_rule_on_the_path_makes_the_verdict_uncertain() -> None:
+def test_match_set_looks_up_the_plans_sets() -> None:
+    plan = plan_of(
+        match_sets=True,
+        service_exclude_cidrs=(IPv4Interface("10.1.0.0/16"),),
+        local_outbound_ports_exclude=(9090,),
+    )
+    excluded = trace(plan, Flow.outbound("10.1.2.3", 80)).verdict
+    assert (
+        excluded.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 11 (-m set --match-set ISTIO_EXCLUDE_CIDR4 dst)"
+    )
+    port = trace(plan, Flow.outbound("10.2.0.1", 9090, protocol="udp")).verdict
+    assert port.decided_at == at("nat", "ISTIO_OUTPUT", 2)
+    assert trace(plan, Flow.outbound("10.2.0.1", 80)).verdict.captured_by == 15001
+    assert trace(plan, Flow.inbound(15090)).verdict.captured_by is None  # -d's set
+
+
+def test_match_set_without_its_members_is_uncertain() -> None:
     save = SAVE.replace(
         "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n",
         "-A ISTIO_OUTPUT -m set --match-set no-mesh dst -j RETURN\n-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n",
     )
     result = trace(parse_tables(save), APP_TO_SERVICE)
     unknown = step_at(result, at("nat", "ISTIO_OUTPUT", 9))
+    assert (unknown.outcome, unknown.reason) == (Outcome.UNKNOWN, "the members of set 'no-mesh' are not known")
+    assert result.verdict.uncertain_at == at("nat", "ISTIO_OUTPUT", 9)
+    known = AddressSet("no-mesh", Family.V4, (IPv4Interface("10.0.0.0/8"),))
+    verdict = trace(parse_tables(save), APP_TO_SERVICE, sets=[known]).verdict
+    assert verdict.certain and verdict.decided_at == at("nat", "ISTIO_OUTPUT", 9)
+
+
+def test_unparsable_rule_on_the_path_makes_the_verdict_uncertain() -> None:
+    save = SAVE.replace(
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n",
+        "-A ISTIO_OUTPUT -m statistic --mode random --probability 0.5 -j RETURN\n"
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n",
+    )
+    result = trace(parse_tables(save), APP_TO_SERVICE)
+    unknown = step_at(result, at("nat", "ISTIO_OUTPUT", 9))
     assert unknown.outcome is Outcome.UNKNOWN
-    assert unknown.text == "-A ISTIO_OUTPUT -m set --match-set no-mesh dst -j RETURN"
+    assert unknown.text == "-A ISTIO_OUTPUT -m statistic --mode random --probability 0.5 -j RETURN"
     assert unknown.reason == "a rule this model cannot express"
     verdict = result.verdict
     assert not verdict.certain and verdict.uncertain_at == at("nat", "ISTIO_OUTPUT", 9)
@@ -815,7 +866,7 @@ def test_unparsable_rule_on_the_path_makes_the_verdict_uncertain() -> None:
     # The rules after it are still walked, numbered in the chain as the kernel holds it.
     assert step_at(result, at("nat", "ISTIO_OUTPUT", 11)).outcome is Outcome.MATCHED
     text = render_trace_text(result)
-    assert "? 9  -A ISTIO_OUTPUT -m set --match-set no-mesh dst -j RETURN  [could not interpret" in text
+    assert "? 9  -A ISTIO_OUTPUT -m statistic --mode random --probability 0.5 -j RETURN  [could not interpret" in text
     assert json.loads(render_trace_json(result))["verdict"]["certain"] is False
 
 

@@ -26,6 +26,7 @@ from ..model import (
     Family,
     GidOwner,
     InInterface,
+    InSet,
     Jump,
     Mark,
     Match,
@@ -200,6 +201,8 @@ def _short_clause(clause: Match) -> str:
         return f"{bang}mark {clause.mark}"
     if isinstance(clause, ConntrackState):
         return f"{bang}ctstate {','.join(state.value for state in clause.states)}"
+    if isinstance(clause, InSet):
+        return f"{bang}in set {clause.name}"
     assert isinstance(clause, Connmark)
     return f"{bang}connmark {clause.mark}"
 

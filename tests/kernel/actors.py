@@ -20,6 +20,13 @@ Roles:
 - ``client HOST PORT``: one connection; prints the whole response; exit 0, or 1 on any error.
 - ``dns NAME PORT --answer ADDR``: UDP and TCP DNS server; A queries get ADDR, TXT queries get NAME.
 - ``dnsquery SERVER NAME``: one query (UDP, or TCP with ``--tcp``); prints the A address (or TXT text).
+- ``batch FILE``: many probes from one process (one identity, one namespace). FILE holds a JSON list of
+  ``{"kind": "tcp", "host": H, "port": P, "data": D}`` (one exchange, as ``client``) and
+  ``{"kind": "dns", "server": S, "port": 53, "tcp": BOOL}`` (one A query, as ``dnsquery``); a few run at a
+  time, each bounded by ``--timeout`` (or its own shorter ``"timeout"``). One JSON line per probe, in the
+  file's order: ``ok``, the socket's own ``source`` [ip, port] (once connected), ``prefixes`` (the listener
+  ports of the ``PROXY<port>|`` prefixes the answer starts with), then ``response`` (TCP: the text after
+  the prefixes) or ``answer`` (DNS: the A address), or ``error``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -36,6 +44,8 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, level SOL_IP
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, level SOL_IPV6
@@ -410,6 +420,92 @@ def run_dnsquery(server: str, name: str, *, tcp: bool, port: int, qtype: int, ti
     return 0
 
 
+# --- batch of probes -------------------------------------------------------------------------------------
+
+MAX_PROBES = 1000
+BATCH_WORKERS = 8
+_PREFIX = re.compile(rb"PROXY(\d+)\|")
+
+
+def strip_prefixes(response: bytes) -> tuple[list[int], bytes]:
+    """The listener ports of the ``PROXY<port>|`` prefixes a relayed answer starts with, and the rest."""
+    ports: list[int] = []
+    while found := _PREFIX.match(response):
+        ports.append(int(found[1]))
+        response = response[found.end() :]
+    return ports, response
+
+
+def probe_tcp(host: str, port: int, data: str, timeout: float) -> dict[str, Any]:
+    result: dict[str, Any] = {"ok": False}
+    try:
+        with socket.socket(family_of(host), socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+            result["source"] = host_port(sock.getsockname())
+            sock.sendall(data.encode())
+            sock.shutdown(socket.SHUT_WR)
+            response = read_to_eof(sock)
+    except OSError as error:
+        result["error"] = repr(error)
+        return result
+    prefixes, rest = strip_prefixes(response)
+    result.update(ok=True, prefixes=prefixes, response=rest.decode(errors="replace"))
+    return result
+
+
+def probe_dns(server: str, port: int, tcp: bool, timeout: float) -> dict[str, Any]:
+    """One A query. Over TCP the client half-closes after the query, so a relaying proxy (which reads to
+    EOF) passes it on, and the answer may come with the proxy's prefix."""
+    ident = int.from_bytes(os.urandom(2), "big")
+    query = dns_query(ident, "svc.example.test", TYPE_A)
+    result: dict[str, Any] = {"ok": False}
+    try:
+        kind = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+        with socket.socket(family_of(server), kind) as sock:
+            sock.settimeout(timeout)
+            sock.connect((server, port))  # connected, also for UDP: see run_dnsquery
+            result["source"] = host_port(sock.getsockname())
+            if tcp:
+                sock.sendall(struct.pack("!H", len(query)) + query)
+                sock.shutdown(socket.SHUT_WR)
+                prefixes, raw = strip_prefixes(read_to_eof(sock))
+                if prefixes and not raw.startswith(struct.pack("!H", len(raw) - 2)):
+                    # A proxy took it but relayed no DNS answer (LOOP, ERROR:...): who took it is known.
+                    result.update(ok=True, prefixes=prefixes, answer=raw.decode(errors="replace"))
+                    return result
+                length = struct.unpack_from("!H", raw)[0]
+                response = raw[2 : 2 + length]
+            else:
+                sock.send(query)
+                prefixes, response = [], sock.recv(4096)
+        result.update(ok=True, prefixes=prefixes, answer=dns_parse_answer(response, ident))
+    except (OSError, ValueError, IndexError, struct.error) as error:
+        result["error"] = repr(error)
+    return result
+
+
+def run_probe(probe: dict[str, Any], timeout: float) -> dict[str, Any]:
+    timeout = min(float(probe.get("timeout", timeout)), timeout)
+    if probe["kind"] == "tcp":
+        return probe_tcp(probe["host"], int(probe["port"]), str(probe.get("data", "probe")), timeout)
+    if probe["kind"] == "dns":
+        return probe_dns(probe["server"], int(probe.get("port", 53)), bool(probe.get("tcp")), timeout)
+    return {"ok": False, "error": f"unknown probe kind {probe['kind']!r}"}
+
+
+def run_batch(path: str, timeout: float) -> int:
+    with open(path, encoding="utf-8") as file:
+        probes = json.load(file)
+    if not isinstance(probes, list) or len(probes) > MAX_PROBES:
+        print(f"batch: expected a JSON list of at most {MAX_PROBES} probes", file=sys.stderr)
+        return 1
+    with ThreadPoolExecutor(BATCH_WORKERS) as pool:
+        for result in pool.map(lambda probe: run_probe(probe, timeout), probes):
+            print(json.dumps(result), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.kernel.actors")
     roles = parser.add_subparsers(dest="role", required=True)
@@ -448,6 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     query.add_argument("--port", type=int, default=53)
     query.add_argument("--type", choices=["A", "TXT"], default="A")
     query.add_argument("--timeout", type=float, default=IO_TIMEOUT)
+    batch = roles.add_parser("batch")
+    batch.add_argument("file", help="a JSON list of probes")
+    batch.add_argument("--timeout", type=float, default=2.0, help="bound of each probe, in seconds")
     for server in (echo, proxy, dns, loop):
         server.add_argument("--lifetime", type=int, default=300, help="exit after this many seconds")
     args = parser.parse_args(argv)
@@ -468,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.role == "dnsquery":
         qtype = TYPE_A if args.type == "A" else TYPE_TXT
         return run_dnsquery(args.server, args.name, tcp=args.tcp, port=args.port, qtype=qtype, timeout=args.timeout)
+    elif args.role == "batch":
+        return run_batch(args.file, args.timeout)
     return 0
 
 
