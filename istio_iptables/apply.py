@@ -6,8 +6,13 @@
    --noflush`` per family turns them into the plan, each table in one atomic COMMIT, so no packet ever
    meets a half-written table or a gap in the capture (``--no-reconcile`` refuses instead, as Istio does).
 4. Converge TPROXY routing and ``::6``.
+5. Remove the copy a ``--native-nftables`` run left (our nftables tables), now that the new one is in.
 If a step fails, every table already changed is restored whole from its save, and routing changes are
 undone: the namespace ends as it started.
+
+``apply_native`` is the same for ``--native-nftables``: one ``nft`` transaction, routing, then the removal of
+any iptables copy of our rules (either variant). Switching backends thus never leaves a moment with no
+capture: the new copy goes in first, the old one out second.
 """
 
 from __future__ import annotations
@@ -18,17 +23,19 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import netns, routes
-from .backends.restore import Iptables, available, detect
+from . import netns, nft_state, routes
+from .backends import nft as native
+from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
 from .config import Backend, Config
 from .errors import ApplyError
 from .model import Family, Plan, RuleSet, Table
+from .render.nft import TABLE_NAMES
 from .render.restore import render_tables, render_transition, table_text
-from .state import Layout, TableState, drift, holds_own, live_layout, parse_tables, planned_layout
+from .state import Layout, TableState, drift, holds_own, live_layout, own_entries, parse_tables, planned_layout
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +58,123 @@ def apply(config: Config, plan: Plan) -> None:
     environment = xtables_environment(config)
     with namespace_lock(environment):
         transitions = plan_transitions(config, plan, environment)
+        native_copy = native.own_tables()
+        if native_copy and not (config.reconcile or config.cleanup_only):
+            names = ", ".join(TABLE_NAMES[table] for table in native_copy)
+            raise DriftError(
+                f"nftables tables of a --native-nftables run are present ({names}) and --no-reconcile "
+                "forbids removing them"
+            )
         routing = routes.read()
         attempted: list[Transition] = []
+        undo: list[routes.Step] = []
         try:
             for transition in transitions:
                 # A refused restore may still have committed the tables before the refused one.
                 attempted.append(transition)
                 transition.iptables.restore(transition.payload)
-            routes.converge(plan, routing, cleanup=config.cleanup_only)
+            undo = routes.converge(plan, routing, cleanup=config.cleanup_only)
+            if native_copy:
+                native.delete_tables(native_copy)
         except ApplyError as error:
+            routes.undo(undo)
             raise ApplyError(f"{error}{rollback(attempted)}") from None
-    if not transitions:
+    if not transitions and not native_copy:
         log.info("rules already as planned; nothing to change")
+
+
+def apply_native(config: Config, plan: Plan) -> None:
+    """``--native-nftables``: make our three ``inet`` tables hold exactly the plan (or, with ``--cleanup-only``,
+    delete them) in one nft transaction, converge routing, then remove any iptables copy of our rules."""
+    environment = xtables_environment(config)
+    with namespace_lock(environment):
+        nft = native.detect()
+        target = None if config.cleanup_only else plan
+        try:
+            expected, actual = nft_state.planned_layout(target, group_id), nft.saved.layout(group_id)
+            changes = expected != actual or config.force_apply
+            script = nft_state.render_transition(target, nft.saved) if changes else ""
+        except ValueError as error:  # a plan with no nftables form (a table or a mark mask Istio's lacks)
+            raise ApplyError(f"--native-nftables: {error}") from None
+        copies = iptables_copies(environment, nft.saved.iptables_nft)
+        if not (config.reconcile or config.cleanup_only):
+            _refuse_native_drift(expected, actual, bool(nft.saved.tables), copies)
+        transitions = [
+            Transition(iptables, payload, frozenset(table for table in Table if f"* {table.value}\n" in payload))
+            for iptables, live in copies
+            for payload in [render_transition(RuleSet(iptables.family, ()), live)]
+        ]
+        routing = routes.read()
+        committed, attempted, undo = False, list[Transition](), list[routes.Step]()
+        try:
+            if script:
+                nft.apply(script)
+                committed = True
+                log.info("nftables: committed one transaction of %d commands", script.count("\n"))
+            undo = routes.converge(plan, routing, cleanup=config.cleanup_only)
+            for transition in transitions:
+                # The old copy goes only now that the new one is in: capture never stops.
+                attempted.append(transition)
+                transition.iptables.restore(transition.payload)
+                log.info(
+                    "%s: removed our iptables-%s rules",
+                    transition.iptables.family.label,
+                    transition.iptables.variant.value,
+                )
+        except ApplyError as error:
+            notes = rollback_notes(attempted)
+            if undo:
+                routes.undo(undo)
+                notes.append("routing restored")
+            if committed:
+                try:
+                    nft.restore(nft.saved)
+                    notes.append("nftables tables restored")
+                except ApplyError as failure:
+                    notes.append(f"ROLLBACK FAILED for nftables: {failure}")
+            raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
+    if not script and not transitions:
+        log.info("rules already as planned; nothing to change")
+
+
+def _refuse_native_drift(expected: Layout, actual: Layout, tables_exist: bool, copies: list[Copy]) -> None:
+    """--no-reconcile: our tables differing from the plan, or an iptables copy of our rules, is drift."""
+    problems = []
+    if expected != actual and tables_exist:
+        lines = drift(expected, actual)
+        lines += [f"table inet {TABLE_NAMES[t]} (not in the plan)" for t in actual if t not in expected]
+        problems.append("nftables:\n" + "\n".join(lines))
+    for iptables, live in copies:
+        count = sum(len(own_entries(state)) for state in live.values())
+        tables = ", ".join(table.value for table, state in live.items() if holds_own(state))
+        label = f"{iptables.family.label} (iptables-{iptables.variant.value})"
+        problems.append(f"{label}: {count} rules of ours in {tables}, a copy an iptables run left")
+    if problems:
+        raise DriftError(
+            "live rules differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(problems)
+        )
+
+
+Copy = tuple[Iptables, dict[Table, TableState]]
+"""An iptables copy of our rules: the variant of one family holding them, and its parsed tables."""
+
+
+def iptables_copies(environment: dict[str, str], nft_families: Iterable[Family]) -> list[Copy]:
+    """Our rules in iptables, per variant and family: what a switch to native nftables removes. Looked for
+    only where they can be: legacy where the kernel lists a legacy table (no process), nft where the nft
+    listing showed an iptables-nft table with a rule or an ``ISTIO_*`` chain."""
+    copies: list[Copy] = []
+    nft_families = set(nft_families)
+    for variant in (LEGACY, NFT):
+        for family in Family:
+            maybe = holds_legacy_tables(family) if variant is LEGACY else family in nft_families
+            if not maybe or not available(family, variant):
+                continue
+            iptables = detect(family, variant, environment)
+            live = parse_tables(iptables.saved)
+            if any(map(holds_own, live.values())):
+                copies.append((iptables, live))
+    return copies
 
 
 @dataclass(frozen=True)
@@ -137,6 +249,12 @@ def _detect(config: Config, family: Family, environment: dict[str, str]) -> Ipta
 
 def rollback(attempted: list[Transition]) -> str:
     """Put every table a restore changed back exactly as saved; returns what to add to the error."""
+    notes = rollback_notes(attempted)
+    return f" ({'; '.join(notes)})" if notes else " (nothing was changed)"
+
+
+def rollback_notes(attempted: list[Transition]) -> list[str]:
+    """Put every table a restore changed back exactly as saved; one note per family put back."""
     notes = []
     for transition in reversed(attempted):
         iptables = transition.iptables
@@ -150,7 +268,7 @@ def rollback(attempted: list[Transition]) -> str:
                 notes.append(f"{iptables.family.label} rules restored")
         except ApplyError as error:
             notes.append(f"ROLLBACK FAILED for {iptables.family.label}: {error}")
-    return f" ({'; '.join(notes)})" if notes else " (nothing was changed)"
+    return notes
 
 
 def group_id(group: int | str) -> int | str:

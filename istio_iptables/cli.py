@@ -10,25 +10,24 @@ import inspect
 import logging
 import os
 import sys
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
 
 import typer
 
 from . import config as configuration
 from . import netns
-from .apply import apply
-from .errors import ApplyError, ConfigError, IstioIptablesError
+from .errors import ConfigError, IstioIptablesError
 from .hostfacts import HostFacts, gather
 from .logsetup import configure
-from .model import Plan
+from .model import CtState, Family, GidOwner, Plan, Proto
 from .plan import build_plan, proxy_identity
-from .preflight import preflight, render_preflight_json, render_preflight_text
-from .render.dryrun import cleanup_output, dry_run_output, istio_command_log
-from .render.nft import render_nft
-from .status import render_status_json, render_status_text, status
-from .validate import validate
+
+# Start-up time is a feature: each path imports what only it needs (apply, validation, the subcommands,
+# the renderers), so a dry run never loads the backends and an apply never loads the other renderers.
 
 PROG = "istio-iptables"
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 app = typer.Typer(
@@ -92,6 +91,8 @@ def run(config: configuration.Config) -> None:
         facts = gather(config)
         plan = build_plan(config, facts)
         if config.dry_run_file_path:
+            from .render.dryrun import istio_command_log  # noqa: PLC0415
+
             try:
                 with open(config.dry_run_file_path, "w", encoding="utf-8") as file:
                     file.write(istio_command_log(plan))
@@ -99,20 +100,27 @@ def run(config: configuration.Config) -> None:
                 raise ConfigError(
                     f"invalid value for DRY_RUN_FILE_PATH: '{config.dry_run_file_path}': {error.strerror}"
                 ) from None
-        if config.native_nftables:
-            sys.stdout.write(render_nft(plan))
-        else:
-            sys.stdout.write(
-                cleanup_output(plan) if config.cleanup_only else dry_run_output(plan, config.dry_run_format)
-            )
+        sys.stdout.write(_dry_run_text(config, plan))
     else:
         facts, plan = _enter(config, changes_system=not config.skip_rule_apply)
-        if config.native_nftables and not config.skip_rule_apply:
-            raise ApplyError("--native-nftables: the native nftables backend is not part of this build yet")
         if not config.skip_rule_apply:
-            apply(config, plan)
+            from .apply import apply, apply_native  # noqa: PLC0415
+
+            (apply_native if config.native_nftables else apply)(config, plan)
     if config.run_validation:
+        from .validate import validate  # noqa: PLC0415
+
         validate(config, plan.families, *proxy_identity(config, facts))
+
+
+def _dry_run_text(config: configuration.Config, plan: Plan) -> str:
+    if config.native_nftables:
+        from .render.nft import render_nft  # noqa: PLC0415
+
+        return render_nft(plan)
+    from .render.dryrun import cleanup_output, dry_run_output  # noqa: PLC0415
+
+    return cleanup_output(plan) if config.cleanup_only else dry_run_output(plan, config.dry_run_format)
 
 
 def _enter(config: configuration.Config, changes_system: bool) -> tuple[HostFacts, Plan]:
@@ -146,6 +154,8 @@ def preflight_command(
     config: configuration.Config = ctx.obj
     output = _output_format(output, ("text", "json"))
     _, plan = _enter(config, changes_system=False)
+    from .preflight import preflight, render_preflight_json, render_preflight_text  # noqa: PLC0415
+
     report = preflight(config, plan)
     sys.stdout.write(render_preflight_json(report) if output == "json" else render_preflight_text(report))
     raise typer.Exit(0 if report.ok else 1)
@@ -160,6 +170,8 @@ def status_command(
     config: configuration.Config = ctx.obj
     output = _output_format(output, ("text", "json"))
     _, plan = _enter(config, changes_system=False)
+    from .status import render_status_json, render_status_text, status  # noqa: PLC0415
+
     report = status(config, plan)
     sys.stdout.write(render_status_json(report) if output == "json" else render_status_text(report))
     raise typer.Exit(0 if report.in_sync else 1)
@@ -211,3 +223,115 @@ def clean_main() -> None:
 def _looks_like_a_host() -> bool:
     # Kubernetes sets KUBERNETES_SERVICE_HOST in every container, the init container included.
     return "KUBERNETES_SERVICE_HOST" not in os.environ and netns.may_be_pid1_namespace()
+
+
+def _checked(flag: str, value: str, parse: Callable[[str], T]) -> T:
+    """A subcommand option parsed, or the same one-line error as every other bad value."""
+    try:
+        return parse(value)
+    except ValueError as error:
+        raise ConfigError(f"invalid value for {flag}: '{configuration.shown(value)}': {error}") from None
+
+
+@app.command("trace")
+def trace_command(
+    ctx: typer.Context,
+    direction: str = typer.Argument(..., metavar="outbound|inbound", help="Which way the flow goes."),
+    *,
+    dst: str = typer.Option("", "--dst", help="Outbound: ADDRESS:PORT dialled ([ADDRESS]:PORT for IPv6)."),
+    port: str = typer.Option("", "--port", help="Inbound: the pod's port the peer dials."),
+    src: str = typer.Option("", "--src", help="Source address (default: the pod, or the peer for inbound)."),
+    uid: str = typer.Option("1000", "--uid", help="Outbound: UID of the sending process."),
+    gid: str = typer.Option("", "--gid", help="Outbound: GID of the sending process (default: the UID)."),
+    protocol: str = typer.Option("tcp", "--proto", metavar="tcp|udp", help="Protocol."),
+    in_interface: str = typer.Option("eth0", "--in-interface", help="Inbound: the interface it arrives on."),
+    out_interface: str = typer.Option("", "--out-interface", help="Outbound: default lo for local addresses."),
+    mark: str = typer.Option("0", "--mark", help="Packet mark."),
+    state: str = typer.Option("NEW", "--state", metavar="NEW|ESTABLISHED|RELATED|INVALID", help="Conntrack."),
+    live: bool = typer.Option(False, "--live", help="Trace the namespace's live rules, not the plan."),
+    output: str = typer.Option("text", "--format", metavar="text|json", help="text or json."),
+) -> None:
+    """Walk one flow through the rules: every rule it meets, and whether the proxy gets it and why."""
+    from .render.trace import render_trace_json, render_trace_text  # noqa: PLC0415
+    from .trace import Flow, parse_endpoint, trace  # noqa: PLC0415
+
+    config: configuration.Config = ctx.obj
+    output = _output_format(output, ("text", "json"))
+    common = {
+        "protocol": _checked("--proto", protocol, lambda text: Proto(text.lower()).value),
+        "mark": _checked("--mark", mark, lambda text: configuration.parse_decimal(text, 0, 0xFFFFFFFF, "mark")),
+        "state": _checked("--state", state, lambda text: CtState(text.upper()).value),
+    }
+    source = _checked("--src", src, configuration.parse_address) if src else None
+    if direction == "outbound":
+        if not dst:
+            raise ConfigError("trace outbound needs --dst ADDRESS:PORT")
+        address, dst_port = _checked("--dst", dst, parse_endpoint)
+        flow = Flow.outbound(
+            address,
+            dst_port,
+            uid=_checked("--uid", uid, configuration.parse_id),
+            gid=_checked("--gid", gid, configuration.parse_id) if gid else None,
+            source=source,
+            out_interface=_checked("--out-interface", out_interface, configuration.parse_interface)
+            if out_interface
+            else None,
+            **common,  # type: ignore[arg-type]
+        )
+    elif direction == "inbound":
+        flow = Flow.inbound(
+            _checked("--port", port or "", configuration.parse_port),
+            source=source,
+            in_interface=_checked("--in-interface", in_interface, configuration.parse_interface),
+            **common,  # type: ignore[arg-type]
+        )
+    else:
+        raise ConfigError(f"invalid value for the direction: '{configuration.shown(direction)}': outbound or inbound")
+    _, plan = _enter(config, changes_system=False) if live else (None, build_plan(config, gather(config)))
+    groups = _group_ids(plan)
+    rules: Any = _live_tables(config, plan, flow.family) if live else plan
+    result = trace(rules, flow, groups=groups, sets=plan.sets)
+    sys.stdout.write(render_trace_json(result) if output == "json" else render_trace_text(result))
+
+
+@app.command("graph")
+def graph_command(
+    ctx: typer.Context,
+    output: str = typer.Option("mermaid", "--format", metavar="mermaid|dot", help="mermaid or dot."),
+    family: str = typer.Option("", "--family", metavar="ipv4|ipv6", help="One family only (default: all)."),
+) -> None:
+    """Draw the plan: hooks, tables, chains, jumps and verdicts, as Mermaid or Graphviz DOT."""
+    from .render.graph import render_graph  # noqa: PLC0415
+
+    config: configuration.Config = ctx.obj
+    fmt = _output_format(output, ("mermaid", "dot"))
+    families = {family.label: family for family in Family}
+    if family and family not in families:
+        raise ConfigError(f"invalid value for --family: '{configuration.shown(family)}': must be ipv4 or ipv6")
+    chosen = families.get(family)
+    plan = build_plan(config, gather(config))
+    sys.stdout.write(render_graph(plan, fmt, family=chosen))  # type: ignore[arg-type]
+
+
+def _group_ids(plan: Plan) -> dict[str, int]:
+    """Owner groups written by name, with the ids the kernel would store for them."""
+    from .apply import group_id  # noqa: PLC0415
+
+    names = {
+        clause.group
+        for ruleset in plan.rulesets
+        for rule in ruleset.rules
+        for clause in rule.clauses
+        if isinstance(clause, GidOwner) and isinstance(clause.group, str)
+    }
+    return {name: gid for name in names if isinstance(gid := group_id(name), int)}
+
+
+def _live_tables(config: configuration.Config, plan: Plan, family: Family) -> Any:
+    """The live rules of the flow's family, read by the backend that holds them."""
+    from .apply import observe, xtables_environment  # noqa: PLC0415
+
+    seen = next((s for s in observe(config, plan, xtables_environment(config)) if s.target.family is family), None)
+    if seen is None:
+        raise ConfigError(f"--live: no {family.label} rules can be read here")
+    return seen.live

@@ -1,4 +1,5 @@
-"""Read-only rtnetlink dumps (addresses, policy rules, routes) with the standard library.
+"""Read-only netlink dumps with the standard library: rtnetlink (addresses, policy rules, routes) and the
+names of nf_tables tables.
 
 Reading needs no pyroute2, whose import costs about 100 ms: the dry run and an apply with nothing to change
 in routing never pay for it. Changes go through pyroute2 (``routes.py``).
@@ -6,6 +7,7 @@ in routing never pay for it. Changes go through pyroute2 (``routes.py``).
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -20,6 +22,10 @@ _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 RTM_GETADDR, RTM_NEWADDR = 22, 20
 RTM_GETROUTE, RTM_NEWROUTE = 26, 24
 RTM_GETRULE, RTM_NEWRULE = 34, 32
+
+_NETLINK_NETFILTER = 12
+_NFT_MSG_GETTABLE = (10 << 8) | 1  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
+_NFTA_TABLE_NAME = 1
 
 # Fixed headers: ifaddrmsg (8 bytes), rtmsg and fib_rule_hdr (12 bytes each, family first).
 _HEADER_SIZE = {RTM_GETADDR: 8, RTM_GETROUTE: 12, RTM_GETRULE: 12}
@@ -43,8 +49,28 @@ class Message:
 def dump(request: int, family: int = socket.AF_UNSPEC) -> list[Message]:
     """Every object of one kind (addresses, routes or rules) of this network namespace."""
     body = bytes([family]) + bytes(_HEADER_SIZE[request] - 1)
+    return _dump(socket.NETLINK_ROUTE, request, body, _HEADER_SIZE[request])
+
+
+def nft_tables(family: int = 0) -> list[tuple[int, str]]:
+    """(family, name) of every nf_tables table of this namespace (of one NFPROTO family, or all with 0).
+    HostError when the kernel cannot say (no nf_tables, no CAP_NET_ADMIN)."""
+    # nfgenmsg: family, version (NFNETLINK_V0), resource id.
+    body = bytes([family, 0, 0, 0])
+    try:
+        messages = _dump(_NETLINK_NETFILTER, _NFT_MSG_GETTABLE, body, len(body))
+    except OSError as error:
+        raise HostError(f"nf_tables table dump failed: {error.strerror}") from None
+    tables = []
+    for message in messages:
+        name = message.attributes.get(_NFTA_TABLE_NAME, b"").split(b"\0", 1)[0]
+        tables.append((message.family, name.decode(errors="replace")))
+    return tables
+
+
+def _dump(protocol: int, request: int, body: bytes, header_size: int) -> list[Message]:
     messages: list[Message] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as sock:
         flags = _NLM_F_REQUEST | _NLM_F_DUMP
         sock.send(_NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), request, flags, 1, 0) + body)
         while True:
@@ -55,9 +81,12 @@ def dump(request: int, family: int = socket.AF_UNSPEC) -> list[Message]:
                 if kind == _NLMSG_DONE:
                     return messages
                 if kind == _NLMSG_ERROR:
-                    raise HostError(f"netlink dump {request} failed")
+                    code = -int.from_bytes(
+                        data[offset + _NLMSG_HEADER.size : offset + _NLMSG_HEADER.size + 4], "little", signed=True
+                    )
+                    raise HostError(f"netlink dump {request} failed: {os.strerror(code) if code > 0 else 'error'}")
                 payload = data[offset + _NLMSG_HEADER.size : offset + length]
-                messages.append(_message(payload, _HEADER_SIZE[request]))
+                messages.append(_message(payload, header_size))
                 offset += (length + 3) & ~3
 
 

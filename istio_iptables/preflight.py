@@ -12,14 +12,17 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .apply import namespace_lock_path, observe, xtables_environment
+from .apply import iptables_copies, namespace_lock_path, observe, xtables_environment
+from .backends import nft as native
 from .backends.restore import payload_features
 from .config import Config
 from .errors import ApplyError
 from .hostfacts import local_addresses
 from .model import BUILTIN_CHAINS, Family, Plan
+from .render.nft import BASE_CHAINS, TABLE_NAMES, render_nft
 from .render.restore import render_restore
 from .state import own_entries
+from .status import NATIVE, backend_label
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Preflight:
 
 def preflight(config: Config, plan: Plan) -> Preflight:
     environment = xtables_environment(config)
+    if config.native_nftables:
+        checks = {check.family: check for check in native_checks(plan, environment)}
+        return Preflight(list(checks.values()), _uncaptured_ipv6(plan), _locks(checks, environment))
     checks = {family.label: FamilyCheck(family.label) for family in plan.families}
     try:
         observations = observe(config, plan, environment)
@@ -73,17 +79,61 @@ def preflight(config: Config, plan: Plan) -> Preflight:
                 for entry in state.entries
                 if entry.chain in BUILTIN_CHAINS and (table, entry.chain) in appended and entry not in ours
             ]
+    return Preflight(list(checks.values()), _uncaptured_ipv6(plan), _locks(checks, environment))
+
+
+def native_checks(plan: Plan, environment: dict[str, str]) -> list[FamilyCheck]:
+    """--native-nftables: the nft binary and the kernel's nf_tables (one listing), every kernel feature the
+    transaction needs (probed in a scratch table that is never visible), the hooked chains of other tables
+    that packets meet before ours, and any iptables copy of our rules that an apply would remove."""
+    check = FamilyCheck("inet", NATIVE)
+    try:
+        nft = native.detect()
+        script = render_nft(plan)
+    except (ApplyError, ValueError) as error:
+        check.error = str(error)
+        return [check]
+    present = [TABLE_NAMES[table] for table in nft.saved.tables]
+    check.reason = f"nft {nft.saved.version}; " + (
+        f"our tables here: {', '.join(present)}" if present else "none of our tables here yet"
+    )
+    check.features = [(feature.label, ok) for feature, ok in nft.probe(native.features_of(script))]
+    ours = [
+        (hook.split(" hook ", 1)[1].split()[0], int(hook.rsplit(" ", 1)[1]))
+        for table, chains in BASE_CHAINS.items()
+        if f"add table inet {TABLE_NAMES[table]}" in script
+        for hook in chains.values()
+    ]
+    check.preceding = [
+        f"{chain.family} {chain.table} {chain.chain}: hook {chain.hook} priority {chain.priority}, {chain.rules} rules"
+        for chain in nft.saved.base_chains
+        if chain.rules
+        and chain.family in ("inet", "ip", "ip6")
+        and any(chain.hook == hook and chain.priority <= priority for hook, priority in ours)
+    ]
+    checks = [check]
+    for iptables, live in iptables_copies(environment, nft.saved.iptables_nft):
+        count = sum(len(own_entries(state)) for state in live.values())
+        reason = f"holds {count} rules of ours, which an apply removes after the nftables transaction"
+        checks.append(FamilyCheck(iptables.family.label, iptables.variant.value, reason))
+    return checks
+
+
+def _uncaptured_ipv6(plan: Plan) -> list[str]:
     ipv6 = [
         str(address)
         for address in local_addresses()
         if address.version == 6 and not (address.is_loopback or address.is_link_local)
     ]
-    uncaptured = ipv6 if Family.V6 not in plan.families else []
+    return ipv6 if Family.V6 not in plan.families else []
+
+
+def _locks(checks: dict[str, FamilyCheck], environment: dict[str, str]) -> list[str]:
     locks = [namespace_lock_path(environment)]
     xtables_lock = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE") or "/run/xtables.lock"
     if any(check.variant == "legacy" for check in checks.values()):
         locks.append(f"{xtables_lock} (legacy iptables, --wait)")
-    return Preflight(list(checks.values()), uncaptured, locks)
+    return locks
 
 
 def render_preflight_text(report: Preflight) -> str:
@@ -92,7 +142,7 @@ def render_preflight_text(report: Preflight) -> str:
         if check.error:
             lines.append(f"{check.family}: cannot apply: {check.error}")
             continue
-        lines.append(f"{check.family}: iptables-{check.variant} ({check.reason})")
+        lines.append(f"{check.family}: {backend_label(check.variant)} ({check.reason})")
         lines += [f"  {'ok     ' if present else 'MISSING'} {label}" for label, present in check.features]
         if check.preceding:
             lines.append("  foreign rules that packets meet before ours:")

@@ -412,7 +412,7 @@ def canonical(rule: Rule, group_id: Callable[[int | str], int | str]) -> Rule:
         return clause
 
     clauses = [kernel_form(clause) for clause in rule.clauses]
-    return Rule(rule.table, rule.chain, tuple(sorted(clauses, key=order)), rule.target)
+    return Rule(rule.table, rule.chain, tuple(sorted(clauses, key=order)), rule.target, comment=rule.comment)
 
 
 def planned_layout(rules: Iterable[Rule], group_id: Callable[[int | str], int | str]) -> Layout:

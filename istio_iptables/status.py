@@ -6,10 +6,17 @@ import json
 from dataclasses import dataclass
 
 from . import routes
-from .apply import observe, xtables_environment
+from .apply import group_id, iptables_copies, observe, xtables_environment
+from .backends import nft as native
 from .config import Config
+from .errors import ApplyError
 from .model import Plan, Table
-from .state import compare, own_entries
+from .nft_state import planned_layout
+from .render.nft import TABLE_NAMES
+from .state import Layout, compare, own_entries
+
+NATIVE = "native"
+"""The variant of the native nftables tables (``--native-nftables``), which hold both families."""
 
 Ref = tuple[Table, str, str]
 
@@ -40,6 +47,15 @@ class Status:
 
 
 def status(config: Config, plan: Plan) -> Status:
+    if config.native_nftables:
+        families = native_status(config, plan)
+    else:
+        families = iptables_status(config, plan) + native_copy_status()
+    routing = [description for description, _, _ in routes.changes(plan, routes.read(), config.cleanup_only)]
+    return Status(families, routing)
+
+
+def iptables_status(config: Config, plan: Plan) -> list[FamilyStatus]:
     families = []
     for seen in observe(config, plan, xtables_environment(config)):
         difference = compare(seen.expected, seen.actual)
@@ -59,15 +75,70 @@ def status(config: Config, plan: Plan) -> Status:
                 foreign,
             )
         )
-    routing = [description for description, _, _ in routes.changes(plan, routes.read(), config.cleanup_only)]
-    return Status(families, routing)
+    return families
+
+
+def native_status(config: Config, plan: Plan) -> list[FamilyStatus]:
+    """Our nftables tables against the plan, and any iptables copy of our rules (which an apply removes)."""
+    nft = native.detect()
+    expected = planned_layout(None if config.cleanup_only else plan, group_id)
+    actual = nft.saved.layout(group_id)
+    difference = compare(expected, actual)
+    families = [
+        FamilyStatus(
+            "inet",
+            NATIVE,
+            difference.missing,
+            difference.extra + _empty_extras(expected, actual),
+            difference.changed,
+            [],
+        )
+    ]
+    for iptables, live in iptables_copies(xtables_environment(config), nft.saved.iptables_nft):
+        extra = [(table, entry.chain, entry.text) for table, state in live.items() for entry in own_entries(state)]
+        families.append(FamilyStatus(iptables.family.label, iptables.variant.value, [], extra, [], []))
+    return families
+
+
+def native_copy_status() -> list[FamilyStatus]:
+    """The nftables tables a --native-nftables run left, which an iptables apply removes."""
+    tables = native.own_tables()
+    if not tables:
+        return []
+    try:
+        layout = native.detect().saved.layout(group_id)
+    except ApplyError:
+        layout = {table: {} for table in tables}
+    extra = [
+        (table, chain, text) for table, chains in layout.items() for chain, texts in chains.items() for text in texts
+    ]
+    return [FamilyStatus("inet", NATIVE, [], extra + _empty_extras({}, layout), [], [])]
+
+
+def _empty_extras(expected: Layout, actual: Layout) -> list[Ref]:
+    """What a comparison of rules cannot show: a table or chain of ours that the plan lacks and that is empty."""
+    extras: list[Ref] = []
+    for table, chains in actual.items():
+        wanted = expected.get(table)
+        if wanted is None and not chains:
+            extras.append((table, "", f"table inet {TABLE_NAMES[table]} (empty)"))
+        extras += [
+            (table, chain, "(empty chain)")
+            for chain, texts in chains.items()
+            if not texts and chain not in (wanted or {})
+        ]
+    return extras
+
+
+def backend_label(variant: str) -> str:
+    return "native nftables" if variant == NATIVE else f"iptables-{variant}"
 
 
 def render_status_text(report: Status) -> str:
     lines = []
     for family in report.families:
         state = "in sync" if family.in_sync else "DRIFT"
-        lines.append(f"{family.family} (iptables-{family.variant}): {state}")
+        lines.append(f"{family.family} ({backend_label(family.variant)}): {state}")
         lines += [f"  missing  {table.value} {chain}: {text}" for table, chain, text in family.missing]
         lines += [f"  extra    {table.value} {chain}: {text}" for table, chain, text in family.extra]
         for (table, chain, expected), (_, _, live) in family.changed:

@@ -182,6 +182,11 @@ def available(family: Family, variant: IptablesVariant | None) -> bool:
     return any(shutil.which(command(family, candidate, "save")) for candidate in candidates)
 
 
+def holds_legacy_tables(family: Family) -> bool:
+    """Whether legacy iptables may hold rules in this namespace (no process; see ``_legacy_tables_in_use``)."""
+    return _legacy_tables_in_use(family)
+
+
 def _legacy_tables_in_use(family: Family) -> bool:
     """Whether any legacy (x_tables) table exists in this namespace; none means legacy holds no rule.
     Unreadable (the file is root's; a non-root run with capabilities cannot read it) means maybe."""

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # virtualenv even when sys.executable is a launcher shim).
 ISTIO_IPTABLES = Path(sys.prefix, "bin", "istio-iptables")
 PREFIX = "iitest"
-VARIANTS = ("legacy", "nft")
+VARIANTS = ("legacy", "nft", "native")
+"""How apply_capture programs the rules: iptables-legacy, iptables-nft, or native nftables (--native-nftables)."""
 
 POD4, PEER4 = "198.18.0.2", "198.18.0.1"
 POD4_B, PEER2_4 = "198.19.0.2", "198.19.0.1"
@@ -68,7 +69,9 @@ def missing_prerequisites(variant: str | None = None) -> str | None:
     if os.geteuid() != 0:
         return "kernel tests need root (network namespaces, iptables)"
     tools = ["ip", "setpriv"]
-    if variant is not None:
+    if variant == "native":
+        tools.append("nft")
+    elif variant is not None:
         tools += [f"{family}-{variant}-restore" for family in ("iptables", "ip6tables")]
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
@@ -414,6 +417,8 @@ class Lab:
             for tool in ("iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save"):
                 with contextlib.suppress(Exception):
                     parts += [f"--- {tool} -c (pod) ---", self.sh(self.pod, [tool, "-c"])]
+            with contextlib.suppress(Exception):
+                parts += ["--- nft list ruleset (pod) ---", self.sh(self.pod, ["nft", "list", "ruleset"])]
             for args in (["rule"], ["-6", "rule"], ["route", "show", "table", "all"]):
                 with contextlib.suppress(Exception):
                     parts += [f"--- ip {' '.join(args)} (pod) ---", self.sh(self.pod, ["ip", *args])]
@@ -509,7 +514,8 @@ def apply_capture(lab: Lab, args: Sequence[str], variant: str, *, ipv6: bool = F
     - ``args``: istio-iptables flags exactly as an init container passes them (e.g. ``-p 15001 -z 15006
       -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020``), without --dry-run, --ipv6/--no-ipv6,
       --network-namespace or the binary choice, which this function adds.
-    - ``variant``: ``"legacy"`` or ``"nft"``: which iptables binaries program the rules.
+    - ``variant``: ``"legacy"`` or ``"nft"``: which iptables binaries program the rules (``--force-iptables-binary``);
+      ``"native"``: native nftables tables instead (``--native-nftables``).
     - ``ipv6``: also program IPv6 (``--ipv6``), else ``--no-ipv6``.
     - Afterwards the pod has the IPv4 rules (and IPv6 ones if ``ipv6``); if the mode is TPROXY and -b is not
       empty, ``ip rule add fwmark <-t> lookup <-r>`` and ``ip route add local default dev lo table <-r>``
@@ -521,7 +527,8 @@ def apply_capture(lab: Lab, args: Sequence[str], variant: str, *, ipv6: bool = F
     lab._own(lab.pod)
     if lab.netns_inode(lab.pod) == os.stat("/proc/self/ns/net").st_ino:
         raise LabError("refusing to program the test runner's own namespace")
-    argv = [str(ISTIO_IPTABLES), "--network-namespace", lab.pod, "--force-iptables-binary", variant, *args]
+    backend = ["--native-nftables"] if variant == "native" else ["--force-iptables-binary", variant]
+    argv = [str(ISTIO_IPTABLES), "--network-namespace", lab.pod, *backend, *args]
     argv.append("--ipv6" if ipv6 else "--no-ipv6")
     env = {**os.environ, "XTABLES_LOCKFILE": lab.env["XTABLES_LOCKFILE"]}
     result = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, env=env, check=False)

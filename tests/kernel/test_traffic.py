@@ -10,6 +10,7 @@ destination, so a capture to the wrong place, a loop, or a missing capture fails
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -422,6 +423,10 @@ def test_dual_stack(lab: Lab, variant: str) -> None:
 
 def test_ipv4_only_rules_leave_ipv6_alone(lab: Lab, variant: str) -> None:
     """--no-ipv6: IPv4 is captured, IPv6 is not (no ip6tables rules at all)."""
+    if variant == "native":
+        # Istio's nft form (reference 8) has one inet table for both families and adds only the v6-only
+        # rules when IPv6 is on: with --no-ipv6 its address-free rules still capture IPv6.
+        pytest.xfail("native nftables: Istio's inet tables capture IPv6 even with --no-ipv6")
     pod = start(lab, flags(), variant, ipv6=False)
     assert lab.client(PEER4, 8080, data="4") == via(15001, reply("peer", POD4, PEER4, 8080, "4"))
     assert pod.single_event()["original_dst"] == [PEER4, 8080]
@@ -442,11 +447,9 @@ def test_reconcile_under_load_never_drops_or_bypasses(lab: Lab, variant: str) ->
     apply_capture(lab, flags(), variant)
     stop = lab.tmp / "stop-loop"
     loop = lab.actor(lab.pod, "clientloop", PEER4, "8080", "--stop", str(stop), name="loop", uid=APP_UID)
-    iptables = f"iptables-{variant}"
     deadline = time.monotonic() + 60
     for round_ in range(8):
-        lab.sh(lab.pod, [iptables, "-t", "nat", "-D", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15090", "-j", "RETURN"])
-        lab.sh(lab.pod, [iptables, "-t", "nat", "-I", "ISTIO_OUTPUT", "1", "-p", "udp", "--dport", "9", "-j", "RETURN"])
+        drift_by_hand(lab, variant)
         exclusions = "15090,15021,15020" if round_ % 2 else f"15090,15021,15020,{9000 + round_}"
         apply_capture(lab, flags(d=exclusions), variant)
         assert time.monotonic() < deadline
@@ -455,3 +458,19 @@ def test_reconcile_under_load_never_drops_or_bypasses(lab: Lab, variant: str) ->
     summary = json.loads(loop.stdout.read_text())
     assert summary["total"] >= 20, summary
     assert summary["failed"] == 0 and summary["direct"] == 0, summary
+
+
+def drift_by_hand(lab: Lab, variant: str) -> None:
+    """A rule of ours deleted (nat ISTIO_INBOUND's RETURN for 15090) and a foreign one put first in our
+    ISTIO_OUTPUT, with the tools of the variant."""
+    if variant == "native":
+        table = ["inet", "istio-proxy-nat"]
+        listing = lab.sh(lab.pod, ["nft", "-a", "list", "chain", *table, "istio-inbound"])
+        handle = re.search(r"tcp dport 15090 .*# handle (\d+)", listing)
+        assert handle is not None, listing
+        lab.sh(lab.pod, ["nft", "delete", "rule", *table, "istio-inbound", "handle", handle[1]])
+        lab.sh(lab.pod, ["nft", "insert", "rule", *table, "istio-output", "udp", "dport", "9", "return"])
+        return
+    iptables = f"iptables-{variant}"
+    lab.sh(lab.pod, [iptables, "-t", "nat", "-D", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15090", "-j", "RETURN"])
+    lab.sh(lab.pod, [iptables, "-t", "nat", "-I", "ISTIO_OUTPUT", "1", "-p", "udp", "--dport", "9", "-j", "RETURN"])

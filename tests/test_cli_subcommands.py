@@ -1,0 +1,73 @@
+"""The explaining subcommands on the plan (no system access): trace and graph, and their bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli
+
+INIT = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
+INIT += ["-d", "15090,15021,15020", "--no-ipv6"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "verdict"),
+    [
+        (["trace", "outbound", "--dst", "10.0.0.5:443"], "captured: redirected to 15001 by ISTIO_REDIRECT"),
+        (["trace", "outbound", "--dst", "10.0.0.5:443", "--uid", "1337"], "not captured"),
+        (["trace", "outbound", "--dst", "127.0.0.1:8080"], "not captured"),
+        (["trace", "inbound", "--port", "8080"], "captured: redirected to 15006 by ISTIO_IN_REDIRECT"),
+        (["trace", "inbound", "--port", "15090"], "not captured"),
+    ],
+)
+def test_trace_says_where_a_flow_goes(arguments: list[str], verdict: str) -> None:
+    result = run_cli([*INIT, *arguments])
+    assert result.code == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith(f"verdict: {verdict}")
+
+
+def test_trace_json_is_machine_readable() -> None:
+    result = run_cli([*INIT, "trace", "outbound", "--dst", "10.0.0.5:443", "--format", "json"])
+    document = json.loads(result.stdout)
+    assert document["verdict"]["captured_by"] == 15001
+
+
+def test_trace_of_dns_to_the_resolv_conf_server() -> None:
+    dns = [*INIT, "--redirect-dns", "--dns-servers", "10.96.0.10"]
+    result = run_cli([*dns, "trace", "outbound", "--dst", "10.96.0.10:53", "--proto", "udp"])
+    assert result.code == 0, result.stderr
+    assert "DNS redirected to 15053" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "needle"),
+    [
+        (["trace", "sideways", "--dst", "10.0.0.5:443"], "sideways"),
+        (["trace", "outbound"], "--dst"),
+        (["trace", "outbound", "--dst", "10.0.0.5"], "--dst"),
+        (["trace", "outbound", "--dst", "10.0.0.5:99999"], "--dst"),
+        (["trace", "outbound", "--dst", "10.0.0.5:443", "--uid", "root"], "--uid"),
+        (["trace", "outbound", "--dst", "10.0.0.5:443", "--proto", "sctp"], "--proto"),
+        (["trace", "outbound", "--dst", "10.0.0.5:443", "--state", "OLD"], "--state"),
+        (["trace", "inbound", "--port", "0"], "--port"),
+        (["trace", "outbound", "--dst", "10.0.0.5:443", "--format", "yaml"], "--format"),
+        (["graph", "--format", "png"], "--format"),
+        (["graph", "--family", "ipv5"], "--family"),
+        (["status", "--format", "xml"], "--format"),
+    ],
+)
+def test_bad_subcommand_input_is_one_line_and_exit_2(arguments: list[str], needle: str) -> None:
+    result = run_cli([*INIT, *arguments])
+    assert result.code == 2, result
+    assert len(result.stderr.splitlines()) == 1 and needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["mermaid", "dot"])
+def test_graph_draws_the_plan(fmt: str) -> None:
+    result = run_cli([*INIT, "graph", "--format", fmt])
+    assert result.code == 0, result.stderr
+    assert "REDIRECT :15001" in result.stdout and "REDIRECT :15006" in result.stdout
+    assert result.stdout.startswith("flowchart" if fmt == "mermaid" else "digraph")
