@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 from . import netns, nft_state, routes
 from .backends import nft as native
@@ -35,7 +36,17 @@ from .errors import ApplyError
 from .model import Family, Plan, RuleSet, Table
 from .render.nft import TABLE_NAMES
 from .render.restore import render_tables, render_transition, table_text
-from .state import Layout, TableState, drift, holds_own, live_layout, own_entries, parse_tables, planned_layout
+from .state import (
+    Layout,
+    TableState,
+    drift,
+    holds_own,
+    live_layout,
+    own_entries,
+    parse_tables,
+    planned_layout,
+    saved_as_planned,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +195,21 @@ class Observation:
     iptables: Iptables
     target: RuleSet
     live: dict[Table, TableState]
-    expected: Layout
-    actual: Layout
 
-    @property
+    @cached_property
+    def expected(self) -> Layout:
+        return planned_layout(self.target.rules, group_id)
+
+    @cached_property
+    def actual(self) -> Layout:
+        return live_layout(self.live, group_id)
+
+    @cached_property
     def in_sync(self) -> bool:
-        return self.expected == self.actual
+        # The common case costs no parsing: the save's text against the plan spelled as iptables-save
+        # prints it. Only when the texts differ are both sides parsed and compared as rules.
+        as_saved = saved_as_planned(self.target.rules, group_id) == live_layout(self.live, None)
+        return as_saved or self.expected == self.actual
 
 
 def observe(config: Config, plan: Plan, environment: dict[str, str]) -> list[Observation]:
@@ -209,9 +229,7 @@ def observe(config: Config, plan: Plan, environment: dict[str, str]) -> list[Obs
                 raise
             log.debug("%s: no usable iptables, so no stale rules to remove", family.label)
             continue
-        live = parse_tables(iptables.saved)
-        expected, actual = planned_layout(target.rules, group_id), live_layout(live, group_id)
-        observations.append(Observation(iptables, target, live, expected, actual))
+        observations.append(Observation(iptables, target, parse_tables(iptables.saved)))
     return observations
 
 

@@ -17,6 +17,8 @@ def namespace_path(name_or_path: str) -> str:
 def enter(name_or_path: str) -> None:
     """Move this process into the namespace; everything after (subprocesses, sockets) runs there.
     The namespace must exist: unlike pyroute2's default, we never create one by accident."""
+    import ctypes  # noqa: PLC0415
+
     from pyroute2 import netns  # noqa: PLC0415 (heavy; only the apply path needs it)
 
     path = namespace_path(name_or_path)
@@ -25,7 +27,8 @@ def enter(name_or_path: str) -> None:
     except OSError as error:
         raise ApplyError(f"cannot open network namespace {path}: {error.strerror}") from None
     try:
-        netns.setns(descriptor, flags=0)
+        # Our libc handle: pyroute2 would look libc up with ctypes.util.find_library, which runs ldconfig.
+        netns.setns(descriptor, flags=0, libc=ctypes.CDLL(None, use_errno=True))
     except OSError as error:
         raise ApplyError(f"cannot enter network namespace {path}: {os.strerror(error.errno or 0)}") from None
     finally:

@@ -15,8 +15,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from .. import netlink
 from ..config import IptablesVariant
-from ..errors import ApplyError
+from ..errors import ApplyError, HostError
 from ..model import Family, Table
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,11 @@ def payload_features(payload: str) -> list[Feature]:
 
 def detect(family: Family, forced: IptablesVariant | None, environment: dict[str, str]) -> Iptables:
     """The iptables to use for one family, and its current state."""
+    fresh = not _legacy_tables_in_use(family) and _nft_tables_in_use(family) is False
+    if fresh and shutil.which(command(family, forced or NFT, "restore")):
+        # Nothing holds a rule here yet: the state is known without running a -save.
+        reason = "forced with --force-iptables-binary" if forced else "no rules here yet; nft is preferred"
+        return Iptables(family, forced or NFT, "", environment, reason)
     if forced is not None:
         saved = _save(family, forced, environment)
         return Iptables(family, forced, saved, environment, "forced with --force-iptables-binary")
@@ -197,6 +203,20 @@ def _legacy_tables_in_use(family: Family) -> bool:
         return True
     except OSError:
         return False
+
+
+_IPTABLES_NFT_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
+_NFPROTO = {Family.V4: 2, Family.V6: 10}
+
+
+def _nft_tables_in_use(family: Family) -> bool | None:
+    """Whether nf_tables holds a table iptables-nft would show for this family; None when the kernel
+    cannot say (no nf_tables, no permission), which sends detection the long way, through the saves."""
+    try:
+        tables = netlink.nft_tables(_NFPROTO[family])
+    except HostError:
+        return None
+    return any(name in _IPTABLES_NFT_TABLES for _, name in tables)
 
 
 def _holds_rules(saved: str) -> bool:
