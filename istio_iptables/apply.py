@@ -21,6 +21,7 @@ import fcntl
 import grp
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from . import netns, nft_state, routes
+from .backends import ipset
 from .backends import nft as native
 from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
 from .config import Backend, Config
 from .errors import ApplyError
-from .model import Family, Plan, RuleSet, Table
+from .model import AddressSet, Family, Plan, PortSet, RuleSet, Table
 from .render.nft import TABLE_NAMES
 from .render.restore import render_tables, render_transition, table_text
 from .state import (
@@ -77,21 +79,39 @@ def apply(config: Config, plan: Plan) -> None:
                 "forbids removing them"
             )
         routing = routes.read()
+        planned_sets = () if config.cleanup_only else plan.sets
+        live_sets = ipset.read() if _sets_concern(config, planned_sets, transitions) else {}
+        fill, drop = ipset.fill(planned_sets, live_sets), ipset.drop(planned_sets, live_sets)
         attempted: list[Transition] = []
         undo: list[routes.Step] = []
         try:
+            # Sets first, so no rule meets a missing or half-filled set; stale ones only once unused.
+            ipset.apply(fill)
             for transition in transitions:
                 # A refused restore may still have committed the tables before the refused one.
                 attempted.append(transition)
                 transition.iptables.restore(transition.payload)
             undo = routes.converge(plan, routing, cleanup=config.cleanup_only)
+            ipset.apply(drop)
             if native_copy:
                 native.delete_tables(native_copy)
         except ApplyError as error:
             routes.undo(undo)
-            raise ApplyError(f"{error}{rollback(attempted)}") from None
-    if not transitions and not native_copy:
+            notes = rollback(attempted)
+            try:
+                ipset.apply(ipset.restore_as_read(live_sets, planned_sets) if fill else "")
+            except ApplyError as failure:
+                notes += f" (ROLLBACK FAILED for the sets: {failure})"
+            raise ApplyError(f"{error}{notes}") from None
+    if not transitions and not native_copy and not fill and not drop:
         log.info("rules already as planned; nothing to change")
+
+
+def _sets_concern(config: Config, planned: tuple[AddressSet | PortSet, ...], transitions: list[Transition]) -> bool:
+    """Whether this run must read our ipsets: the plan has some, rules being replaced look some up, or a
+    clean-up may find some (no process otherwise)."""
+    referenced = any("--match-set ISTIO_" in transition.iptables.saved for transition in transitions)
+    return bool(planned) or referenced or (config.cleanup_only and shutil.which("ipset") is not None)
 
 
 def apply_native(config: Config, plan: Plan) -> None:
