@@ -182,15 +182,21 @@ def apply_latency(runs: int) -> list[Row]:
     floor = median_fresh(runs, lambda ns: inside(ns, ["iptables-nft-restore", "--noflush"]), text)
     floor_legacy = median_fresh(runs, lambda ns: inside(ns, ["iptables-legacy-restore", "--noflush", "--wait"]), text)
     istio = median_fresh(runs, lambda ns: inside(ns, ["sh", "-c", istio_replay(flags)]))
+    nft_text = subprocess.run(
+        [CLI, "--dry-run", "--native-nftables", *flags], capture_output=True, text=True, env=POD_ENV, check=True
+    ).stdout
+    floor_nft = median_fresh(runs, lambda ns: inside(ns, ["nft", "-f", "-"]), nft_text)
     rows = [
         Row("ip netns exec NS true (launcher, in every row)", launcher),
         Row("floor: iptables-nft-restore --noflush, same payload", floor, 1, floor),
         Row("floor: iptables-legacy-restore --noflush --wait", floor_legacy, 1, floor),
+        Row("floor: nft -f, the native transaction", floor_nft, 1, floor),
         Row("Istio's way, replayed (detection, saves, restore)", istio, istio_replay(flags).count("\n") - 2, floor),
     ]
     variants = [
         ("ours: restore backend, nft (detected)", []),
         ("ours: restore backend, legacy", ["--force-iptables-binary", "legacy"]),
+        ("ours: native nftables", ["--native-nftables"]),
     ]
     if _has_libiptc():
         variants.append(("ours: libiptc backend (legacy)", ["--backend", "libiptc"]))
@@ -208,37 +214,38 @@ def scale(sizes: Sequence[int], replay_limit: int) -> list[Row]:
     rows = []
     for size in sizes:
         cidrs, ports = exclusions(size)
-        for kind, extra in (("-x CIDRs", ["-x", cidrs]), ("-o ports", ["-o", ports]), ("-d ports", ["-d", ports])):
-            flags = _override(INIT_FLAGS, extra)
-            changed = _override(INIT_FLAGS, [extra[0], extra[1].replace(extra[1].split(",")[0], _other(kind), 1)])
+        cases = [
+            ("-x CIDRs", ["-x", cidrs], []),
+            ("-x CIDRs, native nftables", ["-x", cidrs], ["--native-nftables"]),
+            ("-o ports", ["-o", ports], []),
+            ("-d ports", ["-d", ports], []),
+        ]
+        for kind, extra, backend in cases:
+            flags = [*_override(INIT_FLAGS, extra), *backend]
+            first = extra[1].split(",")[0]
+            changed = [*_override(INIT_FLAGS, [extra[0], extra[1].replace(first, _other(extra[0]), 1)]), *backend]
             with namespace() as ns:
                 apply_time = timed(inside(ns, [CLI, *flags]))
                 rerun_time = timed(inside(ns, [CLI, *flags]))
                 reconcile_time = timed(inside(ns, [CLI, *changed]))
-                rerun_processes = count_processes(inside(ns, [CLI, *changed])) - 1
+                reconcile_processes = count_processes(inside(ns, [CLI, *flags])) - 1
+                rerun_processes = count_processes(inside(ns, [CLI, *flags])) - 1
             with namespace() as ns:
                 apply_processes = count_processes(inside(ns, [CLI, *flags])) - 1
             label = f"{kind} x{size}"
             rows += [
                 Row(f"{label}: apply", apply_time, apply_processes),
                 Row(f"{label}: unchanged re-run", rerun_time, rerun_processes),
-                Row(f"{label}: reconcile (one entry changed)", reconcile_time),
+                Row(f"{label}: reconcile (one entry changed)", reconcile_time, reconcile_processes),
             ]
-            if size <= replay_limit:
+            if size <= replay_limit and not backend:
                 with namespace() as ns:
                     subprocess.run(inside(ns, [CLI, *flags]), env=POD_ENV, check=True, capture_output=True)
                     replay = istio_replay(flags, rerun=True)
                     seconds = timed(inside(ns, ["sh", "-c", replay]))
-                checks = replay.count(" -C ")
-                rows.append(
-                    Row(
-                        f"{label}: Istio's re-run check replayed",
-                        seconds,
-                        checks + 18,
-                        None,
-                        f"{seconds / rerun_time:.0f}x ours",
-                    )
-                )
+                processes = len([line for line in replay.splitlines() if line and not line.startswith("set ")])
+                note = f"{seconds / rerun_time:.0f}x ours"
+                rows.append(Row(f"{label}: Istio's re-run check replayed", seconds, processes, None, note))
     return rows
 
 
@@ -254,24 +261,31 @@ def _override(flags: Sequence[str], extra: Sequence[str]) -> list[str]:
     return result
 
 
-def _other(kind: str) -> str:
-    return "100.127.0.0/16" if kind == "-x CIDRs" else "30999"
+def _other(flag: str) -> str:
+    """An entry no list of exclusions() holds, to change one entry."""
+    return "100.127.0.0/16" if flag == "-x" else "30999"
 
 
-def connection_rate(seconds: float, size: int, variants: Sequence[str]) -> list[Row]:
+def connection_rate(seconds: float, size: int) -> list[Row]:
     """New TCP connections per second from the app (uid 1000) through capture to the proxy's listener, with
-    no exclusion and with ``size`` excluded CIDRs and ports that the destination does not match."""
+    no exclusion and with ``size`` excluded CIDRs and ports that the destination does not match, as rule
+    lists and as --match-sets lookups, per backend."""
     cidrs, ports = exclusions(size)
     rows = []
-    for variant in variants:
+    for backend, backend_flags in (
+        ("iptables-nft", ["--force-iptables-binary", "nft"]),
+        ("iptables-legacy", ["--force-iptables-binary", "legacy"]),
+        ("native nftables", ["--native-nftables"]),
+    ):
         base = None
         for label, extra in (
             ("0 exclusions", []),
-            (f"{size} CIDRs + {size} ports excluded", ["-x", cidrs, "-o", ports]),
+            (f"{size} CIDRs + {size} ports excluded, rule lists", ["-x", cidrs, "-o", ports]),
+            (f"{size} CIDRs + {size} ports excluded, --match-sets", ["-x", cidrs, "-o", ports, "--match-sets"]),
         ):
-            rate = _rate(_override(INIT_FLAGS, extra[:2]) + extra[2:] + ["--force-iptables-binary", variant], seconds)
+            rate = _rate([*_override(INIT_FLAGS, extra[:2]), *extra[2:], *backend_flags], seconds)
             base = base or rate
-            rows.append(Row(f"{variant}: {label}", 1 / rate, None, 1 / base, f"{rate:,.0f} conn/s"))
+            rows.append(Row(f"{backend}: {label}", 1 / rate, None, 1 / base, f"{rate:,.0f} conn/s"))
     return rows
 
 
@@ -384,8 +398,8 @@ def main() -> None:
         ("Apply latency: init container's default flags, fresh namespace per run", apply_latency(args.runs)),
         ("Scale: entries in -x, -o, -d", scale(sizes, args.replay_limit)),
         (
-            "New connections per second through the capture",
-            connection_rate(args.rate_seconds, max(sizes), ["nft", "legacy"]),
+            "New connections per second through the capture (ratio: cost per connection)",
+            connection_rate(args.rate_seconds, max(sizes)),
         ),
         ("Memory", memory(max(sizes))),
     ]
