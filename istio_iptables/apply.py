@@ -17,19 +17,17 @@ capture: the new copy goes in first, the old one out second.
 
 from __future__ import annotations
 
-import fcntl
 import grp
 import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
-from . import netns, nft_state, routes
+from . import locks, netns, nft_state, routes
 from .backends import ipset
 from .backends import nft as native
 from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
@@ -338,26 +336,13 @@ def namespace_lock_path(environment: dict[str, str]) -> str:
 @contextmanager
 def namespace_lock(environment: dict[str, str]) -> Iterator[None]:
     """Serialise runs in one namespace: read state, decide and write must not interleave with another run."""
-    path = namespace_lock_path(environment)
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as error:
-        raise ApplyError(
-            f"cannot open the lock file {path}: {error.strerror}; point XTABLES_LOCKFILE at a writable directory"
-        ) from None
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ApplyError(f"another run held {path} for {LOCK_TIMEOUT:.0f} s") from None
-                time.sleep(0.01)
+    with locks.held(
+        namespace_lock_path(environment),
+        LOCK_TIMEOUT,
+        "the lock file",
+        "; point XTABLES_LOCKFILE at a writable directory",
+    ):
         yield
-    finally:
-        os.close(descriptor)
 
 
 def _lock_directory() -> str:

@@ -151,14 +151,14 @@ def preflight_command(
     output: str = typer.Option("text", "--format", help="text or json.", metavar="text|json"),
 ) -> None:
     """Say what an apply would do here and whether it can, changing nothing: exit 0 if it would succeed."""
-    config: configuration.Config = ctx.obj
-    output = _output_format(output, ("text", "json"))
-    _, plan = _enter(config, changes_system=False)
-    from .preflight import preflight, render_preflight_json, render_preflight_text  # noqa: PLC0415
 
-    report = preflight(config, plan)
-    sys.stdout.write(render_preflight_json(report) if output == "json" else render_preflight_text(report))
-    raise typer.Exit(0 if report.ok else 1)
+    def examine(config: configuration.Config, plan: Plan) -> tuple[bool, str, str]:
+        from .preflight import preflight, render_preflight_json, render_preflight_text  # noqa: PLC0415
+
+        report = preflight(config, plan)
+        return report.ok, render_preflight_text(report), render_preflight_json(report)
+
+    _answer(ctx, output, examine)
 
 
 @app.command("status")
@@ -167,14 +167,26 @@ def status_command(
     output: str = typer.Option("text", "--format", help="text or json.", metavar="text|json"),
 ) -> None:
     """Compare the namespace's live rules with the plan of the given flags: exit 0 in sync, 1 on drift."""
+
+    def examine(config: configuration.Config, plan: Plan) -> tuple[bool, str, str]:
+        from .status import render_status_json, render_status_text, status  # noqa: PLC0415
+
+        report = status(config, plan)
+        return report.in_sync, render_status_text(report), render_status_json(report)
+
+    _answer(ctx, output, examine)
+
+
+def _answer(
+    ctx: typer.Context, output: str, examine: Callable[[configuration.Config, Plan], tuple[bool, str, str]]
+) -> None:
+    """A read-only look at the namespace: its report on stdout, exit 0 for yes, 1 for no."""
     config: configuration.Config = ctx.obj
     output = _output_format(output, ("text", "json"))
     _, plan = _enter(config, changes_system=False)
-    from .status import render_status_json, render_status_text, status  # noqa: PLC0415
-
-    report = status(config, plan)
-    sys.stdout.write(render_status_json(report) if output == "json" else render_status_text(report))
-    raise typer.Exit(0 if report.in_sync else 1)
+    ok, text, json_text = examine(config, plan)
+    sys.stdout.write(json_text if output == "json" else text)
+    raise typer.Exit(0 if ok else 1)
 
 
 def go_switches(argv: list[str]) -> list[str]:

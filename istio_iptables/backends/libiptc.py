@@ -15,7 +15,6 @@ python-iptables is an optional extra, imported only here and only when this back
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import logging
 import os
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from .. import locks
 from ..config import IptablesVariant
 from ..errors import ApplyError
 from ..model import Family, Table
@@ -635,23 +635,8 @@ def _xtables_lock(environment: dict[str, str]) -> Iterator[None]:
     """The lock every legacy iptables writer takes (iptables --wait): libiptc itself takes none, and a
     commit over another writer's change would be refused or undo it."""
     path = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE") or _DEFAULT_LOCK
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as error:
-        raise ApplyError(f"cannot open the xtables lock {path}: {error.strerror}") from None
-    try:
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ApplyError(f"another iptables writer held {path} for {_LOCK_TIMEOUT:.0f} s") from None
-                time.sleep(0.01)
+    with locks.held(path, _LOCK_TIMEOUT, "the xtables lock"):
         yield
-    finally:
-        os.close(descriptor)
 
 
 def _text(error: BaseException) -> str:
