@@ -10,7 +10,7 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, TypeVar
 
 import typer
@@ -20,7 +20,7 @@ from . import netns
 from .errors import ConfigError, IstioIptablesError
 from .hostfacts import HostFacts, gather
 from .logsetup import configure
-from .model import CtState, Family, GidOwner, Plan, Proto
+from .model import AddressSet, CtState, Family, GidOwner, Plan, PortSet, Proto
 from .plan import build_plan, proxy_identity
 
 # Start-up time is a feature: each path imports what only it needs (apply, validation, the subcommands,
@@ -300,9 +300,8 @@ def trace_command(
     else:
         raise ConfigError(f"invalid value for the direction: '{configuration.shown(direction)}': outbound or inbound")
     _, plan = _enter(config, changes_system=False) if live else (None, build_plan(config, gather(config)))
-    groups = _group_ids(plan)
-    rules: Any = _live_tables(config, plan, flow.family) if live else plan
-    result = trace(rules, flow, groups=groups, sets=plan.sets)
+    rules, sets = _live_rules(config, plan, flow.family) if live else (plan, plan.sets)
+    result = trace(rules, flow, groups=_group_ids(plan), sets=sets)
     sys.stdout.write(render_trace_json(result) if output == "json" else render_trace_text(result))
 
 
@@ -339,11 +338,22 @@ def _group_ids(plan: Plan) -> dict[str, int]:
     return {name: gid for name in names if isinstance(gid := group_id(name), int)}
 
 
-def _live_tables(config: configuration.Config, plan: Plan, family: Family) -> Any:
-    """The live rules of the flow's family, read by the backend that holds them."""
+def _live_rules(config: configuration.Config, plan: Plan, family: Family) -> tuple[Any, Sequence[AddressSet | PortSet]]:
+    """The live rules of the flow's family (and the sets they look up), read from whichever backend holds
+    them: native nftables with --native-nftables, else the iptables variant detection finds."""
+    if config.native_nftables:
+        from .backends import nft  # noqa: PLC0415
+
+        state = nft.detect().saved
+        return state.family_tables(family), state.sets
     from .apply import observe, xtables_environment  # noqa: PLC0415
 
     seen = next((s for s in observe(config, plan, xtables_environment(config)) if s.target.family is family), None)
     if seen is None:
         raise ConfigError(f"--live: no {family.label} rules can be read here")
-    return seen.live
+    uses_sets = any("--match-set ISTIO_" in entry.text for state in seen.live.values() for entry in state.entries)
+    if not uses_sets:
+        return seen.live, ()
+    from .backends import ipset  # noqa: PLC0415
+
+    return seen.live, ipset.as_model(ipset.read())

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
+from ipaddress import ip_interface
 
 from ..errors import ApplyError
-from ..model import ISTIO_SETS, AddressSet, PortSet
+from ..model import ISTIO_SETS, AddressSet, Family, PortSet
 from ..render.iptables import ipset_payload
 
 TIMEOUT = 60.0
@@ -44,6 +45,19 @@ def read() -> dict[str, LiveSet]:
     for name, create in creates.items():
         found[name] = LiveSet(create, frozenset(members[name]))
     return found
+
+
+def as_model(live: dict[str, LiveSet]) -> list[AddressSet | PortSet]:
+    """Live sets as the model's, for tracing the live rules."""
+    sets: list[AddressSet | PortSet] = []
+    for name, found in live.items():
+        if " hash:net " in found.create:
+            family = Family.V6 if "family inet6" in found.create else Family.V4
+            networks = tuple(ip_interface(member) for member in sorted(found.members))
+            sets.append(AddressSet(name, family, networks))
+        else:
+            sets.append(PortSet(name, tuple(sorted(int(member) for member in found.members))))
+    return sets
 
 
 def wanted_members(ipset: AddressSet | PortSet) -> frozenset[str]:

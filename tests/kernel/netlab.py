@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -38,6 +39,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ISTIO_IPTABLES = Path(sys.prefix, "bin", "istio-iptables")
 PREFIX = "iitest"
 VARIANTS = ("legacy", "nft", "native")
+BACKEND_FLAGS = {
+    "legacy": ["--force-iptables-binary", "legacy"],
+    "nft": ["--force-iptables-binary", "nft"],
+    "native": ["--native-nftables"],
+    "libiptc": ["--backend", "libiptc"],
+}
+"""apply_capture's variants: the three of VARIANTS, and python-iptables on legacy tables (traffic tests)."""
 """How apply_capture programs the rules: iptables-legacy, iptables-nft, or native nftables (--native-nftables)."""
 
 POD4, PEER4 = "198.18.0.2", "198.18.0.1"
@@ -71,6 +79,10 @@ def missing_prerequisites(variant: str | None = None) -> str | None:
     tools = ["ip", "setpriv"]
     if variant == "native":
         tools.append("nft")
+    elif variant == "libiptc":
+        if importlib.util.find_spec("iptc") is None:
+            return "python-iptables is not installed (pip install '.[libiptc]')"
+        tools += ["iptables-legacy-save", "ip6tables-legacy-save"]
     elif variant is not None:
         tools += [f"{family}-{variant}-restore" for family in ("iptables", "ip6tables")]
     missing = [tool for tool in tools if shutil.which(tool) is None]
@@ -522,13 +534,12 @@ def apply_capture(lab: Lab, args: Sequence[str], variant: str, *, ipv6: bool = F
       (and -6); with ``ipv6``, ``::6/128`` on the pod's ``lo`` (REDIRECT and TPROXY, as Istio does).
     - It touches nothing outside ``lab.pod``. Raises LabError when anything fails.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
+    if variant not in BACKEND_FLAGS:
+        raise ValueError(f"variant {variant!r} is not one of {list(BACKEND_FLAGS)}")
     lab._own(lab.pod)
     if lab.netns_inode(lab.pod) == os.stat("/proc/self/ns/net").st_ino:
         raise LabError("refusing to program the test runner's own namespace")
-    backend = ["--native-nftables"] if variant == "native" else ["--force-iptables-binary", variant]
-    argv = [str(ISTIO_IPTABLES), "--network-namespace", lab.pod, *backend, *args]
+    argv = [str(ISTIO_IPTABLES), "--network-namespace", lab.pod, *BACKEND_FLAGS[variant], *args]
     argv.append("--ipv6" if ipv6 else "--no-ipv6")
     env = {**os.environ, "XTABLES_LOCKFILE": lab.env["XTABLES_LOCKFILE"]}
     result = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, env=env, check=False)

@@ -101,3 +101,21 @@ def test_rule_comments_explain_the_save_and_change_nothing_else(pod: Pod, varian
     assert run_cli(pod, [*INIT, "--cleanup-only", "--force-iptables-binary", variant]).returncode == 0
     assert "ISTIO" not in iptables_save(pod, variant, 4)
     assert os.path.exists(f"/var/run/netns/{pod.name}")
+
+
+def test_trace_live_reads_native_nftables(pod: Pod) -> None:
+    flags = [*INIT, "--native-nftables"]
+    assert run_cli(pod, flags).returncode == 0
+    live = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"])
+    assert live.returncode == 0, live.stderr
+    assert "verdict: captured: redirected to 15001" in live.stdout
+
+
+@pytest.mark.skipif(shutil.which("ipset") is None, reason="ipset is not installed (scripts/test installs it)")
+def test_trace_live_looks_up_the_live_sets(pod: Pod) -> None:
+    flags = [*INIT, "--match-sets", "-x", "198.19.0.0/24"]
+    assert run_cli(pod, flags).returncode == 0
+    excluded = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.19.0.1:8080", "--live"])
+    assert "verdict: not captured" in excluded.stdout, excluded.stdout
+    captured = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"])
+    assert "verdict: captured: redirected to 15001" in captured.stdout, captured.stdout

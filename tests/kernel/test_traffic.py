@@ -29,12 +29,25 @@ from tests.kernel.netlab import (
     POD6,
     POD6_B,
     PROXY_UID,
+    VARIANTS,
     Actor,
     Lab,
     apply_capture,
+    missing_prerequisites,
 )
 
 pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(params=[*VARIANTS, "libiptc"])
+def variant(request: pytest.FixtureRequest) -> str:
+    """Every backend, the python-iptables one (on legacy tables) included."""
+    name: str = request.param
+    reason = missing_prerequisites(name)
+    if reason:
+        pytest.skip(reason)
+    return name
+
 
 # The injected init container's flags (Istio's sidecar template), as a flag -> value table.
 BASE = {
@@ -471,6 +484,6 @@ def drift_by_hand(lab: Lab, variant: str) -> None:
         lab.sh(lab.pod, ["nft", "delete", "rule", *table, "istio-inbound", "handle", handle[1]])
         lab.sh(lab.pod, ["nft", "insert", "rule", *table, "istio-output", "udp", "dport", "9", "return"])
         return
-    iptables = f"iptables-{variant}"
+    iptables = "iptables-legacy" if variant == "libiptc" else f"iptables-{variant}"
     lab.sh(lab.pod, [iptables, "-t", "nat", "-D", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15090", "-j", "RETURN"])
     lab.sh(lab.pod, [iptables, "-t", "nat", "-I", "ISTIO_OUTPUT", "1", "-p", "udp", "--dport", "9", "-j", "RETURN"])
