@@ -10,6 +10,7 @@ connections per second through the capture with 0 and 10,000 exclusions; peak me
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import itertools
 import os
@@ -83,7 +84,7 @@ def timed(command: Sequence[str], stdin: str | None = None, env: dict[str, str] 
     result = subprocess.run(command, input=stdin, capture_output=True, text=True, env=env or POD_ENV, check=False)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"bench: {' '.join(command[:8])}... failed: {result.stderr.strip()[:500]}")
+        raise SystemExit(f"bench: {' '.join(command[:8])}... failed: {result.stderr.strip()[-2000:]}")
     return elapsed
 
 
@@ -149,6 +150,15 @@ def istio_replay(flags: Sequence[str], rerun: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def script(text: str) -> str:
+    """A shell script in a file (one argument holds at most 128 KiB), removed when the bench ends."""
+    descriptor, path = tempfile.mkstemp(prefix="iibench-", suffix=".sh")
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    atexit.register(os.unlink, path)
+    return path
+
+
 def exclusions(count: int) -> tuple[str, str]:
     """``count`` CIDRs and ``count`` ports, as flag values. The CIDRs are the shortest /16s to write (1.0/16,
     1.1/16, ...): 10,000 of them just fit in one argument (Linux takes at most 128 KiB per argument or
@@ -181,7 +191,8 @@ def apply_latency(runs: int) -> list[Row]:
     launcher = median_fresh(runs, lambda ns: inside(ns, ["true"]))
     floor = median_fresh(runs, lambda ns: inside(ns, ["iptables-nft-restore", "--noflush"]), text)
     floor_legacy = median_fresh(runs, lambda ns: inside(ns, ["iptables-legacy-restore", "--noflush", "--wait"]), text)
-    istio = median_fresh(runs, lambda ns: inside(ns, ["sh", "-c", istio_replay(flags)]))
+    replay = script(istio_replay(flags))
+    istio = median_fresh(runs, lambda ns: inside(ns, ["sh", replay]))
     nft_text = subprocess.run(
         [CLI, "--dry-run", "--native-nftables", *flags], capture_output=True, text=True, env=POD_ENV, check=True
     ).stdout
@@ -242,7 +253,7 @@ def scale(sizes: Sequence[int], replay_limit: int) -> list[Row]:
                 with namespace() as ns:
                     subprocess.run(inside(ns, [CLI, *flags]), env=POD_ENV, check=True, capture_output=True)
                     replay = istio_replay(flags, rerun=True)
-                    seconds = timed(inside(ns, ["sh", "-c", replay]))
+                    seconds = timed(inside(ns, ["sh", script(replay)]))
                 processes = len([line for line in replay.splitlines() if line and not line.startswith("set ")])
                 note = f"{seconds / rerun_time:.0f}x ours"
                 rows.append(Row(f"{label}: Istio's re-run check replayed", seconds, processes, None, note))
