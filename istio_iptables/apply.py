@@ -12,7 +12,9 @@ undone: the namespace ends as it started.
 
 ``apply_native`` is the same for ``--native-nftables``: one ``nft`` transaction, routing, then the removal of
 any iptables copy of our rules (either variant). Switching backends thus never leaves a moment with no
-capture: the new copy goes in first, the old one out second.
+capture: the new copy goes in first, the old one out second. In TPROXY mode no copy may hold its
+``CONNMARK --save-mark`` rule while two coexist (``split_save_mark``): the old copy's goes first, before the
+new copy (without its own) goes in, and the new copy's is added last, after the old copy is out.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from . import locks, netns, nft_state, routes
@@ -33,9 +35,9 @@ from .backends import nft as native
 from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
 from .config import Backend, Config
 from .errors import ApplyError
-from .model import AddressSet, Family, Plan, PortSet, RuleSet, Table
+from .model import BUILTIN_CHAINS, AddressSet, Family, Plan, PortSet, Rule, RuleSet, SaveMark, Table
 from .render.nft import TABLE_NAMES
-from .render.restore import render_tables, render_transition, table_text
+from .render.restore import render_deletes, render_restore, render_tables, render_transition, table_text
 from .state import (
     Layout,
     TableState,
@@ -68,23 +70,40 @@ def apply(config: Config, plan: Plan) -> None:
     """Make this namespace hold exactly the plan (or, with ``--cleanup-only``, nothing of ours)."""
     environment = xtables_environment(config)
     with namespace_lock(environment):
-        transitions = plan_transitions(config, plan, environment)
         native_copy = native.own_tables()
+        switching = (
+            bool(native_copy) and config.reconcile and not config.cleanup_only and shutil.which("nft") is not None
+        )
+        held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
+        observations = observe(config, held, environment)
+        transitions = plan_transitions(config, observations)
         if native_copy and not (config.reconcile or config.cleanup_only):
             names = ", ".join(TABLE_NAMES[table] for table in native_copy)
             raise DriftError(
                 f"nftables tables of a --native-nftables run are present ({names}) and --no-reconcile "
                 "forbids removing them"
             )
+        # TPROXY switch: the old copy's save-mark out first, the new copy's in last (README, "Switching").
+        old = native.detect() if marks.rulesets else None
+        unmarked = nft_state.render_deletes(old.saved, saves_mark) if old else ""
+        finish = [
+            Transition(seen.iptables, render_restore(ruleset), frozenset({Table.MANGLE}))
+            for seen in observations
+            if (ruleset := marks.ruleset(seen.target.family))
+        ]
         routing = routes.read()
         planned_sets = () if config.cleanup_only else plan.sets
         live_sets = ipset.read() if _sets_concern(config, planned_sets, transitions) else {}
         fill, drop = ipset.fill(planned_sets, live_sets), ipset.drop(planned_sets, live_sets)
         attempted: list[Transition] = []
         undo: list[routes.Step] = []
+        native_changed = False
         try:
             # Sets first, so no rule meets a missing or half-filled set; stale ones only once unused.
             ipset.apply(fill)
+            if old and unmarked:
+                old.apply(unmarked)
+                native_changed = True
             for transition in transitions:
                 # A refused restore may still have committed the tables before the refused one.
                 attempted.append(transition)
@@ -92,15 +111,20 @@ def apply(config: Config, plan: Plan) -> None:
             undo = routes.converge(plan, routing, cleanup=config.cleanup_only)
             ipset.apply(drop)
             if native_copy:
-                native.delete_tables(native_copy)
+                native_changed = native.delete_tables(native_copy) or native_changed
+            for transition in finish:
+                attempted.append(transition)
+                transition.iptables.restore(transition.payload)
         except ApplyError as error:
             routes.undo(undo)
-            notes = rollback(attempted)
+            # The old copy back first, then the new one out: capture never stops.
+            notes = [restore_native(old)] if old and native_changed else []
+            notes += rollback_notes(attempted)
             try:
                 ipset.apply(ipset.restore_as_read(live_sets, planned_sets) if fill else "")
             except ApplyError as failure:
-                notes += f" (ROLLBACK FAILED for the sets: {failure})"
-            raise ApplyError(f"{error}{notes}") from None
+                notes.append(f"ROLLBACK FAILED for the sets: {failure}")
+            raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
     if not transitions and not native_copy and not fill and not drop:
         log.info("rules already as planned; nothing to change")
 
@@ -118,24 +142,33 @@ def apply_native(config: Config, plan: Plan) -> None:
     environment = xtables_environment(config)
     with namespace_lock(environment):
         nft = native.detect()
-        target = None if config.cleanup_only else plan
+        copies = iptables_copies(environment, nft.saved.iptables_nft)
+        switching = bool(copies) and config.reconcile and not config.cleanup_only
+        held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
+        target = None if config.cleanup_only else held
         try:
             expected, actual = nft_state.planned_layout(target, group_id), nft.saved.layout(group_id)
             changes = expected != actual or config.force_apply
             script = nft_state.render_transition(target, nft.saved) if changes else ""
+            finish = nft_state.render_appends(plan, held) if marks.rulesets else ""
         except ValueError as error:  # a plan with no nftables form (a table or a mark mask Istio's lacks)
             raise ApplyError(f"--native-nftables: {error}") from None
-        copies = iptables_copies(environment, nft.saved.iptables_nft)
         if not (config.reconcile or config.cleanup_only):
             _refuse_native_drift(expected, actual, bool(nft.saved.tables), copies)
+        # TPROXY switch: the old copy's save-mark out first, the new copy's in last (README, "Switching").
+        unmarks = [unmark(iptables, live) if marks.rulesets else (None, live) for iptables, live in copies]
         transitions = [
             Transition(iptables, payload, frozenset(table for table in Table if f"* {table.value}\n" in payload))
-            for iptables, live in copies
+            for (iptables, _), (_, live) in zip(copies, unmarks, strict=True)
             for payload in [render_transition(RuleSet(iptables.family, ()), live)]
         ]
         routing = routes.read()
         committed, attempted, undo = False, list[Transition](), list[routes.Step]()
         try:
+            for first, _ in unmarks:
+                if first:
+                    attempted.append(first)
+                    first.iptables.restore(first.payload)
             if script:
                 nft.apply(script)
                 committed = True
@@ -150,20 +183,71 @@ def apply_native(config: Config, plan: Plan) -> None:
                     transition.iptables.family.label,
                     transition.iptables.variant.value,
                 )
+            if finish:
+                nft.apply(finish)
+                committed = True
         except ApplyError as error:
             notes = rollback_notes(attempted)
             if undo:
                 routes.undo(undo)
                 notes.append("routing restored")
             if committed:
-                try:
-                    nft.restore(nft.saved)
-                    notes.append("nftables tables restored")
-                except ApplyError as failure:
-                    notes.append(f"ROLLBACK FAILED for nftables: {failure}")
+                notes.append(restore_native(nft))
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
     if not script and not transitions:
         log.info("rules already as planned; nothing to change")
+
+
+def split_save_mark(plan: Plan) -> tuple[Plan, Plan]:
+    """TPROXY's ``CONNMARK --save-mark`` rules apart: the plan without them, and them alone. While two copies
+    of the capture coexist, the one the kernel runs second would save the mark the first one's TPROXY set
+    (``mark 1337 -> RETURN``, then ``mark 1337 -> save-mark``), so neither may hold that rule. Nothing is
+    split (the second plan is empty) when one of them is not the last rule of its chain: only then can it
+    be added last, on its own."""
+    marks = [tuple(rule for rule in ruleset.rules if saves_mark(rule)) for ruleset in plan.rulesets]
+    last = all(
+        [other for other in ruleset.rules if (other.table, other.chain) == (rule.table, rule.chain)][-1] is rule
+        and rule.position is None
+        for ruleset, rules in zip(plan.rulesets, marks, strict=True)
+        for rule in rules
+    )
+    if not any(marks) or not last:
+        return plan, Plan(())
+    held = tuple(
+        RuleSet(ruleset.family, tuple(rule for rule in ruleset.rules if rule not in rules))
+        for ruleset, rules in zip(plan.rulesets, marks, strict=True)
+    )
+    alone = tuple(RuleSet(ruleset.family, rules) for ruleset, rules in zip(plan.rulesets, marks, strict=True) if rules)
+    return replace(plan, rulesets=held), Plan(alone)
+
+
+def saves_mark(rule: Rule) -> bool:
+    return isinstance(rule.target, SaveMark)
+
+
+def unmark(iptables: Iptables, live: dict[Table, TableState]) -> tuple[Transition | None, dict[Table, TableState]]:
+    """An iptables copy's save-mark rules: the restore deleting them (None: it has none), and its tables
+    without them (what the removal of the rest starts from)."""
+    mangle = live.get(Table.MANGLE, TableState())
+    found = [
+        entry
+        for entry in own_entries(mangle)
+        if entry.chain in BUILTIN_CHAINS and entry.rule is not None and saves_mark(entry.rule)
+    ]
+    if not found:
+        return None, live
+    kept = TableState(mangle.chains, [entry for entry in mangle.entries if entry not in found])
+    first = Transition(iptables, render_deletes(Table.MANGLE, found), frozenset({Table.MANGLE}))
+    return first, {**live, Table.MANGLE: kept}
+
+
+def restore_native(nft: native.Nft) -> str:
+    """Put our nftables tables back as ``nft`` listed them; returns the note for the error."""
+    try:
+        nft.restore(nft.saved)
+    except ApplyError as failure:
+        return f"ROLLBACK FAILED for nftables: {failure}"
+    return "nftables tables restored"
 
 
 def _refuse_native_drift(expected: Layout, actual: Layout, tables_exist: bool, copies: list[Copy]) -> None:
@@ -251,10 +335,10 @@ def observe(config: Config, plan: Plan, environment: dict[str, str]) -> list[Obs
     return observations
 
 
-def plan_transitions(config: Config, plan: Plan, environment: dict[str, str]) -> list[Transition]:
+def plan_transitions(config: Config, observations: list[Observation]) -> list[Transition]:
     """What each family needs; raises DriftError (nothing changed) if repair is needed but not allowed."""
     transitions, drifts = [], []
-    for seen in observe(config, plan, environment):
+    for seen in observations:
         if seen.in_sync and not config.force_apply:
             continue
         if (
@@ -281,12 +365,6 @@ def _detect(config: Config, family: Family, environment: dict[str, str]) -> Ipta
 
         return libiptc.detect(family, environment)
     return detect(family, config.force_iptables_binary, environment)
-
-
-def rollback(attempted: list[Transition]) -> str:
-    """Put every table a restore changed back exactly as saved; returns what to add to the error."""
-    notes = rollback_notes(attempted)
-    return f" ({'; '.join(notes)})" if notes else " (nothing was changed)"
 
 
 def rollback_notes(attempted: list[Transition]) -> list[str]:

@@ -103,6 +103,8 @@ class NftRule:
     """nft's spelling: the canonical rendering when the rule was understood, else a rendering of its JSON."""
     rule: Rule | None
     """Its meaning, with the model's chain names; None when the model cannot express it."""
+    handle: int | None = field(default=None, compare=False)
+    """The kernel's handle, read from a listing: what ``render_deletes`` names."""
 
 
 @dataclass
@@ -216,7 +218,8 @@ def parse_ruleset(text: str) -> NftState:
         if kind == "chain":
             table.chains[str(body["name"])] = _hook(body)
         elif kind == "rule":
-            table.rules.append(parse_rule(OWN_TABLES[str(table_name)], str(body["chain"]), body.get("expr", [])))
+            rule = parse_rule(OWN_TABLES[str(table_name)], str(body["chain"]), body.get("expr", []))
+            table.rules.append(replace(rule, handle=body.get("handle")))
         elif kind == "set":
             model = parse_set(body)
             if model is not None:
@@ -619,6 +622,24 @@ def render_transition(plan: Plan | None, live: NftState) -> str:
     """
     deletes = "".join(f"delete table {FAMILY} {TABLE_NAMES[table]}\n" for table in TABLE_NAMES if table in live.tables)
     return deletes + (render_nft(plan) if plan is not None else "")
+
+
+def render_deletes(live: NftState, unwanted: Callable[[Rule], bool]) -> str:
+    """One ``nft -f`` transaction deleting, by handle, the rules of our tables that ``unwanted`` picks."""
+    return "".join(
+        f"delete rule {FAMILY} {TABLE_NAMES[table]} {entry.chain} handle {entry.handle}\n"
+        for table, state in live.tables.items()
+        for entry in state.rules
+        if entry.rule is not None and entry.handle is not None and unwanted(entry.rule)
+    )
+
+
+def render_appends(plan: Plan, held: Plan) -> str:
+    """The rule lines of ``render_nft(plan)`` that ``render_nft(held)`` lacks: one transaction that, on the
+    tables ``render_nft(held)`` built, adds ``plan``'s other rules. Right only for rules appended last in
+    their chain (``apply.split_save_mark`` checks it)."""
+    written = set(render_nft(held).splitlines())
+    return "".join(line + "\n" for line in render_nft(plan).splitlines() if line not in written)
 
 
 def stale_tables(plan: Plan | None, live: NftState) -> list[Table]:

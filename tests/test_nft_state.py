@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from istio_iptables.apply import group_id
+from istio_iptables.apply import group_id, saves_mark, split_save_mark, unmark
+from istio_iptables.backends.restore import LEGACY, Iptables
 from istio_iptables.config import ALL, Config, Mode
 from istio_iptables.hostfacts import HostFacts
 from istio_iptables.model import (
@@ -33,6 +34,7 @@ from istio_iptables.model import (
     Redirect,
     RestoreMark,
     Rule,
+    RuleSet,
     SaveMark,
     SetMark,
     Source,
@@ -48,6 +50,8 @@ from istio_iptables.nft_state import (
     parse_ruleset,
     parse_set,
     planned_layout,
+    render_appends,
+    render_deletes,
     render_transition,
     restore_document,
     set_text,
@@ -55,7 +59,9 @@ from istio_iptables.nft_state import (
 )
 from istio_iptables.plan import build_plan
 from istio_iptables.render.nft import render_nft
-from istio_iptables.state import SavedRule, TableState, compare, drift
+from istio_iptables.render.restore import render_restore
+from istio_iptables.render.restore import render_transition as render_restore_transition
+from istio_iptables.state import SavedRule, TableState, compare, drift, parse_tables
 from istio_iptables.trace import Flow, trace
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nft-everything.json"
@@ -279,6 +285,50 @@ def test_drift_shows_a_missing_and_an_extra_rule(live: NftState) -> None:
     missing = [text for _, _, text in difference.missing]
     assert missing == ["tcp dport 5432 counter return", "udp dport 5432 counter return"]
     assert [chain for _, chain, _ in difference.extra] == ["prerouting"]
+
+
+def test_a_tproxy_switch_holds_the_save_mark_apart(live: NftState) -> None:
+    """While two copies coexist neither may save the mark: the new one goes in without its save-mark rule,
+    added last on its own; the old one loses its own first (README, "Switching backends")."""
+    plan = everything()
+    held, marks = split_save_mark(plan)
+    assert [(ruleset.family, [rule.chain for rule in ruleset.rules]) for ruleset in marks.rulesets] == [
+        (V4, ["PREROUTING"]),
+        (V6, ["PREROUTING"]),
+    ]
+    assert all(saves_mark(rule) for ruleset in marks.rulesets for rule in ruleset.rules)
+    assert not any(saves_mark(rule) for ruleset in held.rulesets for rule in ruleset.rules)
+    appended = render_appends(plan, held)
+    assert (
+        appended == "add rule inet istio-proxy-mangle prerouting meta l4proto tcp mark 1337 counter ct mark set mark\n"
+    )
+    # The held tables with that rule appended are the plan's.
+    full, kept = planned_layout(plan, group_id), planned_layout(held, group_id)
+    assert full[Table.MANGLE]["prerouting"].pop().endswith("ct mark set mark") and full == kept
+    # The old nft copy loses its rule by handle.
+    assert render_deletes(live, saves_mark) == "delete rule inet istio-proxy-mangle prerouting handle 19\n"
+
+    # An old iptables copy: a restore deleting the rule, and what the removal of the rest starts from.
+    ruleset = plan.ruleset(V4)
+    assert ruleset is not None
+    tables = parse_tables(render_restore(ruleset))
+    first, rest = unmark(Iptables(V4, LEGACY, "", {}), tables)
+    assert first is not None and first.tables == {Table.MANGLE}
+    assert first.payload == "* mangle\n-D PREROUTING -p tcp -m mark --mark 1337 -j CONNMARK --save-mark\nCOMMIT\n"
+    removal = render_restore_transition(RuleSet(V4, ()), rest)
+    assert "--save-mark" not in removal and "-D PREROUTING -p tcp -j ISTIO_INBOUND" in removal
+    assert unmark(Iptables(V4, LEGACY, "", {}), rest) == (None, rest)
+
+
+def test_no_split_without_a_save_mark_or_when_it_is_not_last() -> None:
+    plan = everything()
+    redirect = Plan(
+        tuple(replace(ruleset, rules=tuple(r for r in ruleset.rules if not saves_mark(r))) for ruleset in plan.rulesets)
+    )
+    assert split_save_mark(redirect) == (redirect, Plan(()))
+    after = Rule(Table.MANGLE, "PREROUTING", (), Verdict.RETURN)
+    later = Plan(tuple(replace(ruleset, rules=(*ruleset.rules, after)) for ruleset in plan.rulesets))
+    assert split_save_mark(later) == (later, Plan(()))
 
 
 def test_the_rollback_document_recreates_the_tables_as_listed(live: NftState) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from ..model import BUILTIN_CHAINS, RuleSet, Table, declared_chains
-from ..state import OWN_CHAINS, TableState, holds_own, own_entries
+from ..state import OWN_CHAINS, SavedRule, TableState, holds_own, own_entries
 from .iptables import rule_text
 
 
@@ -36,13 +36,22 @@ def render_transition(ruleset: RuleSet, live: dict[Table, TableState]) -> str:
         stale = [chain for chain in state.chains if chain in OWN_CHAINS and chain not in keep]
         lines.append(f"* {table.value}")
         lines.extend(f":{chain} - [0:0]" for chain in [*keep, *stale])
-        # Saved rules read "-A CHAIN args": the same args after -D delete exactly that rule.
         own_in_builtin = [entry for entry in own_entries(state) if entry.chain in BUILTIN_CHAINS]
-        lines.extend("-D " + entry.text.split(" ", 1)[1] for entry in own_in_builtin)
+        lines.extend(map(delete_line, own_in_builtin))
         lines.extend(f"-X {chain}" for chain in stale)
         lines.extend(rule_text(rule) for rule in ruleset.in_table(table))
         lines.append("COMMIT")
     return "".join(line + "\n" for line in lines)
+
+
+def render_deletes(table: Table, entries: list[SavedRule]) -> str:
+    """One iptables-restore --noflush payload deleting some saved rules of one table, in one COMMIT."""
+    return f"* {table.value}\n" + "".join(delete_line(entry) + "\n" for entry in entries) + "COMMIT\n"
+
+
+def delete_line(entry: SavedRule) -> str:
+    """Saved rules read "-A CHAIN args": the same args after -D delete exactly that rule."""
+    return "-D " + entry.text.split(" ", 1)[1]
 
 
 def table_text(saved: str, table: Table) -> str:

@@ -258,20 +258,6 @@ def test_a_failed_route_step_rolls_the_tables_back(pod: Pod, start: str) -> None
     assert routing(pod) == routing_before
 
 
-def test_a_failed_removal_of_the_iptables_copy_rolls_everything_back(pod: Pod, tmp_path: Path) -> None:
-    assert run_cli(pod, [*EVERYTHING, "--force-iptables-binary", "legacy"]).returncode == 0
-    before = {family: iptables_save(pod, "legacy", family) for family in (4, 6)}
-    before_nft, routing_before = ruleset(pod), routing(pod)
-    env = wrapper(tmp_path, "ip6tables-legacy-restore", 'echo "ip6tables-restore: line 2 failed" >&2; exit 1')
-    result = native(pod, *EVERYTHING, env=env)
-    assert result.returncode == 1
-    assert "line 2 failed" in result.stderr and "nftables tables restored" in result.stderr
-    # The old copy stays whole, and the new one is gone again: still exactly one.
-    assert {family: iptables_save(pod, "legacy", family) for family in (4, 6)} == before
-    assert ruleset(pod) == before_nft and our_tables(pod) == []
-    assert routing(pod) == routing_before
-
-
 def test_missing_nft_binary_or_nf_tables_is_named(pod: Pod, tmp_path: Path) -> None:
     no_nft = tmp_path / "bin"
     no_nft.mkdir()
@@ -391,20 +377,13 @@ def test_iptables_cleanup_also_removes_our_nft_tables(pod: Pod) -> None:
     assert our_tables(pod) == []
 
 
-TPROXY_OVERLAP = (
-    "TPROXY: while two copies coexist, the one the kernel runs second saves the mark the first one's "
-    "ISTIO_DIVERT/TPROXY set (its PREROUTING 'mark 1337 -> CONNMARK --save-mark' is reached after its "
-    "ISTIO_INBOUND 'mark 1337 -> RETURN'), so a connection seen in that window keeps connmark 1337 and its "
-    "replies are routed to lo for good"
-)
-
-
 @pytest.mark.parametrize(
     ("variant", "mode"),
     [
         ("legacy", "REDIRECT"),
         ("nft", "REDIRECT"),
-        pytest.param("legacy", "TPROXY", marks=pytest.mark.xfail(reason=TPROXY_OVERLAP, strict=False)),
+        ("legacy", "TPROXY"),
+        ("nft", "TPROXY"),
     ],
 )
 def test_switching_under_load_never_drops_or_bypasses(lab: netlab.Lab, variant: str, mode: str) -> None:
@@ -437,6 +416,62 @@ def test_switching_under_load_never_drops_or_bypasses(lab: netlab.Lab, variant: 
         summary = json.loads(loop.stdout.read_text())
         assert summary["total"] >= 10, (loop.name, summary)
         assert summary["failed"] == 0 and summary["direct"] == 0, (loop.name, summary)
+
+
+def refusing(directory: Path, tool: str, pattern: str) -> dict[str, str]:
+    """A stand-in ``tool`` (``nft`` or a restore binary) that refuses any transaction or --noflush payload
+    holding ``pattern`` and hands every other one to the real binary."""
+    refuse = f'case "$payload" in *"{pattern}"*) echo "line 2 failed: refused for the test" >&2; exit 1;; esac'
+    if tool == "nft":
+        return nft_wrapper(directory, f'payload=$(cat)\n{refuse}\nprintf "%s\\n" "$payload" | "$REAL" -f -')
+    return wrapper(directory, tool, f'payload=$(cat)\n{refuse}\nprintf "%s\\n" "$payload" | "$REAL" "$@"')
+
+
+# A TPROXY switch takes four steps (README, "Switching backends"); whichever fails, the old copy stays whole.
+TO_NATIVE_STEPS = {
+    "old copy's save-mark out": ("iptables-legacy-restore", "--save-mark"),
+    "new copy in": ("nft", "flush table"),
+    "old copy out": ("ip6tables-legacy-restore", "-X ISTIO"),
+    "new copy's save-mark in": ("nft", "ct mark set mark"),
+}
+TO_IPTABLES_STEPS = {
+    "old copy's save-mark out": ("nft", "delete rule"),
+    "new copy in": ("ip6tables-legacy-restore", "ISTIO_DIVERT"),
+    "old copy out": ("nft", "delete table"),
+    "new copy's save-mark in": ("ip6tables-legacy-restore", "--save-mark"),
+}
+LEGACY = ["--force-iptables-binary", "legacy"]
+
+
+def saves(pod: Pod) -> dict[int, str]:
+    return {family: normalized_save(iptables_save(pod, "legacy", family)) for family in (4, 6)}
+
+
+@pytest.mark.parametrize("step", TO_NATIVE_STEPS)
+def test_a_failed_tproxy_switch_to_native_leaves_the_iptables_copy_whole(pod: Pod, tmp_path: Path, step: str) -> None:
+    assert run_cli(pod, [*EVERYTHING, *LEGACY]).returncode == 0
+    before, before_nft, routing_before = saves(pod), ruleset(pod), routing(pod)
+    assert all("--save-mark" in saved for saved in before.values())
+    result = native(pod, *EVERYTHING, env=refusing(tmp_path, *TO_NATIVE_STEPS[step]))
+    assert result.returncode == 1 and "refused for the test" in result.stderr, result.stderr
+    nft_written = step in ("old copy out", "new copy's save-mark in")
+    assert ("nftables tables restored" in result.stderr) == nft_written, result.stderr
+    assert saves(pod) == before
+    assert ruleset(pod) == before_nft and our_tables(pod) == []
+    assert routing(pod) == routing_before
+
+
+@pytest.mark.parametrize("step", TO_IPTABLES_STEPS)
+def test_a_failed_tproxy_switch_to_iptables_leaves_the_nft_copy_whole(pod: Pod, tmp_path: Path, step: str) -> None:
+    assert run_cli(pod, [*EVERYTHING, *LEGACY]).returncode == 0  # legacy's tables exist, as after a switch
+    assert native(pod, *EVERYTHING).returncode == 0
+    before, before_nft, routing_before = saves(pod), ruleset(pod), routing(pod)
+    assert "ct mark set meta mark" in before_nft and "ISTIO" not in "".join(before.values())
+    result = run_cli(pod, [*EVERYTHING, *LEGACY], env=refusing(tmp_path, *TO_IPTABLES_STEPS[step]))
+    assert result.returncode == 1 and "refused for the test" in result.stderr, result.stderr
+    assert saves(pod) == before
+    assert ruleset(pod) == before_nft and our_tables(pod) == list(OUR_TABLES)
+    assert routing(pod) == routing_before
 
 
 def test_nothing_of_ours_in_the_test_runner_namespace() -> None:
