@@ -1,7 +1,7 @@
 """Applying a plan: the order of the side effects, and the undo when one of them fails.
 
 1. Hold this namespace's lock so runs never interleave (the CLI has entered ``--network-namespace``).
-2. Per family, detect the iptables variant and read its state (one ``-save``).
+2. Per family, detect the iptables variant and read its state (one ``-save``; none where no table exists).
 3. Compare our rules there with the plan. In sync: nothing to do. Different: one ``iptables-restore
    --noflush`` per family turns them into the plan, each table in one atomic COMMIT, so no packet ever
    meets a half-written table or a gap in the capture (``--no-reconcile`` refuses instead, as Istio does).

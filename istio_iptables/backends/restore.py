@@ -153,7 +153,7 @@ def payload_features(payload: str) -> list[Feature]:
 
 def detect(family: Family, forced: IptablesVariant | None, environment: dict[str, str]) -> Iptables:
     """The iptables to use for one family, and its current state."""
-    fresh = not _legacy_tables_in_use(family) and _nft_tables_in_use(family) is False
+    fresh = not holds_legacy_tables(family) and _nft_tables_in_use(family) is False
     if fresh and shutil.which(command(family, forced or NFT, "restore")):
         # Nothing holds a rule here yet: the state is known without running a -save.
         reason = "forced with --force-iptables-binary" if forced else "no rules here yet; nft is preferred"
@@ -164,7 +164,7 @@ def detect(family: Family, forced: IptablesVariant | None, environment: dict[str
     errors = []
     saves: dict[IptablesVariant, str] = {}
     for variant in (LEGACY, NFT):
-        if variant is LEGACY and not _legacy_tables_in_use(family):
+        if variant is LEGACY and not holds_legacy_tables(family):
             continue
         try:
             saves[variant] = _save(family, variant, environment)
@@ -189,11 +189,6 @@ def available(family: Family, variant: IptablesVariant | None) -> bool:
 
 
 def holds_legacy_tables(family: Family) -> bool:
-    """Whether legacy iptables may hold rules in this namespace (no process; see ``_legacy_tables_in_use``)."""
-    return _legacy_tables_in_use(family)
-
-
-def _legacy_tables_in_use(family: Family) -> bool:
     """Whether any legacy (x_tables) table exists in this namespace; none means legacy holds no rule.
     Unreadable (the file is root's; a non-root run with capabilities cannot read it) means maybe."""
     try:
