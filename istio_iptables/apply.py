@@ -26,7 +26,6 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from functools import cached_property
 
 from . import locks, netns, nft_state, routes
@@ -36,6 +35,7 @@ from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_le
 from .config import Backend, Config
 from .errors import ApplyError
 from .model import BUILTIN_CHAINS, AddressSet, Family, Plan, PortSet, Rule, RuleSet, SaveMark, Table
+from .records import record, replace
 from .render.nft import TABLE_NAMES
 from .render.restore import render_deletes, render_restore, render_tables, render_transition, table_text
 from .state import (
@@ -59,7 +59,7 @@ class DriftError(ApplyError):
     """Our rules differ from the plan and ``--no-reconcile`` forbids repairing them."""
 
 
-@dataclass(frozen=True)
+@record
 class Transition:
     iptables: Iptables
     payload: str
@@ -163,7 +163,7 @@ def apply_native(config: Config, plan: Plan) -> None:
             for payload in [render_transition(RuleSet(iptables.family, ()), live)]
         ]
         routing = routes.read()
-        committed, attempted, undo = False, list[Transition](), list[routes.Step]()
+        committed, attempted, undo = False, list[Transition](), []
         try:
             for first, _ in unmarks:
                 if first:
@@ -290,7 +290,7 @@ def iptables_copies(environment: dict[str, str], nft_families: Iterable[Family])
     return copies
 
 
-@dataclass(frozen=True)
+@record
 class Observation:
     """One family: its iptables, the rules it should hold, and what it holds."""
 

@@ -1,89 +1,84 @@
 """The ``istio-iptables`` command: wires flags to Config, Config and host facts to a Plan, the Plan to output.
 
-The options are generated from ``config.SETTINGS`` so the flag table exists once. Every option arrives as
-text (or a switch) and ``config.load`` parses it, which gives every bad value the same one-line error.
+Start-up time is a feature: an init container runs this on every pod's start-up path. A plain run (flags
+only, the init container's case) is parsed here from ``config.SETTINGS`` without importing Typer, which
+alone costs more than Istio's whole detection sequence; everything else (``--help``, subcommands, any
+argument whose meaning is less than obvious) goes to the Typer application in ``app.py``, which parses the
+same table the same way (tests hold the two equal). Each path imports only what it needs: a dry run never
+loads the backends and an apply never loads the renderers it does not use.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, Optional, TypeVar
-
-import typer
 
 from . import config as configuration
 from . import netns
 from .errors import ConfigError, IstioIptablesError
 from .hostfacts import HostFacts, gather
 from .logsetup import configure
-from .model import AddressSet, CtState, Family, GidOwner, Plan, PortSet, Proto
+from .model import Plan
 from .plan import build_plan, proxy_identity
 
-# Start-up time is a feature: each path imports what only it needs (apply, validation, the subcommands,
-# the renderers), so a dry run never loads the backends and an apply never loads the other renderers.
-
 PROG = "istio-iptables"
-T = TypeVar("T")
-log = logging.getLogger(__name__)
-
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-    help="Make every TCP connection of a pod, and optionally its DNS, go through the sidecar proxy: "
-    "the rules of Istio's istio-iptables for the same flags, printed (--dry-run) or applied.",
-    epilog="Environment only: "
-    + "; ".join(
-        f"{setting.envvars[0]} ({setting.help.rstrip('.')}; default: {setting.default or '(empty)'})"
-        for setting in configuration.SETTINGS
-        if not setting.flags
-    )
-    + ". Exit codes: 0 success, 1 apply or host failure, 2 bad input, 126 validation failed.",
-)
 
 
-def _help(setting: configuration.Setting) -> str:
-    env = f" [env: {', '.join(setting.envvars)}]" if setting.envvars else ""
-    default = f" [default: {setting.default or '(empty)'}]"
-    return setting.help + env + default
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: expected failures end with one line on stderr and their exit code."""
+    try:
+        arguments = go_switches(sys.argv[1:] if argv is None else argv)
+        given = plain_run(arguments)
+        if given is None:
+            from .app import main as typer_main  # noqa: PLC0415
+
+            code = typer_main(arguments)
+        else:
+            run(configured(given))
+            code = 0
+    except IstioIptablesError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    sys.exit(code)
 
 
-def _option(setting: configuration.Setting) -> inspect.Parameter:
-    names = [f"{setting.flags[0]}/{setting.off}", *setting.flags[1:]] if setting.switch else setting.flags
-    return inspect.Parameter(
-        setting.key,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(
-            None,
-            *names,
-            help=_help(setting),
-            show_default=False,
-            metavar=None if setting.switch else setting.metavar,
-        ),
-        annotation=Optional[bool] if setting.switch else Optional[str],  # noqa: UP045 (Typer reads it)
-    )
+def plain_run(arguments: list[str]) -> dict[str, str | bool | None] | None:
+    """The options of a command line made only of ``--flag VALUE``, ``--flag=VALUE``, ``-f VALUE`` and
+    switches (``--switch``, ``--no-switch``, ``-n``), as Typer would pass them to the main command; None
+    for anything else (help, a subcommand, ``--``, bundled short flags, a value that looks like a flag, an
+    unknown flag), which Typer then parses, runs or words the usage error for."""
+    given: dict[str, str | bool | None] = {setting.key: None for setting in configuration.SETTINGS if setting.flags}
+    remaining = iter(arguments)
+    for argument in remaining:
+        name, equals, value = argument.partition("=") if argument.startswith("--") else (argument, "", "")
+        setting = _OPTIONS.get(name)
+        if setting is None or (setting.switch and equals):
+            return None
+        if setting.switch:
+            given[setting.key] = name != setting.off
+            continue
+        if not equals:
+            following = next(remaining, None)
+            if following is None or (following.startswith("-") and following != "-"):
+                return None
+            value = following
+        given[setting.key] = value
+    return given
 
 
-def capture(ctx: typer.Context, **given: Any) -> None:
+_OPTIONS = {
+    name: setting
+    for setting in configuration.SETTINGS
+    for name in (*setting.flags, *((setting.off,) if setting.switch else ()))
+}
+"""Every option name of the main command, switches' ``--no-`` forms included."""
+
+
+def configured(given: configuration.Given) -> configuration.Config:
+    """The Config of the given options and the environment, with logging set up as it asks."""
     config = configuration.load(given, os.environ)
     configure(config.log)
-    ctx.obj = config
-    if ctx.invoked_subcommand is None:
-        run(config)
-
-
-capture.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-        *(_option(setting) for setting in configuration.SETTINGS if setting.flags),
-    ]
-)
-app.callback(invoke_without_command=True)(capture)
+    return config
 
 
 def run(config: configuration.Config) -> None:
@@ -102,7 +97,7 @@ def run(config: configuration.Config) -> None:
                 ) from None
         sys.stdout.write(_dry_run_text(config, plan))
     else:
-        facts, plan = _enter(config, changes_system=not config.skip_rule_apply)
+        facts, plan = enter(config, changes_system=not config.skip_rule_apply)
         if not config.skip_rule_apply:
             from .apply import apply, apply_native  # noqa: PLC0415
 
@@ -123,7 +118,7 @@ def _dry_run_text(config: configuration.Config, plan: Plan) -> str:
     return cleanup_output(plan) if config.cleanup_only else dry_run_output(plan, config.dry_run_format)
 
 
-def _enter(config: configuration.Config, changes_system: bool) -> tuple[HostFacts, Plan]:
+def enter(config: configuration.Config, changes_system: bool) -> tuple[HostFacts, Plan]:
     """Move into the namespace to work in (refusing the host's own when about to change it), then read the
     host facts there and build the plan."""
     if config.network_namespace:
@@ -135,58 +130,6 @@ def _enter(config: configuration.Config, changes_system: bool) -> tuple[HostFact
         )
     facts = gather(config)
     return facts, build_plan(config, facts)
-
-
-def _output_format(value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(
-            f"invalid value for --format: '{configuration.shown(value)}': must be one of: {', '.join(choices)}"
-        )
-    return value
-
-
-@app.command("preflight")
-def preflight_command(
-    ctx: typer.Context,
-    output: str = typer.Option("text", "--format", help="text or json.", metavar="text|json"),
-) -> None:
-    """Say what an apply would do here and whether it can, changing nothing: exit 0 if it would succeed."""
-
-    def examine(config: configuration.Config, plan: Plan) -> tuple[bool, str, str]:
-        from .preflight import preflight, render_preflight_json, render_preflight_text  # noqa: PLC0415
-
-        report = preflight(config, plan)
-        return report.ok, render_preflight_text(report), render_preflight_json(report)
-
-    _answer(ctx, output, examine)
-
-
-@app.command("status")
-def status_command(
-    ctx: typer.Context,
-    output: str = typer.Option("text", "--format", help="text or json.", metavar="text|json"),
-) -> None:
-    """Compare the namespace's live rules with the plan of the given flags: exit 0 in sync, 1 on drift."""
-
-    def examine(config: configuration.Config, plan: Plan) -> tuple[bool, str, str]:
-        from .status import render_status_json, render_status_text, status  # noqa: PLC0415
-
-        report = status(config, plan)
-        return report.in_sync, render_status_text(report), render_status_json(report)
-
-    _answer(ctx, output, examine)
-
-
-def _answer(
-    ctx: typer.Context, output: str, examine: Callable[[configuration.Config, Plan], tuple[bool, str, str]]
-) -> None:
-    """A read-only look at the namespace: its report on stdout, exit 0 for yes, 1 for no."""
-    config: configuration.Config = ctx.obj
-    output = _output_format(output, ("text", "json"))
-    _, plan = _enter(config, changes_system=False)
-    ok, text, json_text = examine(config, plan)
-    sys.stdout.write(json_text if output == "json" else text)
-    raise typer.Exit(0 if ok else 1)
 
 
 def go_switches(argv: list[str]) -> list[str]:
@@ -209,24 +152,6 @@ def go_switches(argv: list[str]) -> list[str]:
     return translated
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: expected failures end with one line on stderr and their exit code."""
-    command = typer.main.get_command(app)
-    try:
-        arguments = go_switches(sys.argv[1:] if argv is None else argv)
-        code = command.main(args=arguments, prog_name=PROG, standalone_mode=False)
-    except IstioIptablesError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-    except Exception as error:
-        # Typer's own usage errors (unknown flag, missing value); its exception classes are not public.
-        if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
-            raise
-        print(f"{PROG}: {error.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
 def clean_main() -> None:
     """``istio-clean-iptables``, as Istio 1.5 shipped it: the same flags, clean-up only."""
     main([*sys.argv[1:], "--cleanup-only"])
@@ -235,125 +160,3 @@ def clean_main() -> None:
 def _looks_like_a_host() -> bool:
     # Kubernetes sets KUBERNETES_SERVICE_HOST in every container, the init container included.
     return "KUBERNETES_SERVICE_HOST" not in os.environ and netns.may_be_pid1_namespace()
-
-
-def _checked(flag: str, value: str, parse: Callable[[str], T]) -> T:
-    """A subcommand option parsed, or the same one-line error as every other bad value."""
-    try:
-        return parse(value)
-    except ValueError as error:
-        raise ConfigError(f"invalid value for {flag}: '{configuration.shown(value)}': {error}") from None
-
-
-@app.command("trace")
-def trace_command(
-    ctx: typer.Context,
-    direction: str = typer.Argument(..., metavar="outbound|inbound", help="Which way the flow goes."),
-    *,
-    dst: str = typer.Option("", "--dst", help="Outbound: ADDRESS:PORT dialled ([ADDRESS]:PORT for IPv6)."),
-    port: str = typer.Option("", "--port", help="Inbound: the pod's port the peer dials."),
-    src: str = typer.Option("", "--src", help="Source address (default: the pod, or the peer for inbound)."),
-    uid: str = typer.Option("1000", "--uid", help="Outbound: UID of the sending process."),
-    gid: str = typer.Option("", "--gid", help="Outbound: GID of the sending process (default: the UID)."),
-    protocol: str = typer.Option("tcp", "--proto", metavar="tcp|udp", help="Protocol."),
-    in_interface: str = typer.Option("eth0", "--in-interface", help="Inbound: the interface it arrives on."),
-    out_interface: str = typer.Option("", "--out-interface", help="Outbound: default lo for local addresses."),
-    mark: str = typer.Option("0", "--mark", help="Packet mark."),
-    state: str = typer.Option("NEW", "--state", metavar="NEW|ESTABLISHED|RELATED|INVALID", help="Conntrack."),
-    live: bool = typer.Option(False, "--live", help="Trace the namespace's live rules, not the plan."),
-    output: str = typer.Option("text", "--format", metavar="text|json", help="text or json."),
-) -> None:
-    """Walk one flow through the rules: every rule it meets, and whether the proxy gets it and why."""
-    from .render.trace import render_trace_json, render_trace_text  # noqa: PLC0415
-    from .trace import Flow, parse_endpoint, trace  # noqa: PLC0415
-
-    config: configuration.Config = ctx.obj
-    output = _output_format(output, ("text", "json"))
-    common = {
-        "protocol": _checked("--proto", protocol, lambda text: Proto(text.lower()).value),
-        "mark": _checked("--mark", mark, lambda text: configuration.parse_decimal(text, 0, 0xFFFFFFFF, "mark")),
-        "state": _checked("--state", state, lambda text: CtState(text.upper()).value),
-    }
-    source = _checked("--src", src, configuration.parse_address) if src else None
-    if direction == "outbound":
-        if not dst:
-            raise ConfigError("trace outbound needs --dst ADDRESS:PORT")
-        address, dst_port = _checked("--dst", dst, parse_endpoint)
-        flow = Flow.outbound(
-            address,
-            dst_port,
-            uid=_checked("--uid", uid, configuration.parse_id),
-            gid=_checked("--gid", gid, configuration.parse_id) if gid else None,
-            source=source,
-            out_interface=_checked("--out-interface", out_interface, configuration.parse_interface)
-            if out_interface
-            else None,
-            **common,  # type: ignore[arg-type]
-        )
-    elif direction == "inbound":
-        flow = Flow.inbound(
-            _checked("--port", port or "", configuration.parse_port),
-            source=source,
-            in_interface=_checked("--in-interface", in_interface, configuration.parse_interface),
-            **common,  # type: ignore[arg-type]
-        )
-    else:
-        raise ConfigError(f"invalid value for the direction: '{configuration.shown(direction)}': outbound or inbound")
-    _, plan = _enter(config, changes_system=False) if live else (None, build_plan(config, gather(config)))
-    rules, sets = _live_rules(config, plan, flow.family) if live else (plan, plan.sets)
-    result = trace(rules, flow, groups=_group_ids(plan), sets=sets)
-    sys.stdout.write(render_trace_json(result) if output == "json" else render_trace_text(result))
-
-
-@app.command("graph")
-def graph_command(
-    ctx: typer.Context,
-    output: str = typer.Option("mermaid", "--format", metavar="mermaid|dot", help="mermaid or dot."),
-    family: str = typer.Option("", "--family", metavar="ipv4|ipv6", help="One family only (default: all)."),
-) -> None:
-    """Draw the plan: hooks, tables, chains, jumps and verdicts, as Mermaid or Graphviz DOT."""
-    from .render.graph import render_graph  # noqa: PLC0415
-
-    config: configuration.Config = ctx.obj
-    fmt = _output_format(output, ("mermaid", "dot"))
-    families = {family.label: family for family in Family}
-    if family and family not in families:
-        raise ConfigError(f"invalid value for --family: '{configuration.shown(family)}': must be ipv4 or ipv6")
-    chosen = families.get(family)
-    plan = build_plan(config, gather(config))
-    sys.stdout.write(render_graph(plan, fmt, family=chosen))  # type: ignore[arg-type]
-
-
-def _group_ids(plan: Plan) -> dict[str, int]:
-    """Owner groups written by name, with the ids the kernel would store for them."""
-    from .apply import group_id  # noqa: PLC0415
-
-    names = {
-        clause.group
-        for ruleset in plan.rulesets
-        for rule in ruleset.rules
-        for clause in rule.clauses
-        if isinstance(clause, GidOwner) and isinstance(clause.group, str)
-    }
-    return {name: gid for name in names if isinstance(gid := group_id(name), int)}
-
-
-def _live_rules(config: configuration.Config, plan: Plan, family: Family) -> tuple[Any, Sequence[AddressSet | PortSet]]:
-    """The live rules of the flow's family (and the sets they look up), read from whichever backend holds
-    them: native nftables with --native-nftables, else the iptables variant detection finds."""
-    if config.native_nftables:
-        from .backends import nft  # noqa: PLC0415
-
-        state = nft.detect().saved
-        return state.family_tables(family), state.sets
-    from .apply import observe, xtables_environment  # noqa: PLC0415
-
-    seen = next((s for s in observe(config, plan, xtables_environment(config)) if s.target.family is family), None)
-    if seen is None:
-        raise ConfigError(f"--live: no {family.label} rules can be read here")
-    uses_sets = any("--match-set ISTIO_" in entry.text for state in seen.live.values() for entry in state.entries)
-    if not uses_sets:
-        return seen.live, ()
-    from .backends import ipset  # noqa: PLC0415
-
-    return seen.live, ipset.as_model(ipset.read())

@@ -11,11 +11,17 @@ import enum
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TypeVar
 
 from .errors import ConfigError
 from .model import IPAddress, IPNet
+from .records import record
+
+TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
+    E = TypeVar("E", bound=enum.Enum)
 
 
 class All(enum.Enum):
@@ -26,11 +32,9 @@ class All(enum.Enum):
 
 ALL = All.ALL
 WILDCARD = ALL.value
-T = TypeVar("T")
-E = TypeVar("E", bound=enum.Enum)
 
 
-@dataclass(frozen=True)
+@record
 class Setting:
     key: str
     """Name of the value passed from the command line, e.g. ``inbound_capture_port``."""
@@ -480,7 +484,7 @@ class LogLevel(enum.IntEnum):
     NONE = 100
 
 
-@dataclass(frozen=True)
+@record
 class LogOptions:
     level: LogLevel = LogLevel.INFO
     as_json: bool = False
@@ -489,7 +493,7 @@ class LogOptions:
     stacktrace_level: LogLevel = LogLevel.NONE
 
 
-@dataclass(frozen=True)
+@record
 class Config:
     proxy_port: int = 15001
     inbound_capture_port: int = 15006
@@ -528,7 +532,7 @@ class Config:
     force_iptables_binary: IptablesVariant | None = None
     owner_groups_include: tuple[int | str, ...] | All = ALL
     owner_groups_exclude: tuple[int | str, ...] = ()
-    ipv4_loopback_cidr: ipaddress.IPv4Interface = ipaddress.IPv4Interface("127.0.0.1/32")  # noqa: RUF009
+    ipv4_loopback_cidr: ipaddress.IPv4Interface = ipaddress.IPv4Interface("127.0.0.1/32")
     envoy_user: str = "istio-proxy"
     dry_run_file_path: str = ""
     ipv6: bool | None = None
@@ -787,7 +791,7 @@ def _reason(error: ValueError) -> str:
 Given = Mapping[str, "str | bool | None"]
 
 
-@dataclass(frozen=True)
+@record
 class _Raw:
     value: str | bool
     origin: str

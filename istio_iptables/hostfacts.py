@@ -11,17 +11,17 @@ import ipaddress
 import logging
 import pwd
 import socket
-from dataclasses import dataclass
 
 from . import netlink
 from .config import Config, parse_address
 from .errors import HostError
 from .model import IPAddress
+from .records import record
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@record
 class HostFacts:
     addresses: tuple[IPAddress, ...] = ()
     """The host's interface addresses, in the kernel's dump order (all IPv4 first), as Go lists them."""

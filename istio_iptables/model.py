@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+
+from .records import field, record
 
 IPNet = IPv4Interface | IPv6Interface
 """An address with its prefix length, kept as written (Istio keeps host bits, e.g. ``10.0.0.1/8``)."""
@@ -95,49 +96,49 @@ class CtState(enum.Enum):
 # ---- match clauses: each one is a single iptables match, negatable --------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Protocol:
     protocol: Proto
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Source:
     network: IPNet
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Destination:
     network: IPNet
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class InInterface:
     name: str
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class OutInterface:
     name: str
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class DestinationPort:
     port: int
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class SourcePort:
     port: int
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class DestinationPorts:
     """``-m multiport --dports a,b``."""
 
@@ -145,13 +146,13 @@ class DestinationPorts:
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class UidOwner:
     uid: int
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class GidOwner:
     """A group id, or a group name that iptables resolves when it reads the rule (Istio's owner groups)."""
 
@@ -159,25 +160,25 @@ class GidOwner:
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Mark:
     mark: int
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class ConntrackState:
     states: tuple[CtState, ...]
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Connmark:
     mark: int
     negated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class InSet:
     """``-m set --match-set NAME dst``: the destination address (or, for a port set, port) is in the set."""
 
@@ -211,39 +212,39 @@ class Verdict(enum.Enum):
     DROP = "DROP"
 
 
-@dataclass(frozen=True)
+@record
 class Jump:
     chain: str
 
 
-@dataclass(frozen=True)
+@record
 class Redirect:
     port: int
 
 
-@dataclass(frozen=True)
+@record
 class Tproxy:
     port: int
     mark: int
     mask: int = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
+@record
 class SetMark:
     mark: int
 
 
-@dataclass(frozen=True)
+@record
 class SaveMark:
     """``CONNMARK --save-mark``: copy the packet mark to the connection."""
 
 
-@dataclass(frozen=True)
+@record
 class RestoreMark:
     """``CONNMARK --restore-mark``: copy the connection mark back to the packet."""
 
 
-@dataclass(frozen=True)
+@record
 class CtZone:
     zone: int
 
@@ -251,7 +252,7 @@ class CtZone:
 Target = Verdict | Jump | Redirect | Tproxy | SetMark | SaveMark | RestoreMark | CtZone
 
 
-@dataclass(frozen=True)
+@record
 class Rule:
     """One rule: appended to ``chain`` of ``table``, or inserted at ``position`` (1-based) when given."""
 
@@ -264,7 +265,7 @@ class Rule:
     """``-m comment`` text (``--rule-comments``): what the rule is for, so a save explains itself."""
 
 
-@dataclass(frozen=True)
+@record
 class RuleSet:
     """The ordered rules of one address family, in the order they are applied."""
 
@@ -279,7 +280,7 @@ class RuleSet:
         return [rule for rule in self.rules if rule.table is table]
 
 
-@dataclass(frozen=True)
+@record
 class PolicyRoute:
     """TPROXY routing: ``ip rule add fwmark <mark> lookup <table>`` and
     ``ip route add local default dev lo table <table>``, so marked packets are delivered locally."""
@@ -289,7 +290,7 @@ class PolicyRoute:
     table: int
 
 
-@dataclass(frozen=True)
+@record
 class AddressSet:
     """A set of CIDRs of one family (ipset ``hash:net``; an nft interval set)."""
 
@@ -298,7 +299,7 @@ class AddressSet:
     networks: tuple[IPNet, ...]
 
 
-@dataclass(frozen=True)
+@record
 class PortSet:
     """A set of ports (ipset ``bitmap:port``; an nft ``inet_service`` set), for TCP and UDP alike."""
 
@@ -306,7 +307,7 @@ class PortSet:
     ports: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     rulesets: tuple[RuleSet, ...]
     routes: tuple[PolicyRoute, ...] = ()

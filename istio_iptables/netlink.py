@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
 from .errors import HostError
+from .records import record
 
 _NLMSG_HEADER = struct.Struct("=LHHLL")
 _RTATTR = struct.Struct("=HH")
@@ -31,7 +31,7 @@ _NFTA_TABLE_NAME = 1
 _HEADER_SIZE = {RTM_GETADDR: 8, RTM_GETROUTE: 12, RTM_GETRULE: 12}
 
 
-@dataclass(frozen=True)
+@record
 class Message:
     header: bytes
     """The message's fixed header (ifaddrmsg, rtmsg or fib_rule_hdr)."""

@@ -24,8 +24,6 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
 
 from .model import (
     BUILTIN_CHAINS,
@@ -64,6 +62,7 @@ from .model import (
     UidOwner,
     Verdict,
 )
+from .records import field, mutable_record, record, replace
 from .render.nft import (
     BASE_CHAINS,
     CHAIN_ORDER,
@@ -76,6 +75,10 @@ from .render.nft import (
 )
 from .render.nft import rule_expression as nft_rule_expression
 from .state import Layout, SavedRule, TableState, canonical
+
+TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
+if TYPE_CHECKING:
+    from typing import Any
 
 FAMILY = "inet"
 OWN_TABLES: dict[str, Table] = {name: table for table, name in TABLE_NAMES.items()}
@@ -91,7 +94,7 @@ class UnparsedNftRuleError(ValueError):
     """A rule using something the model does not describe."""
 
 
-@dataclass(frozen=True)
+@record
 class NftRule:
     """One rule of one of our tables, as read."""
 
@@ -107,7 +110,7 @@ class NftRule:
     """The kernel's handle, read from a listing: what ``render_deletes`` names."""
 
 
-@dataclass
+@mutable_record
 class NftTable:
     chains: dict[str, str | None] = field(default_factory=dict)
     """Chains in order, by nft name: a base chain with its hook (``type nat hook output priority -100 policy
@@ -118,7 +121,7 @@ class NftTable:
     """Named sets (``--match-sets``) by nft name: type, flags and elements, canonical (``set_text``)."""
 
 
-@dataclass(frozen=True)
+@record
 class NftState:
     """What ``nft -j list ruleset`` showed of interest to us."""
 
@@ -167,7 +170,7 @@ class NftState:
         return tables
 
 
-@dataclass(frozen=True)
+@record
 class BaseChain:
     """A hooked chain of a table not ours (iptables-nft's ``ip nat OUTPUT``, a firewall's...)."""
 

@@ -7,7 +7,6 @@ family; a step marked "both" in Istio simply runs in each family, a versioned va
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_interface
 
 from .config import ALL, Config, Mode
@@ -67,6 +66,7 @@ from .model import (
     UidOwner,
     Verdict,
 )
+from .records import record, replace
 
 DEFAULT_PROXY_UID = 1337
 DNS_PORT = 53
@@ -91,7 +91,7 @@ NAT, MANGLE, RAW = Table.NAT, Table.MANGLE, Table.RAW
 RETURN = Verdict.RETURN
 
 
-@dataclass(frozen=True)
+@record
 class Decisions:
     """What the configuration and the host facts mean, decided once for both families."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 
 from .apply import iptables_copies, namespace_lock_path, observe, xtables_environment
 from .backends import nft as native
@@ -19,13 +18,14 @@ from .config import Config
 from .errors import ApplyError
 from .hostfacts import local_addresses
 from .model import BUILTIN_CHAINS, Family, Plan
+from .records import field, mutable_record
 from .render.nft import BASE_CHAINS, TABLE_NAMES, render_nft
 from .render.restore import render_restore
 from .state import own_entries
 from .status import NATIVE, backend_label
 
 
-@dataclass
+@mutable_record
 class FamilyCheck:
     family: str
     variant: str = ""
@@ -40,7 +40,7 @@ class FamilyCheck:
         return not self.error and all(present for _, present in self.features)
 
 
-@dataclass
+@mutable_record
 class Preflight:
     families: list[FamilyCheck]
     uncaptured_ipv6: list[str]

@@ -10,13 +10,21 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from ipaddress import IPv6Interface, ip_address
-from typing import Any
 
 from . import netlink
 from .errors import ApplyError
 from .model import Family, Plan, PolicyRoute
+from .records import record
+
+TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
+if TYPE_CHECKING:
+    from typing import Any
+
+    Step = Callable[[Any], object]
+    """One routing change, given an open pyroute2 IPRoute."""
+    Change = tuple[str, Step, Step]
+    """A description, the step, and its inverse."""
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +38,7 @@ LO = "lo"
 LOOPBACK_PASSTHROUGH = IPv6Interface("::6/128")
 
 
-@dataclass(frozen=True)
+@record
 class MarkRule:
     family: Family
     mark: int
@@ -38,7 +46,7 @@ class MarkRule:
     priority: int
 
 
-@dataclass(frozen=True)
+@record
 class Routing:
     """The routing state of ours found in the namespace."""
 
@@ -72,14 +80,6 @@ def read() -> Routing:
         if int.from_bytes(message.header[4:8], "little") == lo_index and _IFA_ADDRESS in message.attributes
     )
     return Routing(tuple(rules), frozenset(local_tables), addresses)
-
-
-Step = Callable[[Any], object]
-"""One routing change, given an open pyroute2 IPRoute."""
-
-
-Change = tuple[str, Step, Step]
-"""A description, the step, and its inverse."""
 
 
 def changes(plan: Plan, live: Routing, cleanup: bool = False) -> list[Change]:

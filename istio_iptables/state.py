@@ -10,9 +10,7 @@ import difflib
 import ipaddress
 import shlex
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
 from functools import cache
-from typing import Any
 
 from .config import ALL, Config, Mode
 from .hostfacts import HostFacts
@@ -51,7 +49,12 @@ from .model import (
     declared_chains,
 )
 from .plan import build_plan
+from .records import field, mutable_record, record, replace
 from .render.iptables import rule_text, save_text
+
+TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
+if TYPE_CHECKING:
+    from typing import Any
 
 FULL_MASK = 0xFFFFFFFF
 # Targets that take no option and so could be mistaken for a jump to a chain of that name.
@@ -109,7 +112,7 @@ def _parse_line(table: Table, line: str) -> Rule | None:
         return None
 
 
-@dataclass
+@mutable_record
 class TableState:
     chains: dict[str, str | None] = field(default_factory=dict)
     """Declared chains in order: built-in ones with their policy, user chains with None."""
@@ -455,7 +458,7 @@ def drift(expected: Layout, live: Layout) -> list[str]:
     return list(difflib.unified_diff(layout_lines(expected), layout_lines(live), "expected", "live", n=1, lineterm=""))
 
 
-@dataclass(frozen=True)
+@record
 class LayoutDiff:
     """Our rules that the plan has and the live tables lack, that the live tables have in excess, and that
     differ in place (expected, live). Each rule is (table, chain, text)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from . import routes
 from .apply import group_id, iptables_copies, observe, xtables_environment
@@ -12,6 +11,7 @@ from .config import Config
 from .errors import ApplyError
 from .model import Plan, Table
 from .nft_state import planned_layout
+from .records import record
 from .render.nft import TABLE_NAMES
 from .state import Layout, compare, own_entries
 
@@ -21,7 +21,7 @@ NATIVE = "native"
 Ref = tuple[Table, str, str]
 
 
-@dataclass(frozen=True)
+@record
 class FamilyStatus:
     family: str
     variant: str
@@ -35,7 +35,7 @@ class FamilyStatus:
         return not (self.missing or self.extra or self.changed)
 
 
-@dataclass(frozen=True)
+@record
 class Status:
     families: list[FamilyStatus]
     routing: list[str]

@@ -54,7 +54,6 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .model import (
@@ -94,6 +93,7 @@ from .model import (
     UidOwner,
     Verdict,
 )
+from .records import field, mutable_record, record, replace
 from .render.iptables import match_arguments
 from .state import SavedRule, TableState, tables_holding
 
@@ -119,7 +119,7 @@ class Direction(enum.Enum):
     """Arriving at the pod on an interface."""
 
 
-@dataclass(frozen=True)
+@record
 class Flow:
     """The first packet (or, with ``state``, any packet) of a connection, as netfilter sees it.
 
@@ -290,7 +290,7 @@ class Outcome(enum.Enum):
     UNKNOWN = "could not interpret"
 
 
-@dataclass(frozen=True)
+@record
 class Location:
     """Where a rule sits: the hook being walked (and whether the packet came back in over lo), its table,
     chain and 1-based number in the chain, in kernel order. Number 0 is the chain's policy."""
@@ -306,7 +306,7 @@ class Location:
         return f"{where} policy" if self.number == 0 else f"{where} rule {self.number}"
 
 
-@dataclass(frozen=True)
+@record
 class Step:
     """One rule the packet was checked against."""
 
@@ -324,7 +324,7 @@ class Step:
     """Calls deep: 0 in the built-in chain."""
 
 
-@dataclass(frozen=True)
+@record
 class Note:
     """Something the walk did without a rule: a table skipped, the end of a chain, a policy applied."""
 
@@ -339,7 +339,7 @@ class Note:
 Event = Step | Note
 
 
-@dataclass(frozen=True)
+@record
 class TraceVerdict:
     text: str
     """In plain words: ``captured: redirected to 15001 by ISTIO_REDIRECT``."""
@@ -361,7 +361,7 @@ class TraceVerdict:
     uncertain_at: Location | None
 
 
-@dataclass(frozen=True)
+@record
 class Trace:
     flow: Flow
     family: Family
@@ -432,7 +432,7 @@ MAX_EVENTS = 10_000
 """A bound on the walk, whatever the tables hold."""
 
 
-@dataclass
+@mutable_record
 class _Packet:
     """The packet as the walk changes it."""
 
@@ -455,7 +455,7 @@ class _Packet:
     zone: int | None = None
 
 
-@dataclass
+@mutable_record
 class _TableRun:
     """How one table's walk for one hook ended."""
 

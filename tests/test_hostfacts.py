@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from istio_iptables.config import Config
 from istio_iptables.errors import HostError
 from istio_iptables.hostfacts import HostFacts, gather, local_addresses, read_nameservers, user_uid
 from istio_iptables.plan import decide, ipv6_enabled
+from istio_iptables.records import replace
 
 # ---- resolv.conf ---------------------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ transactions that lead from it to a plan. Pure: the JSON is a listing the kernel
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from ipaddress import ip_address, ip_interface
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from istio_iptables.nft_state import (
     stale_tables,
 )
 from istio_iptables.plan import build_plan
+from istio_iptables.records import replace
 from istio_iptables.render.nft import render_nft
 from istio_iptables.render.restore import render_restore
 from istio_iptables.render.restore import render_transition as render_restore_transition

@@ -6,7 +6,6 @@ which the renderer tests pin separately), so a failure shows the whole sequence 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_address
 
 import pytest
@@ -38,6 +37,7 @@ from istio_iptables.model import (
     declared_chains,
 )
 from istio_iptables.plan import build_plan, decide
+from istio_iptables.records import replace
 from istio_iptables.render.iptables import rule_text
 from istio_iptables.render.restore import render_restore
 

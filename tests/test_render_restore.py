@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from ipaddress import IPv4Interface, ip_address
 
 from istio_iptables.config import ALL, Config, DryRunFormat, Mode
@@ -19,6 +18,7 @@ from istio_iptables.model import (
     Verdict,
 )
 from istio_iptables.plan import build_plan
+from istio_iptables.records import replace
 from istio_iptables.render.dryrun import dry_run_output, istio_command_log
 from istio_iptables.render.restore import render_restore
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, ip_address
 from typing import Any
 
@@ -41,6 +40,7 @@ from istio_iptables.model import (
     Verdict,
 )
 from istio_iptables.plan import build_plan
+from istio_iptables.records import replace
 from istio_iptables.render.restore import render_restore
 from istio_iptables.render.trace import render_trace_json, render_trace_text
 from istio_iptables.state import parse_tables

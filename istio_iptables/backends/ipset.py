@@ -8,11 +8,11 @@ temporary name and swapped in (``ipset swap`` is atomic), so no rule ever meets 
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
 from ipaddress import ip_interface
 
 from ..errors import ApplyError
 from ..model import ISTIO_SETS, AddressSet, Family, PortSet
+from ..records import record
 from ..render.iptables import ipset_payload
 
 TIMEOUT = 60.0
@@ -20,7 +20,7 @@ SWAP_SUFFIX = ".n"
 """The temporary name of a set being refilled (ipset names hold 31 characters; ours at most 28)."""
 
 
-@dataclass(frozen=True)
+@record
 class LiveSet:
     create: str
     """Its ``create`` line as ``ipset save`` prints it (to recreate it exactly on a rollback)."""

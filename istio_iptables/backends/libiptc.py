@@ -30,15 +30,18 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 from .. import locks
 from ..config import IptablesVariant
 from ..errors import ApplyError
 from ..model import Family, Table
+from ..records import mutable_record, record
 from .restore import PROBE_CHAIN, Feature, Iptables, _run, _save, command, features_of
+
+TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class _RefusedError(Exception):
     """A payload line libiptc or an extension refused (or that this backend cannot read)."""
 
 
-@dataclass
+@mutable_record
 class _LineRefusedError(Exception):
     table: str
     number: int
@@ -82,7 +85,7 @@ class _LineRefusedError(Exception):
     """The rule lines to look for missing kernel features in: the line, or the table's rules at COMMIT."""
 
 
-@dataclass(frozen=True)
+@record
 class Libiptc(Iptables):
     """One family's legacy tables, written through libiptc; ``saved`` is the iptables-legacy-save text."""
 

@@ -20,12 +20,12 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 
 from .. import netlink
 from ..errors import ApplyError, HostError
 from ..model import Table
 from ..nft_state import FAMILY, OWN_TABLES, NftState, parse_ruleset, restore_document
+from ..records import record
 from ..render.nft import TABLE_NAMES
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _FAILED_LINE = re.compile(r"^/dev/stdin:(\d+):", re.MULTILINE)
 PROBE_TABLE = "istio-proxy-probe"
 
 
-@dataclass(frozen=True)
+@record
 class Feature:
     """Something a transaction needs from the kernel, with what provides it and a chain and rule using it."""
 
@@ -71,7 +71,7 @@ def features_of(script: str) -> list[Feature]:
     return [feature for feature in FEATURES if re.search(feature.pattern, script)]
 
 
-@dataclass(frozen=True)
+@record
 class Nft:
     """The nft binary, with the state it listed when detected."""
 

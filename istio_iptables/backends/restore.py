@@ -13,12 +13,12 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 
 from .. import netlink
 from ..config import IptablesVariant
 from ..errors import ApplyError, HostError
 from ..model import Family, Table
+from ..records import record
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def command(family: Family, variant: IptablesVariant, tool: str = "") -> str:
     return f"{'ip6tables' if family is Family.V6 else 'iptables'}-{variant.value}" + (f"-{tool}" if tool else "")
 
 
-@dataclass(frozen=True)
+@record
 class Iptables:
     """One family's iptables, with the state it had when detected."""
 
@@ -115,7 +115,7 @@ class Iptables:
         return results
 
 
-@dataclass(frozen=True)
+@record
 class Feature:
     """Something a rule needs from the kernel, and a rule that uses only it."""
 

@@ -12,7 +12,6 @@ one line per rule. Rule numbers are the kernel's (after the ``-I`` inserts).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Literal
 
 from ..model import (
@@ -46,6 +45,7 @@ from ..model import (
     UidOwner,
     Verdict,
 )
+from ..records import field, mutable_record
 from ..state import tables_holding
 from ..trace import kernel_chains
 
@@ -59,7 +59,7 @@ Kind = Literal["hook", "builtin", "chain", "capture", "return", "accept", "drop"
 Style = Literal["jump", "then", "continue"]
 
 
-@dataclass
+@mutable_record
 class _Node:
     id: str
     label: str
@@ -68,7 +68,7 @@ class _Node:
     """Family, then table (empty for a hook)."""
 
 
-@dataclass
+@mutable_record
 class _Edge:
     source: str
     target: str
@@ -76,7 +76,7 @@ class _Edge:
     labels: list[str] = field(default_factory=list)
 
 
-@dataclass
+@mutable_record
 class _Graph:
     nodes: dict[str, _Node] = field(default_factory=dict)
     edges: dict[tuple[str, str, Style], _Edge] = field(default_factory=dict)

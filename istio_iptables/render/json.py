@@ -1,20 +1,23 @@
 """The plan as JSON; README's "JSON schema" section documents the shape.
 
-Clauses and targets are written generically from their dataclass fields, so each one is
+Clauses and targets are written generically from their record fields, so each one is
 ``{"match": <kind>, <field>: <value>, ..., "negated": bool}`` and ``{"target": <kind>, <field>: <value>}``,
 where the kind is the model's class name in snake case (``destination_port``, ``uid_owner``, ``jump``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import re
-from typing import Any
 
 from ..model import AddressSet, Match, Plan, PortSet, Rule, Target, Verdict, declared_chains
+from ..records import field_names
 from .iptables import rule_text
+
+TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
+if TYPE_CHECKING:
+    from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -71,7 +74,7 @@ def _kind(value: Match | Target) -> str:
 
 
 def _fields(value: Any) -> dict[str, Any]:
-    return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    return {name: _plain(getattr(value, name)) for name in field_names(value)}
 
 
 def _plain(value: Any) -> Any:

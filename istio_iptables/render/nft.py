@@ -14,7 +14,6 @@ logic of its own. Three things set the nft form apart from the iptables payloads
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 from ..model import (
     ISTIO_DIVERT,
@@ -59,6 +58,7 @@ from ..model import (
     Verdict,
 )
 from ..plan import LOOPBACK_V6, PASSTHROUGH_V6
+from ..records import record
 
 PREROUTING, OUTPUT = "PREROUTING", "OUTPUT"
 NAT, MANGLE, RAW = Table.NAT, Table.MANGLE, Table.RAW
@@ -391,7 +391,8 @@ def _shape(rule: Rule) -> tuple[object, ...]:
     return (rule.table, rule.chain, rule.position, clauses, rule.target)
 
 
-class _Loop(NamedTuple):
+@record
+class _Loop:
     what: str
     holds: Callable[[Rule], bool]
     has_versioned_lookalike: bool = False

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from ..trace import Event, Flow, Location, Note, Outcome, Step, Trace, TraceVerdict
+
+TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
+if TYPE_CHECKING:
+    from typing import Any
 
 _SYMBOL = {Outcome.MATCHED: "+", Outcome.NOT_MATCHED: "-", Outcome.UNKNOWN: "?"}
 _INDENT = "  "

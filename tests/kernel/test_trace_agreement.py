@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import typer
 
-from istio_iptables import cli
+from istio_iptables import app
 from istio_iptables.config import Config, load
 from istio_iptables.hostfacts import HostFacts
 from istio_iptables.model import AddressSet, Family, Plan, PortSet, Proto, Table
@@ -201,7 +201,7 @@ def draw_config(rng: random.Random, index: int) -> Drawn:
 def config_of(drawn: Drawn) -> Config:
     """The Config the CLI builds from these flags: parsed by the CLI's own command, loaded with the
     environment the CLI process gets (apply_capture passes ours on)."""
-    command = typer.main.get_command(cli.app)
+    command = typer.main.get_command(app.app)
     argv = [*drawn.args, "--ipv6" if drawn.ipv6 else "--no-ipv6"]
     with command.make_context("istio-iptables", argv) as context:
         given = dict(context.params)

@@ -1,0 +1,91 @@
+"""The two parsers of the main command agree: ``cli.plain_run`` (no Typer import, the init container's path)
+returns exactly the options Typer's own parse of the same command line gives, or declines and leaves it to
+Typer. Nothing here runs a command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import typer
+from hypothesis import given
+from hypothesis import strategies as st
+
+from istio_iptables import app, cli
+from istio_iptables.config import SETTINGS
+
+OPTIONS = [setting for setting in SETTINGS if setting.flags]
+VALUES = st.sampled_from(["", "15001", "*", "-", "10.0.0.0/8,::1/128", "a=b", "=", " ", "é", "1,2,3"]) | st.text()
+COMMAND = typer.main.get_command(app.app)
+
+
+def typer_options(arguments: list[str]) -> dict[str, object]:
+    """What Typer passes to the main command for these arguments; it must find no subcommand."""
+    context = COMMAND.make_context(cli.PROG, list(arguments))
+    # Typer's vendored Click keeps a subcommand's name and arguments in ``_protected_args``.
+    assert not context._protected_args and not context.args, arguments
+    return dict(context.params)
+
+
+@st.composite
+def option(draw: st.DrawFn) -> list[str]:
+    """One option in a form the fast path takes: a switch (or its --no- form), or a flag with its value."""
+    setting = draw(st.sampled_from(OPTIONS))
+    if setting.switch:
+        return [draw(st.sampled_from([*setting.flags, setting.off]))]
+    name = draw(st.sampled_from(setting.flags))
+    value = draw(VALUES.filter(lambda text: text == "-" or not text.startswith("-")))
+    glued = name.startswith("--") and draw(st.booleans())
+    return [f"{name}={value}"] if glued else [name, value]
+
+
+@given(st.lists(option(), max_size=8))
+def test_plain_command_lines_parse_as_typer_parses_them(options: list[list[str]]) -> None:
+    arguments = [argument for each in options for argument in each]
+    assert cli.plain_run(arguments) == typer_options(arguments)
+
+
+TOKENS = (
+    st.sampled_from(
+        [name for setting in OPTIONS for name in (*setting.flags, setting.off if setting.switch else setting.flags[0])]
+        + ["--", "-h", "--help", "status", "-nx", "-p15001", "-p=1", "--nope", "--dry-run=1", "-x", "--envoy-port="]
+    )
+    | VALUES
+)
+
+
+@given(st.lists(TOKENS, max_size=8))
+def test_any_command_line_the_fast_path_takes_typer_reads_the_same(arguments: list[str]) -> None:
+    options = cli.plain_run(arguments)
+    if options is not None:
+        assert options == typer_options(arguments)
+
+
+def test_the_fast_path_declines_what_only_typer_does() -> None:
+    for arguments in (
+        ["--help"],
+        ["-h"],
+        ["status"],
+        ["-p", "15001", "trace", "outbound", "--dst", "198.18.0.1:80"],
+        ["--"],
+        ["-nx"],  # bundled short flags
+        ["-p15001"],  # a short flag's value attached
+        ["-x", "-p"],  # a value that looks like a flag
+        ["-p"],  # a missing value
+        ["--no-envoy-port"],
+        ["--dry-run=yes"],  # a switch with a value that go_switches did not translate
+        ["--envoy"],  # Click has no abbreviations either; Typer words the error
+    ):
+        assert cli.plain_run(arguments) is None, arguments
+
+
+def test_a_plain_run_never_imports_typer() -> None:
+    probe = (
+        "import sys; from istio_iptables import cli\n"
+        "try: cli.main(['-p', '15001', '-u', '1337', '-i', '*', '-b', '*', '--dry-run'])\n"
+        "except SystemExit as exit_: assert exit_.code == 0, exit_.code\n"
+        "assert 'typer' not in sys.modules and 'click' not in sys.modules, 'typer was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "-A ISTIO_OUTPUT" in done.stdout
