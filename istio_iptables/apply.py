@@ -22,8 +22,6 @@ from __future__ import annotations
 import grp
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -34,6 +32,7 @@ from .backends import nft as native
 from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
 from .config import Backend, Config
 from .errors import ApplyError
+from .hostfacts import which
 from .model import BUILTIN_CHAINS, AddressSet, Family, Plan, PortSet, Rule, RuleSet, SaveMark, Table
 from .records import record, replace
 from .render.nft import TABLE_NAMES
@@ -71,9 +70,7 @@ def apply(config: Config, plan: Plan) -> None:
     environment = xtables_environment(config)
     with namespace_lock(environment):
         native_copy = native.own_tables()
-        switching = (
-            bool(native_copy) and config.reconcile and not config.cleanup_only and shutil.which("nft") is not None
-        )
+        switching = bool(native_copy) and config.reconcile and not config.cleanup_only and which("nft") is not None
         held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
         observations = observe(config, held, environment)
         transitions = plan_transitions(config, observations)
@@ -133,7 +130,7 @@ def _sets_concern(config: Config, planned: tuple[AddressSet | PortSet, ...], tra
     """Whether this run must read our ipsets: the plan has some, rules being replaced look some up, or a
     clean-up may find some (no process otherwise)."""
     referenced = any("--match-set ISTIO_" in transition.iptables.saved for transition in transitions)
-    return bool(planned) or referenced or (config.cleanup_only and shutil.which("ipset") is not None)
+    return bool(planned) or referenced or (config.cleanup_only and which("ipset") is not None)
 
 
 def apply_native(config: Config, plan: Plan) -> None:
@@ -424,4 +421,8 @@ def namespace_lock(environment: dict[str, str]) -> Iterator[None]:
 
 
 def _lock_directory() -> str:
-    return "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()
+    if os.access("/run", os.W_OK):
+        return "/run"
+    import tempfile  # noqa: PLC0415 (with shutil and random, 3 ms of start-up that only this case needs)
+
+    return tempfile.gettempdir()

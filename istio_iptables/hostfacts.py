@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import pwd
 import socket
 
@@ -76,3 +77,13 @@ def local_addresses() -> list[IPAddress]:
         if raw is not None and message.family in (socket.AF_INET, socket.AF_INET6):
             addresses.append(ipaddress.ip_address(raw))
     return addresses
+
+
+def which(program: str) -> str | None:
+    """The path of ``program`` on PATH, as ``shutil.which`` finds it; importing shutil (archive modules and
+    all) costs an init container 2.5 ms, a tenth of its whole run."""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory, program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None

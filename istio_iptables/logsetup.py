@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -34,6 +33,8 @@ class _IstioFormatter(logging.Formatter):
             entry = {"time": stamp, "level": level, "scope": "default", "msg": message}
             if caller:
                 entry["caller"] = caller
+            import json  # noqa: PLC0415 (only JSON logs need it)
+
             return json.dumps(entry)
         return "\t".join(part for part in (stamp, level, caller, message) if part)
 

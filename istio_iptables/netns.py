@@ -7,6 +7,7 @@ import os
 from .errors import ApplyError
 
 NETNS_RUN_DIR = "/var/run/netns"
+CLONE_NEWNET = 0x40000000
 
 
 def namespace_path(name_or_path: str) -> str:
@@ -17,9 +18,7 @@ def namespace_path(name_or_path: str) -> str:
 def enter(name_or_path: str) -> None:
     """Move this process into the namespace; everything after (subprocesses, sockets) runs there.
     The namespace must exist: unlike pyroute2's default, we never create one by accident."""
-    import ctypes  # noqa: PLC0415
-
-    from pyroute2 import netns  # noqa: PLC0415 (heavy; only the apply path needs it)
+    import ctypes  # noqa: PLC0415 (only --network-namespace needs it)
 
     path = namespace_path(name_or_path)
     try:
@@ -27,10 +26,11 @@ def enter(name_or_path: str) -> None:
     except OSError as error:
         raise ApplyError(f"cannot open network namespace {path}: {error.strerror}") from None
     try:
-        # Our libc handle: pyroute2 would look libc up with ctypes.util.find_library, which runs ldconfig.
-        netns.setns(descriptor, flags=0, libc=ctypes.CDLL(None, use_errno=True))
-    except OSError as error:
-        raise ApplyError(f"cannot enter network namespace {path}: {os.strerror(error.errno or 0)}") from None
+        # setns(2) straight from libc: os.setns exists only from Python 3.12, and pyroute2's takes 100 ms
+        # to import (and runs ldconfig to find libc).
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(descriptor, CLONE_NEWNET) != 0:
+            raise ApplyError(f"cannot enter network namespace {path}: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(descriptor)
 

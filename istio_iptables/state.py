@@ -6,7 +6,6 @@ iptables-save prints it (``-m tcp --dport``, ``--mark 0x539``, ``--set-xmark 0x5
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import shlex
 from collections.abc import Callable, Iterable, Iterator
@@ -455,6 +454,8 @@ def layout_lines(layout: Layout) -> list[str]:
 
 def drift(expected: Layout, live: Layout) -> list[str]:
     """A unified diff of expected against live; empty when in sync."""
+    import difflib  # noqa: PLC0415 (only drift needs it; start-up is a feature)
+
     return list(difflib.unified_diff(layout_lines(expected), layout_lines(live), "expected", "live", n=1, lineterm=""))
 
 
@@ -469,6 +470,8 @@ class LayoutDiff:
 
 
 def compare(expected: Layout, live: Layout) -> LayoutDiff:
+    import difflib  # noqa: PLC0415 (only drift needs it; start-up is a feature)
+
     missing, extra, changed = [], [], []
     for table in sorted(set(expected) | set(live), key=lambda table: table.value):
         chains = set(expected.get(table, {})) | set(live.get(table, {}))

@@ -190,11 +190,32 @@ def startup(runs: int) -> list[Row]:
 
     interpreter = median([PYTHON, "-c", "pass"])
     typer = median([PYTHON, "-c", "import typer"])
+    ours = median([PYTHON, "-c", "import istio_iptables.console, istio_iptables.apply"])
     help_ = median([CLI, "--help"])
     return [
         Row("python -c pass (the interpreter)", interpreter, baseline=interpreter),
-        Row("python -c 'import typer'", typer, baseline=interpreter),
+        Row("python -c 'import typer' (not loaded by a plain run)", typer, baseline=interpreter),
+        Row("python -c 'import <the modules of an apply>'", ours, baseline=interpreter),
         Row("istio-iptables --help (interpreter + typer + this package)", help_, baseline=interpreter),
+    ]
+
+
+def import_costs(runs: int, shown: int = 12) -> list[Row]:
+    """Where an apply's start-up goes: ``python -X importtime`` of the init container's run, each module's own
+    time (median over fresh namespaces), the biggest ones. importtime's own bookkeeping inflates the figures."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(runs):
+        with namespace() as name:
+            command = inside(name, [PYTHON, "-X", "importtime", "-m", "istio_iptables", *INIT_FLAGS])
+            result = subprocess.run(command, capture_output=True, text=True, env=POD_ENV, check=True)
+        for line in result.stderr.splitlines():
+            if match := re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line):
+                samples.setdefault(match[2], []).append(int(match[1]) / 1e6)
+    own = {module: statistics.median(times) for module, times in samples.items()}
+    biggest = sorted(own.items(), key=lambda item: item[1], reverse=True)[:shown]
+    return [
+        Row(f"all {len(own)} modules (the interpreter's own start-up modules included)", sum(own.values())),
+        *(Row(module, seconds) for module, seconds in biggest),
     ]
 
 
@@ -442,6 +463,7 @@ def main() -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
     sections = [
         ("Start-up", startup(args.runs)),
+        ("Imports of an apply: python -X importtime, each module's own time", import_costs(args.runs)),
         ("Apply latency: init container's default flags, fresh namespace per run", apply_latency(args.runs)),
         ("Scale: entries in -x, -o, -d", scale(sizes, args.replay_sample)),
         (

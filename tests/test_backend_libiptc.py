@@ -52,7 +52,7 @@ def test_without_python_iptables_the_extra_is_named(monkeypatch: pytest.MonkeyPa
 
 def test_rules_in_nf_tables_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(libiptc, "_iptc", lambda: fake_iptc(opens=True))
-    monkeypatch.setattr(libiptc.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(libiptc, "which", lambda name: f"/usr/sbin/{name}")
     monkeypatch.setattr(libiptc, "_run", listing("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j RETURN\nCOMMIT\n"))
     with pytest.raises(ApplyError) as refused:
         libiptc.detect(Family.V6, {})
@@ -63,7 +63,7 @@ def test_rules_in_nf_tables_are_refused(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_unusable_legacy_tables_are_named_with_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(libiptc, "_iptc", lambda: fake_iptc(opens=False))
-    monkeypatch.setattr(libiptc.shutil, "which", lambda name: None)
+    monkeypatch.setattr(libiptc, "which", lambda name: None)
     with pytest.raises(ApplyError) as refused:
         libiptc.detect(Family.V4, {})
     message = str(refused.value)
@@ -73,7 +73,7 @@ def test_unusable_legacy_tables_are_named_with_the_way_out(monkeypatch: pytest.M
 
 def test_empty_nft_tables_and_usable_legacy_tables_detect_legacy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(libiptc, "_iptc", lambda: fake_iptc(opens=True))
-    monkeypatch.setattr(libiptc.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(libiptc, "which", lambda name: f"/usr/sbin/{name}")
     monkeypatch.setattr(libiptc, "_run", listing("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"))
     monkeypatch.setattr(libiptc, "_save", lambda family, variant, environment: "*nat\nCOMMIT\n")
     found = libiptc.detect(Family.V4, {"XTABLES_LOCKFILE": "/tmp/x.lock"})

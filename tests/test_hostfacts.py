@@ -287,3 +287,16 @@ def test_decide_proxy_uid_from_the_host_or_1337() -> None:
     ]
     fallback = decide(Config(ipv6=False), HostFacts(envoy_uid=None)).owners
     assert [getattr(owner, "uid", getattr(owner, "group", None)) for owner in fallback] == [1337, 1337]
+
+
+def test_which_finds_what_shutil_which_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil  # noqa: PLC0415
+
+    (tmp_path / "tool").write_text("#!/bin/sh\n")
+    (tmp_path / "tool").chmod(0o755)
+    (tmp_path / "plain").write_text("")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setenv("PATH", f"{tmp_path}::/usr/bin:/bin")
+    for program in ("tool", "plain", "folder", "sh", "no-such-program-here"):
+        assert hostfacts.which(program) == shutil.which(program), program
+    assert hostfacts.which("tool") == str(tmp_path / "tool")

@@ -21,7 +21,6 @@ import os
 import re
 import select
 import shlex
-import shutil
 import signal
 import socket
 import sys
@@ -35,6 +34,7 @@ from functools import cache
 from .. import locks
 from ..config import IptablesVariant
 from ..errors import ApplyError
+from ..hostfacts import which
 from ..model import Family, Table
 from ..records import mutable_record, record
 from .restore import PROBE_CHAIN, Feature, Iptables, _run, _save, command, features_of
@@ -118,7 +118,7 @@ def detect(family: Family, environment: dict[str, str]) -> Libiptc:
     to do instead when python-iptables, the kernel's x_tables or this namespace's rules do not allow it."""
     iptc = _iptc()
     nft_save = command(family, NFT, "save")
-    if shutil.which(nft_save):
+    if which(nft_save):
         listed = _run([nft_save], None, environment)
         if listed.returncode == 0 and any(line.startswith("-A ") for line in listed.stdout.splitlines()):
             raise ApplyError(

@@ -18,11 +18,11 @@ import errno
 import logging
 import os
 import re
-import shutil
 import subprocess
 
 from .. import netlink
 from ..errors import ApplyError, HostError
+from ..hostfacts import which
 from ..model import Table
 from ..nft_state import FAMILY, OWN_TABLES, NftState, parse_ruleset, restore_document
 from ..records import record
@@ -126,7 +126,7 @@ class Nft:
 
 def detect() -> Nft:
     """The nft binary and the namespace's ruleset; ApplyError saying what is missing when either is."""
-    binary = shutil.which("nft")
+    binary = which("nft")
     if binary is None:
         raise ApplyError(
             "--native-nftables needs the nft binary (nftables >= 1.0.1) and there is none on PATH: "
@@ -178,7 +178,7 @@ def own_tables() -> list[Table]:
 def delete_tables(tables: list[Table]) -> bool:
     """Delete some of our tables in one transaction (the copy an earlier --native-nftables run left); False,
     with a warning, when there is no nft binary to do it with."""
-    binary = shutil.which("nft")
+    binary = which("nft")
     if binary is None:
         names = ", ".join(TABLE_NAMES[table] for table in tables)
         log.warning("nftables tables of an earlier --native-nftables run stay (%s): no nft binary here", names)

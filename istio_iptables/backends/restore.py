@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 
 from .. import netlink
 from ..config import IptablesVariant
 from ..errors import ApplyError, HostError
+from ..hostfacts import which
 from ..model import Family, Table
 from ..records import record
 
@@ -154,7 +154,7 @@ def payload_features(payload: str) -> list[Feature]:
 def detect(family: Family, forced: IptablesVariant | None, environment: dict[str, str]) -> Iptables:
     """The iptables to use for one family, and its current state."""
     fresh = not holds_legacy_tables(family) and _nft_tables_in_use(family) is False
-    if fresh and shutil.which(command(family, forced or NFT, "restore")):
+    if fresh and which(command(family, forced or NFT, "restore")):
         # Nothing holds a rule here yet: the state is known without running a -save.
         reason = "forced with --force-iptables-binary" if forced else "no rules here yet; nft is preferred"
         return Iptables(family, forced or NFT, "", environment, reason)
@@ -177,7 +177,7 @@ def detect(family: Family, forced: IptablesVariant | None, environment: dict[str
             return Iptables(family, variant, saves[variant], environment, reason)
     if NFT in saves:
         return Iptables(family, NFT, saves[NFT], environment, "no variant holds rules here; nft is preferred")
-    if LEGACY not in saves and shutil.which(command(family, LEGACY, "save")):
+    if LEGACY not in saves and which(command(family, LEGACY, "save")):
         reason = "nft is unusable here: " + ("; ".join(errors) or "not installed")
         return Iptables(family, LEGACY, _save(family, LEGACY, environment), environment, reason)
     raise ApplyError(f"no usable iptables for {family.label}: " + ("; ".join(errors) or "no iptables binary found"))
@@ -185,7 +185,7 @@ def detect(family: Family, forced: IptablesVariant | None, environment: dict[str
 
 def available(family: Family, variant: IptablesVariant | None) -> bool:
     candidates = [variant] if variant else [NFT, LEGACY]
-    return any(shutil.which(command(family, candidate, "save")) for candidate in candidates)
+    return any(which(command(family, candidate, "save")) for candidate in candidates)
 
 
 def holds_legacy_tables(family: Family) -> bool:

@@ -1,0 +1,32 @@
+"""The console commands ``istio-iptables`` and ``istio-clean-iptables``.
+
+An init container's run is mostly start-up and exit, so this process does not collect garbage: each module
+loaded would otherwise set off collections that find nothing to free (the objects made are acyclic records,
+strings and tables that live until exit), and exit would scan every object once more. The collector stays
+off, and what is left is frozen before the interpreter tears down. Only the console commands do this; the
+library, and tests that call ``cli.main``, keep the collector as they found it.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+gc.disable()
+
+from . import cli  # noqa: E402 (imported with the collector off, which is the point)
+
+
+def main() -> None:
+    _without_collection(cli.main)
+
+
+def clean_main() -> None:
+    _without_collection(cli.clean_main)
+
+
+def _without_collection(command: Callable[[], None]) -> None:
+    try:
+        command()
+    finally:
+        gc.freeze()
