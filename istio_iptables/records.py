@@ -4,13 +4,16 @@ Why not ``dataclasses``: it writes each class's ``__init__``, ``__eq__``, ``__ha
 ``__setattr__`` and ``__delattr__`` as source text and compiles it at import, about 0.4 ms a class, and
 importing it loads ``inspect``. Together that was 25 ms of an apply whose whole budget, an init container on
 every pod's start-up path, is about 40 ms. Here those methods are written once and read a class's field table,
-so making a class costs a few microseconds, and an instance a microsecond or so more than a dataclass's.
+so making a class costs a few microseconds. An instance takes the same memory as a dataclass's; making one
+costs about 0.5 µs more, comparing or hashing it about 0.1 µs more (0.2 s more for a million records).
 
 Type checkers see the standard semantics (PEP 681): ``@record`` is a frozen dataclass, ``@mutable_record`` a
 mutable one; ``field`` takes ``default``, ``default_factory`` and ``compare``.
 """
 
 from __future__ import annotations
+
+import operator
 
 TYPE_CHECKING = False  # mypy takes any TYPE_CHECKING as true; importing typing would cost 2 ms at run time
 if TYPE_CHECKING:
@@ -49,11 +52,14 @@ def field(*, default: T = _NO_DEFAULT, default_factory: Callable[[], T] | None =
 class _Table:
     """A record class's fields: names in order, defaults, factories, and the names ``==`` and hash compare."""
 
-    __slots__ = ("compared", "defaults", "factories", "names")
+    __slots__ = ("compared", "defaults", "factories", "key", "names", "post_init")
     names: tuple[str, ...]
     defaults: dict[str, object]
     factories: dict[str, Callable[[], object]]
     compared: tuple[str, ...]
+    key: Callable[[Any], object]
+    """What ``==`` and the hash look at: the compared fields' values, read at C speed."""
+    post_init: Callable[[Any], None] | None
 
     def __init__(self, cls: type, inherited: _Table | None) -> None:
         self.names = inherited.names if inherited else ()
@@ -76,6 +82,8 @@ class _Table:
             if spec.compare:
                 compared.append(name)
         self.compared = tuple(compared)
+        self.key = operator.attrgetter(*self.compared) if self.compared else _nothing
+        self.post_init = getattr(cls, "__post_init__", None)
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))
@@ -109,46 +117,46 @@ def _init(self: Any, *args: object, **kwargs: object) -> None:
     names = table.names
     if len(args) > len(names):
         raise TypeError(f"{type(self).__name__}() takes {len(names)} arguments, {len(args)} given")
-    values = dict(zip(names, args, strict=False))
-    for name, value in kwargs.items():
-        if name not in names or name in values:
-            raise TypeError(f"{type(self).__name__}() got an unexpected or repeated argument {name!r}")
-        values[name] = value
-    if len(values) < len(names):
-        for name in names:
-            if name in values:
-                continue
-            if name in table.defaults:
-                values[name] = table.defaults[name]
-            elif name in table.factories:
-                values[name] = table.factories[name]()
-            else:
-                raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
-    # Straight into the instance dict: a frozen record's __setattr__ refuses.
-    self.__dict__.update(values)
-    post_init = getattr(self, "__post_init__", None)
-    if post_init is not None:
-        post_init()
+    # object.__setattr__, as dataclasses do: it passes a frozen record's refusal, and it keeps the instance's
+    # attributes in CPython's compact per-class layout (a materialised __dict__ would double an instance).
+    for name, value in zip(names, args, strict=False):
+        _set(self, name, value)
+    for name in names[len(args) :]:
+        if name in kwargs:
+            value = kwargs.pop(name)
+        elif name in table.defaults:
+            value = table.defaults[name]
+        elif name in table.factories:
+            value = table.factories[name]()
+        else:
+            raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
+        _set(self, name, value)
+    if kwargs:
+        raise TypeError(f"{type(self).__name__}() got an unexpected or repeated argument {next(iter(kwargs))!r}")
+    if table.post_init is not None:
+        table.post_init(self)
 
 
-def _key(self: Any) -> tuple[object, ...]:
-    attributes = self.__dict__
-    return tuple(attributes[name] for name in self.__record__.compared)
+_set = object.__setattr__
+
+
+def _nothing(value: object) -> tuple[()]:
+    return ()
 
 
 def _eq(self: Any, other: object) -> object:
+    key: Callable[[object], object] = self.__record__.key
     if type(other) is not type(self):
         return NotImplemented
-    return self is other or _key(self) == _key(other)
+    return self is other or key(self) == key(other)
 
 
 def _hash(self: Any) -> int:
-    return hash(_key(self))
+    return hash(self.__record__.key(self))
 
 
 def _repr(self: Any) -> str:
-    attributes = self.__dict__
-    shown = ", ".join(f"{name}={attributes[name]!r}" for name in self.__record__.names)
+    shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__record__.names)
     return f"{type(self).__qualname__}({shown})"
 
 
@@ -158,9 +166,8 @@ def _refuse(self: Any, name: str, *value: object) -> None:
 
 def replace(value: T, /, **changes: object) -> T:
     """A copy of the record ``value`` with ``changes`` (``dataclasses.replace``)."""
-    current = value.__dict__
     names: tuple[str, ...] = value.__record__.names  # type: ignore[attr-defined]
-    return type(value)(**{name: current[name] for name in names} | changes)
+    return type(value)(**{name: getattr(value, name) for name in names} | changes)
 
 
 def field_names(value: object) -> tuple[str, ...]:

@@ -89,3 +89,16 @@ def test_a_plain_run_never_imports_typer() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert "-A ISTIO_OUTPUT" in done.stdout
+
+
+def test_the_console_commands_keep_exit_codes_and_only_they_turn_collection_off() -> None:
+    def run(*arguments: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, check=False)
+
+    bad = run("-m", "istio_iptables", "-p", "99999", "--dry-run")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "-p/--envoy-port" in bad.stderr
+    good = run("-m", "istio_iptables", "-p", "15001", "-i", "*", "--dry-run")
+    assert good.returncode == 0 and "-A ISTIO_OUTPUT" in good.stdout
+    probe = "import gc, sys; import istio_iptables.{} as m; sys.exit(0 if gc.isenabled() else 3)"
+    assert run("-c", probe.format("cli")).returncode == 0
+    assert run("-c", probe.format("console")).returncode == 3
