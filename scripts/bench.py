@@ -195,7 +195,11 @@ def startup(runs: int) -> list[Row]:
     return [
         Row("python -c pass (the interpreter)", interpreter, baseline=interpreter),
         Row("python -c 'import typer' (not loaded by a plain run)", typer, baseline=interpreter),
-        Row("python -c 'import <the modules of an apply>'", ours, baseline=interpreter),
+        Row(
+            "python -c 'import <the modules of an apply>' (collector on, as for a library user)",
+            ours,
+            baseline=interpreter,
+        ),
         Row("istio-iptables --help (interpreter + typer + this package)", help_, baseline=interpreter),
     ]
 
