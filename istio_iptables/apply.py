@@ -20,7 +20,6 @@ new copy (without its own) goes in, and the new copy's is added last, after the 
 from __future__ import annotations
 
 import grp
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_le
 from .config import Backend, Config
 from .errors import ApplyError
 from .hostfacts import which
+from .logsetup import Log
 from .model import BUILTIN_CHAINS, AddressSet, Family, Plan, PortSet, Rule, RuleSet, SaveMark, Table
 from .records import record, replace
 from .render.nft import TABLE_NAMES
@@ -49,7 +49,7 @@ from .state import (
     saved_as_planned,
 )
 
-log = logging.getLogger(__name__)
+log = Log(__name__)
 
 LOCK_TIMEOUT = 60.0
 

@@ -550,10 +550,11 @@ class Config:
 # ---- value parsers: each takes the text and raises ValueError with the reason -------------------------
 
 MAX_OWNER_GROUPS = 64
-_INTERFACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,14}")
-_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
-_NETNS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+# Patterns compiled at first use (re caches them): most runs never check an interface or group name.
+_INTERFACE = r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,14}"
+_GROUP_NAME = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?"
+_NETNS_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}"
+_DURATION_PART = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)"
 _DURATION_UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -647,7 +648,7 @@ def parse_addresses(text: str) -> tuple[IPAddress, ...] | None:
 
 
 def parse_interface(text: str) -> str:
-    if not _INTERFACE.fullmatch(text):
+    if not re.fullmatch(_INTERFACE, text):
         raise ValueError("not an interface name (1-15 of A-Z a-z 0-9 _ . + -, not starting with . + or -)")
     return text
 
@@ -659,7 +660,7 @@ def parse_interfaces(text: str) -> tuple[str, ...]:
 def parse_group(text: str) -> int | str:
     if text.isascii() and text.isdigit():
         return parse_id(text)
-    if not _GROUP_NAME.fullmatch(text):
+    if not re.fullmatch(_GROUP_NAME, text):
         raise ValueError("not a group name or GID")
     return text
 
@@ -700,7 +701,7 @@ def parse_duration(text: str) -> float:
     """A Go duration (``5s``, ``+1m30s``, ``500ms``), in seconds; must be positive."""
     position, seconds = (1 if text.startswith("+") else 0), 0.0
     while position < len(text):
-        part = _DURATION_PART.match(text, position)
+        part = re.compile(_DURATION_PART).match(text, position)
         if part is None:
             raise ValueError("not a duration (e.g. 5s, 500ms, 1m30s)")
         seconds += float(part.group(1)) * _DURATION_UNITS[part.group(2)]
@@ -719,7 +720,7 @@ def parse_go_bool(text: str) -> bool:
 
 
 def parse_netns(text: str) -> str:
-    if text and "/" not in text and (not _NETNS_NAME.fullmatch(text) or text in {".", ".."}):
+    if text and "/" not in text and (not re.fullmatch(_NETNS_NAME, text) or text in {".", ".."}):
         raise ValueError("not a namespace name (letters, digits, _ . -) nor a path")
     return text
 

@@ -8,7 +8,6 @@ when ``--proxy-uid`` is not given. Tests build ``HostFacts`` by hand.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import pwd
 import socket
@@ -16,10 +15,11 @@ import socket
 from . import netlink
 from .config import Config, parse_address
 from .errors import HostError
+from .logsetup import Log
 from .model import IPAddress
 from .records import record
 
-log = logging.getLogger(__name__)
+log = Log(__name__)
 
 
 @record

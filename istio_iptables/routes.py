@@ -7,13 +7,13 @@ only an actual change imports pyroute2. Every change made is recorded so a later
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import Callable
 from ipaddress import IPv6Interface, ip_address
 
 from . import netlink
 from .errors import ApplyError
+from .logsetup import Log
 from .model import Family, Plan, PolicyRoute
 from .records import record
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     Change = tuple[str, Step, Step]
     """A description, the step, and its inverse."""
 
-log = logging.getLogger(__name__)
+log = Log(__name__)
 
 AF = {Family.V4: socket.AF_INET, Family.V6: socket.AF_INET6}
 RTN_LOCAL = 2

@@ -10,7 +10,6 @@ works from the init container and, as in the CNI flow, as the proxy user with ``
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import socket
@@ -19,9 +18,10 @@ import time
 
 from .config import Config
 from .errors import ValidationProbeError
+from .logsetup import Log
 from .model import Family
 
-log = logging.getLogger(__name__)
+log = Log(__name__)
 
 SO_ORIGINAL_DST = 80
 LOOPBACK = {Family.V4: "127.0.0.1", Family.V6: "::1"}

@@ -23,7 +23,7 @@ import pytest
 
 from istio_iptables import cli, hostfacts
 from istio_iptables.config import SETTINGS, Config, LogLevel, LogOptions, Setting
-from istio_iptables.logsetup import configure
+from istio_iptables.logsetup import Log, configure
 from tests.helpers import ROOT, Result, run_cli
 
 # ---- fixtures and helpers ------------------------------------------------------------------------------
@@ -629,6 +629,41 @@ def test_formatter_caller() -> None:
 
     text = capture_log(LogOptions(as_json=True, caller=True), emit)
     assert "emit" in json.loads(text)["caller"]
+
+
+def test_stack_traces_above_the_level_name_the_caller_not_logging() -> None:
+    def emit(logger: logging.Logger) -> None:
+        Log("istio_iptables.test").info("below")
+        Log("istio_iptables.test").error("above")
+
+    text = capture_log(LogOptions(stacktrace_level=LogLevel.ERROR), emit)
+    below, above = text.split("\n", 1)
+    assert below.endswith("\tinfo\tbelow")
+    assert "\terror\tabove\n" in above and "in emit" in above
+    assert "logging/__init__.py" not in above and "logsetup.py" not in above
+
+
+def test_a_console_run_imports_logging_with_its_first_message(resolv_with_bad_entry: Path, tmp_path: Path) -> None:
+    """In a process of its own, where logging is not loaded yet: handlers installed by the first message
+    that passes the level, the target file created by configure even when nothing is logged."""
+    probe = (
+        "import sys; from istio_iptables import cli\n"
+        "try: cli.main(sys.argv[1:])\n"
+        "except SystemExit as exit_: assert exit_.code == 0, exit_.code\n"
+        "print('logging' in sys.modules, file=sys.stderr)\n"
+    )
+
+    def console(*arguments: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", probe, *dns_args(resolv_with_bad_entry), *arguments]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    quiet_target = tmp_path / "quiet.log"
+    quiet = console(f"--log_target={quiet_target}")
+    assert quiet.stderr == "False\n" and quiet_target.read_text() == ""
+    debug = console("--log_output_level=default:debug", "--log_caller=default")
+    line, loaded = debug.stderr.splitlines()
+    assert "\tdebug\thostfacts.read_nameservers:" in line  # --log_caller names our caller, not the logger
+    assert "nameserver bogus" in line and loaded == "True"
 
 
 # ---- (5) DRY_RUN_FILE_PATH -------------------------------------------------------------------------------

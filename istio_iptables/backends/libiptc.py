@@ -16,7 +16,6 @@ python-iptables is an optional extra, imported only here and only when this back
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 import select
@@ -35,6 +34,7 @@ from .. import locks
 from ..config import IptablesVariant
 from ..errors import ApplyError
 from ..hostfacts import which
+from ..logsetup import Log
 from ..model import Family, Table
 from ..records import mutable_record, record
 from .restore import PROBE_CHAIN, Feature, Iptables, _run, _save, command, features_of
@@ -43,7 +43,7 @@ TYPE_CHECKING = False  # typing is not imported at run time (records.py says why
 if TYPE_CHECKING:
     from typing import Any
 
-log = logging.getLogger(__name__)
+log = Log(__name__)
 
 LEGACY, NFT = IptablesVariant.LEGACY, IptablesVariant.NFT
 INSTALL_HINT = "install the libiptc extra: pip install 'istio-iptables[libiptc]'"

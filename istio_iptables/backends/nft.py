@@ -15,7 +15,6 @@ no process.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 import subprocess
@@ -23,12 +22,13 @@ import subprocess
 from .. import netlink
 from ..errors import ApplyError, HostError
 from ..hostfacts import which
+from ..logsetup import Log
 from ..model import Table
 from ..nft_state import FAMILY, OWN_TABLES, NftState, parse_ruleset, restore_document
 from ..records import record
 from ..render.nft import TABLE_NAMES
 
-log = logging.getLogger(__name__)
+log = Log(__name__)
 
 MINIMUM_VERSION = (1, 0, 1)
 """What Istio's knftables needs, and what the transactions here are tested with (``nft -f -`` of add,

@@ -8,7 +8,6 @@ runs once. Kernel features are probed only when a restore is refused, to name wh
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import subprocess
@@ -17,10 +16,11 @@ from .. import netlink
 from ..config import IptablesVariant
 from ..errors import ApplyError, HostError
 from ..hostfacts import which
+from ..logsetup import Log
 from ..model import Family, Table
 from ..records import record
 
-log = logging.getLogger(__name__)
+log = Log(__name__)
 
 LEGACY, NFT = IptablesVariant.LEGACY, IptablesVariant.NFT
 _LEGACY_TABLES = {Family.V4: "/proc/net/ip_tables_names", Family.V6: "/proc/net/ip6_tables_names"}
