@@ -4,6 +4,7 @@ the kernel tests in tests/kernel/test_libiptc.py use the real one, inside namesp
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -46,6 +47,7 @@ def test_without_python_iptables_the_extra_is_named(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(libiptc, "_import_iptc", missing)
     monkeypatch.delenv("XTABLES_LIBDIR", raising=False)  # set on the way, undone after the test
+    libiptc._iptc.cache_clear()  # an earlier test may have imported it for real
     with pytest.raises(ApplyError, match=r"pip install 'istio-iptables\[libiptc\]'"):
         libiptc.detect(Family.V4, {})
 
@@ -91,3 +93,27 @@ def test_the_test_runner_never_loads_python_iptables() -> None:
     """python-iptables acts on the namespace of the process that loads it: only processes inside test
     namespaces may."""
     assert "iptc" not in sys.modules
+
+
+def test_library_names_are_read_from_one_ldconfig_listing_as_ctypes_reads_it() -> None:
+    listing = (
+        "4 libs found in cache `/etc/ld.so.cache'\n"
+        "\tlibxtables.so.12 (libc6,x86-64) => /lib/x86_64-linux-gnu/libxtables.so.12\n"
+        "\tlibip4tc.so.2 (libc6,x86-64) => /lib/x86_64-linux-gnu/libip4tc.so.2\n"
+        "\tlibc.so.6 (libc6) => /lib/i386-linux-gnu/libc.so.6\n"
+        "\tlibc.so.6 (libc6,x86-64, OS ABI: Linux 3.2.0) => /lib/x86_64-linux-gnu/libc.so.6\n"
+        "\tlibcrypt.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libcrypt.so.1\n"
+    )
+    found = libiptc._sonames(listing)
+    if os.uname().machine == "x86_64":
+        assert found == {
+            "xtables": "libxtables.so.12",
+            "ip4tc": "libip4tc.so.2",
+            "c": "libc.so.6",
+            "crypt": "libcrypt.so.1",
+        }
+    real = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
+    import ctypes.util  # noqa: PLC0415
+
+    for name in ("c", "xtables", "ip4tc", "ip6tc"):
+        assert libiptc._sonames(real).get(name) == ctypes.util.find_library(name), name

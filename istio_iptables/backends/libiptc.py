@@ -589,8 +589,9 @@ def _in_worker(family: Family, work: Callable[[], str]) -> str:
 # ---- python-iptables and the lock ---------------------------------------------------------------------
 
 
+@cache
 def _iptc() -> Any:
-    """python-iptables, imported on first use: it loads libxtables and libiptc and is an optional extra."""
+    """python-iptables, imported on first use (once: it loads libxtables and libiptc, an optional extra)."""
     if "XTABLES_LIBDIR" not in os.environ:
         directory = _xtables_libdir()
         if directory:
@@ -612,7 +613,8 @@ def _iptc() -> Any:
 
 def _import_iptc() -> Any:
     try:
-        import iptc  # noqa: PLC0415 (heavy, optional)
+        with _libraries_from_one_listing():
+            import iptc  # noqa: PLC0415 (heavy, optional)
     except OSError:
         # python-iptables imports distutils.sysconfig for one function, and that import stats the
         # interpreter's build directory, which a non-root user may not be allowed to (an interpreter
@@ -624,6 +626,42 @@ def _import_iptc() -> Any:
         sys.modules["distutils.sysconfig"] = stub
         import iptc  # noqa: PLC0415
     return iptc
+
+
+@contextmanager
+def _libraries_from_one_listing() -> Iterator[None]:
+    """While python-iptables loads: ``ctypes.util.find_library`` answered from one ``ldconfig -p``. It asks
+    for libc, libxtables, libip4tc, libip6tc and its own helper; ctypes runs ldconfig for each name, then
+    gcc and ld for each one ldconfig does not list: 25 processes and most of this backend's start-up."""
+    import ctypes.util  # noqa: PLC0415
+
+    listing = _run(["ldconfig", "-p"], None, {}) if which("ldconfig") else None
+    if listing is None or listing.returncode != 0:
+        yield
+        return
+    sonames = _sonames(listing.stdout)
+    original = ctypes.util.find_library
+    ctypes.util.find_library = sonames.get  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ctypes.util.find_library = original
+
+
+def _sonames(listing: str) -> dict[str, str]:
+    """``ldconfig -p`` as ctypes reads it: ``ip4tc`` -> ``libip4tc.so.2``, the first entry whose ABI starts
+    with this machine's (ldconfig lists others too, e.g. 32-bit libraries)."""
+    abi = _ABI.get(os.uname().machine, "libc6") if sys.maxsize > 2**32 else "libc6"
+    found: dict[str, str] = {}
+    for line in listing.splitlines():
+        match = re.match(r"\s+(lib(\S+?)\.so\S*) \(([^)]*)\) => ", line)
+        if match and match[3].startswith(abi):
+            found.setdefault(match[2], match[1])
+    return found
+
+
+# ctypes.util's map from machine to the ABI ldconfig prints, for 64-bit interpreters.
+_ABI = {"x86_64": "libc6,x86-64", "ppc64": "libc6,64bit", "sparc64": "libc6,64bit", "s390x": "libc6,64bit"}
 
 
 def _xtables_libdir() -> str | None:
