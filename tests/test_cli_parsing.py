@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import typer
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from istio_iptables import app, cli
@@ -39,6 +39,7 @@ def option(draw: st.DrawFn) -> list[str]:
     return [f"{name}={value}"] if glued else [name, value]
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(option(), max_size=8))
 def test_plain_command_lines_parse_as_typer_parses_them(options: list[list[str]]) -> None:
     arguments = [argument for each in options for argument in each]
@@ -54,6 +55,7 @@ TOKENS = (
 )
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(TOKENS, max_size=8))
 def test_any_command_line_the_fast_path_takes_typer_reads_the_same(arguments: list[str]) -> None:
     options = cli.plain_run(arguments)

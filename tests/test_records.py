@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from istio_iptables.records import FrozenInstanceError, field, field_names, mutable_record, record, replace
@@ -37,6 +37,7 @@ class Bag:
 VALUES = st.tuples(st.integers(), st.integers(), st.lists(st.text(max_size=3), max_size=3).map(tuple), st.text())
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(VALUES, VALUES)
 def test_a_record_compares_hashes_and_prints_as_the_same_dataclass(a: tuple, b: tuple) -> None:  # type: ignore[type-arg]
     ours, theirs = (Point(*a), Point(*b)), (PointDC(*a), PointDC(*b))
