@@ -166,8 +166,7 @@ def _refuse(self: Any, name: str, *value: object) -> None:
 
 def replace(value: T, /, **changes: object) -> T:
     """A copy of the record ``value`` with ``changes`` (``dataclasses.replace``)."""
-    names: tuple[str, ...] = value.__record__.names  # type: ignore[attr-defined]
-    return type(value)(**{name: getattr(value, name) for name in names} | changes)
+    return type(value)(**{name: getattr(value, name) for name in field_names(value)} | changes)
 
 
 def field_names(value: object) -> tuple[str, ...]:

@@ -598,7 +598,8 @@ def _iptc() -> Any:
             # Else python-iptables runs ldconfig to find the extensions, on every start.
             os.environ["XTABLES_LIBDIR"] = directory
     try:
-        iptc = _import_iptc()
+        with _libraries_from_one_listing():
+            iptc = _import_iptc()
     except ImportError as error:
         if error.name == "iptc":
             raise ApplyError(f"--backend libiptc needs python-iptables: {INSTALL_HINT}") from None
@@ -613,8 +614,7 @@ def _iptc() -> Any:
 
 def _import_iptc() -> Any:
     try:
-        with _libraries_from_one_listing():
-            import iptc  # noqa: PLC0415 (heavy, optional)
+        import iptc  # noqa: PLC0415 (heavy, optional)
     except OSError:
         # python-iptables imports distutils.sysconfig for one function, and that import stats the
         # interpreter's build directory, which a non-root user may not be allowed to (an interpreter
