@@ -204,7 +204,9 @@ def _inject_object(document: Any, injector: Injector) -> Any:
     metadata = metadata if isinstance(metadata, Mapping) else {}
     namespace = go_text(metadata.get("namespace"))
     workload = f"{kind} {namespace or 'default'}/{go_text(metadata.get('name') or metadata.get('generateName'))}"
-    pod = {"metadata": _at(document, paths[0]) or {}, "spec": _at(document, paths[1]) or {}}
+    metadata_path, spec_path = paths
+    pod = {"metadata": _at(document, metadata_path), "spec": _at(document, spec_path)}
+    pod = {key: {} if value is None else value for key, value in pod.items()}
     injected = inject_pod(pod, injector, workload=workload, namespace=namespace)
     result = copy.deepcopy(dict(document))
     if injected != pod:

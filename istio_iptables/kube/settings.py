@@ -67,6 +67,17 @@ _BOOLEANS = (
     "values.istio_cni.enabled",
     "components.cni.enabled",
 )
+_MAPS = (
+    "values.global",
+    "values.global.proxy",
+    "values.global.proxy_init",
+    "values.global.logging",
+    "values.pilot",
+    "values.pilot.cni",
+    "values.sidecarInjectorWebhook",
+    "meshConfig.defaultConfig",
+)
+"""The branches the capture reads below: a scalar there would silently read as all defaults."""
 _PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
 _INTERCEPTION_MODES = ("REDIRECT", "TPROXY", "NONE")
 
@@ -94,6 +105,8 @@ class Settings:
         for assignment in sets:
             path, value = _parse_set(assignment)
             _put(tree, path, value, assignment)
+        for branch in _MAPS:
+            _check(tree, branch, lambda value: isinstance(value, Mapping), "must be a map of settings")
         for boolean in _BOOLEANS:
             _check(tree, boolean, lambda value: isinstance(value, bool), "must be true or false")
         _check(
