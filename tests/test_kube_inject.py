@@ -99,19 +99,12 @@ def test_a_mesh_wide_none_skips_unless_the_pod_asks_for_a_mode() -> None:
     assert "-m" in init_container(asked)["args"]
 
 
-def test_templates_with_the_sidecar_one_get_capture() -> None:
-    assert (
-        "initContainers"
-        in injected(
-            pod({"inject.istio.io/templates": "sidecar,spire"}),
-            Injector(Settings.from_sources(["values.sidecarInjectorWebhook.templates.spire=x"])),
-        )["spec"]
-    )
-
-
-def test_an_unknown_template_is_refused_naming_it() -> None:
-    with pytest.raises(InjectionError, match=r"Pod default/app: .*'inject\.istio\.io/templates'.*'nope'"):
-        injected(pod({"inject.istio.io/templates": "nope"}))
+def test_templates_get_capture_only_with_the_sidecar_one() -> None:
+    assert "initContainers" in injected(pod({"inject.istio.io/templates": "sidecar,spire"}))["spec"]
+    # A custom template of the mesh's injector, unknown here: no capture of ours.
+    assert injected(pod({"inject.istio.io/templates": "custom"})) == pod({"inject.istio.io/templates": "custom"})
+    defaults = Injector(Settings.from_sources(values={"sidecarInjectorWebhook": {"defaultTemplates": ["gateway"]}}))
+    assert injected(pod(), defaults) == pod()
 
 
 def test_injecting_twice_changes_nothing() -> None:
@@ -217,6 +210,25 @@ def test_resource_annotations_in_canonical_form() -> None:
     }
     with pytest.raises(InjectionError, match=r"annotation 'sidecar\.istio\.io/proxyCPU'"):
         injected(pod({"sidecar.istio.io/proxyCPU": "lots"}))
+
+
+def test_null_resources_in_the_values_drop_the_charts_defaults() -> None:
+    values = {
+        "global": {
+            "proxy": {
+                "resources": {
+                    "limits": {"cpu": None, "memory": "500Mi", "ephemeral-storage": None},
+                    "requests": {"cpu": "100m", "memory": None, "ephemeral-storage": "1Gi"},
+                }
+            }
+        }
+    }
+    assert init_container(injected(pod(), Injector(Settings.from_sources(values=values))))["resources"] == {
+        "limits": {"memory": "500Mi"},
+        "requests": {"cpu": "100m", "ephemeral-storage": "1Gi"},
+    }
+    no_resources = Injector(Settings.from_sources(values={"global": {"proxy": {"resources": None}}}))
+    assert init_container(injected(pod(), no_resources))["resources"] == {}
 
 
 def test_env_is_the_proxy_metadata_sorted() -> None:

@@ -41,9 +41,10 @@ RESOURCE_ANNOTATIONS = (
 
 IGNORED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease", "local-path-storage"})
 """Namespaces Istio never injects (``inject.IgnoredNamespaces``)."""
-ISTIO_TEMPLATES = frozenset({"sidecar", "gateway", "grpc-agent", "grpc-simple", "waypoint", "kube-gateway"})
 CAPTURE_TEMPLATE = "sidecar"
-"""The only one of Istio's injection templates with an init container; the others leave capture alone."""
+"""The only one of Istio's injection templates with an init container; the others (gateway, grpc-agent, ...)
+leave capture alone. A name we do not know is taken for a custom template of the mesh's injector
+configuration, which this injector does not see: it gets no capture unless ``sidecar`` is named too."""
 
 HARDENED_USER = 65532
 """The image's non-root user (Dockerfile)."""
@@ -77,9 +78,7 @@ def inject_pod(pod: Mapping[str, Any], injector: Injector, *, workload: str, nam
     settings = injector.settings
     unchanged = copy.deepcopy(dict(pod))
     namespace = namespace or go_text(metadata.get("namespace"))
-    if not _wanted(
-        spec, annotations=annotations, labels=labels, namespace=namespace, settings=settings, workload=workload
-    ):
+    if not _wanted(spec, annotations=annotations, labels=labels, namespace=namespace, settings=settings):
         return unchanged
     try:
         mode = capture.interception_mode(annotations, settings)
@@ -243,7 +242,6 @@ def _wanted(
     labels: Mapping[str, Any],
     namespace: str,
     settings: Settings,
-    workload: str,
 ) -> bool:
     """Istio's decision (``injectRequired`` and the template choice) as far as the capture goes."""
     if spec.get("hostNetwork") is True or namespace in IGNORED_NAMESPACES:
@@ -259,14 +257,6 @@ def _wanted(
     if templates is None:
         defaults = settings.value("sidecarInjectorWebhook.defaultTemplates")
         templates = [go_text(name) for name in defaults] if isinstance(defaults, list) and defaults else ["sidecar"]
-    custom = settings.value("sidecarInjectorWebhook.templates")
-    known = ISTIO_TEMPLATES | (set(custom) if isinstance(custom, Mapping) else set())
-    unknown = [name for name in templates if name not in known]
-    if unknown:
-        raise InjectionError(
-            f"{workload}: invalid value '{annotations.get(TEMPLATES, '')}' for annotation '{TEMPLATES}': "
-            f"requested template {unknown[0]!r} not found; have {', '.join(sorted(known))}"
-        )
     return CAPTURE_TEMPLATE in templates
 
 
@@ -346,6 +336,8 @@ def _resources(annotations: Mapping[str, str], settings: Settings) -> dict[str, 
     configured = settings.value("global.proxy.resources") or {}
     for part in ("limits", "requests"):
         for kind, value in (configured.get(part) or {}).items():
+            if value is None:
+                continue  # a null quantity is no quantity (Helm drops it)
             where = f"setting values.global.proxy.resources.{part}.{kind}"
             resources.setdefault(part, {})[kind] = _quantity(go_text(value), where)
     return resources

@@ -205,10 +205,13 @@ def _tree(document: Mapping[str, Any] | None, what: str) -> Mapping[str, Any]:
 
 
 def _merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
-    """``overlay`` laid over a copy of ``base``, maps merged key by key (as Helm merges values)."""
+    """``overlay`` laid over a copy of ``base``, maps merged key by key and a null removing the key (as Helm
+    merges values: ``cpu: null`` under ``resources.limits`` drops the chart's CPU limit)."""
     merged = copy.deepcopy(dict(base))
     for key, value in overlay.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = _merged(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
