@@ -282,6 +282,21 @@ def test_workloads_and_lists() -> None:
 
 
 @pytest.mark.parametrize(
+    "api_version",
+    ["example.com/v1", "", "apps/", None],  # a custom resource named Deployment, or no version
+)
+def test_only_kubernetes_own_workload_kinds_are_injected(api_version: str | None) -> None:
+    template = {"metadata": {}, "spec": {"containers": [{"name": "a", "image": "a"}]}}
+    document = {
+        "apiVersion": api_version,
+        "kind": "Deployment",
+        "metadata": {"name": "d"},
+        "spec": {"template": template},
+    }
+    assert injected(document) == document
+
+
+@pytest.mark.parametrize(
     ("document", "named"),
     [
         (

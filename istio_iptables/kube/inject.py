@@ -52,10 +52,18 @@ LOCK_VOLUME = "istio-iptables-lock"
 LOCK_DIRECTORY = "/run/istio-iptables"
 """Where the image's XTABLES_LOCKFILE lives: on a read-only root it needs a writable emptyDir."""
 
-# kind -> where its pod template is; CronJob's metadata is special (see _pod_location).
-POD_TEMPLATE_KINDS = frozenset(
-    {"Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Job", "ReplicationController", "DeploymentConfig"}
-)
+WORKLOAD_GROUPS: Mapping[str, frozenset[str]] = {
+    "Pod": frozenset({""}),
+    "ReplicationController": frozenset({""}),
+    "Deployment": frozenset({"apps", "extensions"}),
+    "ReplicaSet": frozenset({"apps", "extensions"}),
+    "DaemonSet": frozenset({"apps", "extensions"}),
+    "StatefulSet": frozenset({"apps"}),
+    "Job": frozenset({"batch"}),
+    "CronJob": frozenset({"batch"}),
+    "DeploymentConfig": frozenset({"apps.openshift.io", ""}),  # OpenShift's, and its legacy v1
+}
+"""The kinds that hold a pod, and their API groups: a custom resource that reuses a name is not one."""
 
 
 @record
@@ -182,7 +190,11 @@ def inject_documents(documents: Iterable[Any], injector: Injector) -> list[Any]:
 
 _POD_PATHS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Pod": (("metadata",), ("spec",)),
-    **{kind: (("spec", "template", "metadata"), ("spec", "template", "spec")) for kind in POD_TEMPLATE_KINDS},
+    **{
+        kind: (("spec", "template", "metadata"), ("spec", "template", "spec"))
+        for kind in WORKLOAD_GROUPS
+        if kind not in ("Pod", "CronJob")
+    },
     # Istio's quirk, kept: for a CronJob it reads and writes the job template's metadata
     # (spec.jobTemplate.metadata), not the pod template's (its golden shows the status annotation there).
     "CronJob": (("spec", "jobTemplate", "metadata"), ("spec", "jobTemplate", "spec", "template", "spec")),
@@ -216,9 +228,14 @@ def _inject_object(document: Any, injector: Injector) -> Any:
 
 def pod_paths(document: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """The paths of the metadata Istio reads and writes and of the pod spec, for an object holding a pod."""
-    kind = document.get("kind")
-    paths = _POD_PATHS.get(kind) if isinstance(kind, str) else None
-    return paths if paths is not None and isinstance(_at(document, paths[1][:-1]), Mapping) else None
+    kind, api_version = document.get("kind"), document.get("apiVersion")
+    if not isinstance(kind, str) or not isinstance(api_version, str) or kind not in WORKLOAD_GROUPS:
+        return None
+    group, _, version = api_version.rpartition("/")
+    paths = _POD_PATHS[kind]
+    if not version or group not in WORKLOAD_GROUPS[kind] or not isinstance(_at(document, paths[1][:-1]), Mapping):
+        return None
+    return paths
 
 
 def _at(tree: Any, path: tuple[str, ...]) -> Any:
