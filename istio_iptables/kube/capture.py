@@ -199,7 +199,8 @@ def capture_args(annotations: Mapping[str, str], settings: Settings, *, proxy_ui
     """The capture flags the injector writes (``-p -z -u -m -i -x -b -d``, then the optional ones), without
     the leading ``istio-iptables`` word and without the validation/CNI-mode flags. ``proxy_uid`` is the
     ``runAsUser`` of an ``istio-proxy`` container the user put in the pod. Raises InjectionError naming the
-    annotation (or setting) and the value when Istio's checks or this program's Config parser refuse one."""
+    annotation (or setting) and the value when Istio's checks or this program's Config parser refuse one, and
+    for a pod whose ``interception_mode`` is NONE (no capture: callers skip those first)."""
     return _arguments(annotations, settings, proxy_uid, mode_flags=())
 
 
@@ -263,6 +264,8 @@ def _arguments(
         return str(settings.mesh_value(path) or default), f"setting meshConfig.{path}"
 
     mode = interception_mode(annotations, settings)
+    if mode == "NONE":
+        raise InjectionError("interception mode NONE asks for no capture: there is no capture argv")
     mode_origin = (
         f"annotation '{INTERCEPTION_MODE}'"
         if INTERCEPTION_MODE in annotations
