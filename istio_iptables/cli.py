@@ -17,11 +17,13 @@ from . import config as configuration
 from . import netns
 from .errors import ConfigError, IstioIptablesError
 from .hostfacts import HostFacts, gather
-from .logsetup import configure
+from .logsetup import Log, configure
 from .model import Plan
-from .plan import build_plan, proxy_identity
+from .plan import build_plan, proxy_identity, usable_ipv6
 
 PROG = "istio-iptables"
+
+log = Log(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,8 +85,7 @@ def configured(given: configuration.Given) -> configuration.Config:
 
 def run(config: configuration.Config) -> None:
     if config.dry_run:
-        facts = gather(config)
-        plan = build_plan(config, facts)
+        facts, plan = planned(config)
         if config.dry_run_file_path:
             from .render.dryrun import istio_command_log  # noqa: PLC0415
 
@@ -128,8 +129,25 @@ def enter(config: configuration.Config, changes_system: bool) -> tuple[HostFacts
             "refusing to change the network of PID 1's namespace outside Kubernetes (this looks like the host, "
             "not a pod): pass --network-namespace NAME, or --allow-host-namespace if this host is the workload"
         )
+    return planned(config)
+
+
+def planned(config: configuration.Config) -> tuple[HostFacts, Plan]:
+    """The host facts read here and the plan built from them, saying what they mean for IPv6."""
     facts = gather(config)
-    return facts, build_plan(config, facts)
+    plan = build_plan(config, facts)
+    addresses = ", ".join(map(str, usable_ipv6(facts.addresses)))
+    if addresses and config.ipv6 is None:
+        log.info("IPv6 captured as well as IPv4: this namespace has IPv6 addresses (%s)", addresses)
+    elif addresses and config.native_nftables:
+        log.warning(
+            "--no-ipv6: the inet tables still capture the IPv6 traffic of %s, but without the IPv6-only rules "
+            "(as Istio's nftables do)",
+            addresses,
+        )
+    elif addresses:
+        log.warning("--no-ipv6: the IPv6 traffic of %s escapes the proxy (no IPv6 rules)", addresses)
+    return facts, plan
 
 
 def go_switches(argv: list[str]) -> list[str]:
