@@ -124,11 +124,14 @@ def enter(config: configuration.Config, changes_system: bool) -> tuple[HostFacts
     host facts there and build the plan."""
     if config.network_namespace:
         netns.enter(config.network_namespace)
-    elif changes_system and not config.allow_host_namespace and _looks_like_a_host():
-        raise ConfigError(
-            "refusing to change the network of PID 1's namespace outside Kubernetes (this looks like the host, "
-            "not a pod): pass --network-namespace NAME, or --allow-host-namespace if this host is the workload"
-        )
+    elif changes_system and not config.allow_host_namespace and "KUBERNETES_SERVICE_HOST" not in os.environ:
+        # Kubernetes sets KUBERNETES_SERVICE_HOST in every container, the init container included.
+        doubt = netns.host_namespace_doubt()
+        if doubt:
+            raise ConfigError(
+                f"refusing to change the network here outside Kubernetes: {doubt}; pass --network-namespace "
+                "NAME, or --allow-host-namespace if this namespace is the workload's"
+            )
     return planned(config)
 
 
@@ -173,8 +176,3 @@ def go_switches(argv: list[str]) -> list[str]:
 def clean_main() -> None:
     """``istio-clean-iptables``, as Istio 1.5 shipped it: the same flags, clean-up only."""
     main([*sys.argv[1:], "--cleanup-only"])
-
-
-def _looks_like_a_host() -> bool:
-    # Kubernetes sets KUBERNETES_SERVICE_HOST in every container, the init container included.
-    return "KUBERNETES_SERVICE_HOST" not in os.environ and netns.may_be_pid1_namespace()

@@ -11,19 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kernel.netlab import PEER4, PEER6, POD4, POD6, POD6_B, VARIANTS, Lab, apply_capture, missing_prerequisites
+from tests.kernel.netlab import PEER4, PEER6, POD4, POD6, POD6_B, Lab, apply_capture
 from tests.kernel.test_traffic import flags, reply, start, via
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    reason = missing_prerequisites(name)
-    if reason:
-        pytest.skip(reason)
-    return name
 
 
 def log_lines(stderr: str, level: str) -> list[str]:
