@@ -14,20 +14,20 @@ import os
 import sys
 
 from . import config as configuration
-from . import netns
-from .errors import ConfigError, IstioIptablesError
+from . import interrupts, netns
+from .errors import PROG, ConfigError, IstioIptablesError
 from .hostfacts import HostFacts, gather
 from .logsetup import Log, configure
 from .model import Plan
 from .plan import build_plan, proxy_identity, usable_ipv6
 
-PROG = "istio-iptables"
-
 log = Log(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: expected failures end with one line on stderr and their exit code."""
+    """Console entry point: expected failures, SIGINT and SIGTERM included, end with one line on stderr and
+    their exit code."""
+    interrupts.start()
     try:
         arguments = go_switches(sys.argv[1:] if argv is None else argv)
         given = plain_run(arguments)
@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run(configured(given))
             code = 0
+        interrupts.finish()
     except IstioIptablesError as error:
+        interrupts.finish()
         print(f"{PROG}: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        code = error.exit_code
     sys.exit(code)
 
 

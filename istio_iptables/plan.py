@@ -179,11 +179,14 @@ def ipv6_enabled(config: Config, facts: HostFacts) -> bool:
 
 
 def usable_ipv6(addresses: tuple[IPAddress, ...]) -> tuple[IPv6Address, ...]:
-    """The IPv6 addresses whose traffic capture is about: not loopback, link-local or IPv4-mapped."""
+    """The IPv6 addresses whose traffic capture is about: not loopback, link-local or IPv4-mapped, and not
+    the ``::6`` an earlier IPv6 apply put on ``lo`` for the proxy's passthrough."""
     return tuple(
         unwrapped
         for address in addresses
-        if isinstance(unwrapped := _unwrap(address), IPv6Address) and _usable(unwrapped)
+        if isinstance(unwrapped := _unwrap(address), IPv6Address)
+        and _usable(unwrapped)
+        and unwrapped != PASSTHROUGH_V6.ip
     )
 
 

@@ -235,6 +235,7 @@ DUAL = Config(dual_stack=True)
         (("127.0.0.1", "169.254.1.1", "::1", "fe80::1", "2001:db8::5"), True),
         (("127.0.0.1", "169.254.1.1", "10.0.0.5", "::1", "fe80::1", "fd00::2"), True),  # ULA counts
         (("127.0.0.2", "::1", "fd00::2"), True),  # all of 127/8 is loopback
+        (("127.0.0.1", "::1", "::6", "10.0.0.5"), False),  # ::6 on lo is an earlier IPv6 apply's own
     ],
 )
 def test_ipv6_detection(addresses: tuple[str, ...], ipv6: bool) -> None:
