@@ -17,7 +17,7 @@ import typer
 
 from . import cli
 from . import config as configuration
-from .errors import ConfigError
+from .errors import PROG, ConfigError
 from .hostfacts import gather
 from .model import AddressSet, CtState, Family, GidOwner, Plan, PortSet, Proto
 from .plan import build_plan
@@ -178,6 +178,11 @@ def trace_command(
         if not dst:
             raise ConfigError("trace outbound needs --dst ADDRESS:PORT")
         address, dst_port = _checked("--dst", dst, parse_endpoint)
+        if source is not None and source.version != address.version:
+            raise ConfigError(
+                f"invalid value for --src: '{configuration.shown(src)}': an IPv{source.version} address, "
+                f"but --dst {configuration.shown(dst)} is IPv{address.version}"
+            )
         flow = Flow.outbound(
             address,
             dst_port,
@@ -288,7 +293,7 @@ def _live_rules(config: configuration.Config, plan: Plan, family: Family) -> tup
 def main(arguments: list[str]) -> int:
     """Parse and run ``arguments`` with Typer; its usage errors become ConfigError (exit 2)."""
     try:
-        code = typer.main.get_command(app).main(args=arguments, prog_name=cli.PROG, standalone_mode=False)
+        code = typer.main.get_command(app).main(args=arguments, prog_name=PROG, standalone_mode=False)
     except Exception as error:
         # Typer's own usage errors (unknown flag, missing value); its exception classes are not public.
         if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):

@@ -8,7 +8,8 @@
 4. Converge TPROXY routing and ``::6``.
 5. Remove the copy a ``--native-nftables`` run left (our nftables tables), now that the new one is in.
 If a step fails, every table already changed is restored whole from its save, and routing changes are
-undone: the namespace ends as it started.
+undone: the namespace ends as it started. A SIGINT or SIGTERM while the lock is held stops the run before
+the first change, or after the last (or after the undo): never in between (``interrupts``).
 
 ``apply_native`` is the same for ``--native-nftables``: one ``nft`` transaction, routing, then the removal of
 any iptables copy of our rules (either variant). Switching backends thus never leaves a moment with no
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 
-from . import locks, netns, nft_state, routes
+from . import interrupts, locks, netns, nft_state, routes
 from .backends import ipset
 from .backends import nft as native
 from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
@@ -68,7 +69,7 @@ class Transition:
 def apply(config: Config, plan: Plan) -> None:
     """Make this namespace hold exactly the plan (or, with ``--cleanup-only``, nothing of ours)."""
     environment = xtables_environment(config)
-    with namespace_lock(environment):
+    with namespace_lock(environment), interrupts.held():
         native_copy = native.own_tables()
         switching = bool(native_copy) and config.reconcile and not config.cleanup_only and which("nft") is not None
         held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
@@ -95,6 +96,7 @@ def apply(config: Config, plan: Plan) -> None:
         attempted: list[Transition] = []
         undo: list[routes.Step] = []
         native_changed = False
+        interrupts.checkpoint()
         try:
             # Sets first, so no rule meets a missing or half-filled set; stale ones only once unused.
             ipset.apply(fill)
@@ -137,7 +139,7 @@ def apply_native(config: Config, plan: Plan) -> None:
     """``--native-nftables``: make our three ``inet`` tables hold exactly the plan (or, with ``--cleanup-only``,
     delete them) in one nft transaction, converge routing, then remove any iptables copy of our rules."""
     environment = xtables_environment(config)
-    with namespace_lock(environment):
+    with namespace_lock(environment), interrupts.held():
         nft = native.detect()
         copies = iptables_copies(environment, nft.saved.iptables_nft)
         switching = bool(copies) and config.reconcile and not config.cleanup_only
@@ -161,6 +163,7 @@ def apply_native(config: Config, plan: Plan) -> None:
         ]
         routing = routes.read()
         committed, attempted, undo = False, list[Transition](), []
+        interrupts.checkpoint()
         try:
             for first, _ in unmarks:
                 if first:

@@ -14,18 +14,20 @@ import os
 import sys
 
 from . import config as configuration
-from . import netns
-from .errors import ConfigError, IstioIptablesError
+from . import interrupts, netns
+from .errors import PROG, ConfigError, IstioIptablesError
 from .hostfacts import HostFacts, gather
-from .logsetup import configure
+from .logsetup import Log, configure
 from .model import Plan
-from .plan import build_plan, proxy_identity
+from .plan import build_plan, proxy_identity, usable_ipv6
 
-PROG = "istio-iptables"
+log = Log(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: expected failures end with one line on stderr and their exit code."""
+    """Console entry point: expected failures, SIGINT and SIGTERM included, end with one line on stderr and
+    their exit code."""
+    interrupts.start()
     try:
         arguments = go_switches(without_leading_word(sys.argv[1:] if argv is None else argv))
         given = plain_run(arguments)
@@ -36,9 +38,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run(configured(given))
             code = 0
+        interrupts.finish()
     except IstioIptablesError as error:
+        interrupts.finish()
         print(f"{PROG}: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        code = error.exit_code
     sys.exit(code)
 
 
@@ -89,8 +93,7 @@ def configured(given: configuration.Given) -> configuration.Config:
 
 def run(config: configuration.Config) -> None:
     if config.dry_run:
-        facts = gather(config)
-        plan = build_plan(config, facts)
+        facts, plan = planned(config)
         if config.dry_run_file_path:
             from .render.dryrun import istio_command_log  # noqa: PLC0415
 
@@ -129,13 +132,33 @@ def enter(config: configuration.Config, changes_system: bool) -> tuple[HostFacts
     host facts there and build the plan."""
     if config.network_namespace:
         netns.enter(config.network_namespace)
-    elif changes_system and not config.allow_host_namespace and _looks_like_a_host():
-        raise ConfigError(
-            "refusing to change the network of PID 1's namespace outside Kubernetes (this looks like the host, "
-            "not a pod): pass --network-namespace NAME, or --allow-host-namespace if this host is the workload"
-        )
+    elif changes_system and not config.allow_host_namespace and "KUBERNETES_SERVICE_HOST" not in os.environ:
+        # Kubernetes sets KUBERNETES_SERVICE_HOST in every container, the init container included.
+        doubt = netns.host_namespace_doubt()
+        if doubt:
+            raise ConfigError(
+                f"refusing to change the network here outside Kubernetes: {doubt}; pass --network-namespace "
+                "NAME, or --allow-host-namespace if this namespace is the workload's"
+            )
+    return planned(config)
+
+
+def planned(config: configuration.Config) -> tuple[HostFacts, Plan]:
+    """The host facts read here and the plan built from them, saying what they mean for IPv6."""
     facts = gather(config)
-    return facts, build_plan(config, facts)
+    plan = build_plan(config, facts)
+    addresses = ", ".join(map(str, usable_ipv6(facts.addresses)))
+    if addresses and config.ipv6 is None:
+        log.info("IPv6 captured as well as IPv4: this namespace has IPv6 addresses (%s)", addresses)
+    elif addresses and config.native_nftables:
+        log.warning(
+            "--no-ipv6: the inet tables still capture the IPv6 traffic of %s, but without the IPv6-only rules "
+            "(as Istio's nftables do)",
+            addresses,
+        )
+    elif addresses:
+        log.warning("--no-ipv6: the IPv6 traffic of %s escapes the proxy (no IPv6 rules)", addresses)
+    return facts, plan
 
 
 def go_switches(argv: list[str]) -> list[str]:
@@ -161,8 +184,3 @@ def go_switches(argv: list[str]) -> list[str]:
 def clean_main() -> None:
     """``istio-clean-iptables``, as Istio 1.5 shipped it: the same flags, clean-up only."""
     main([*sys.argv[1:], "--cleanup-only"])
-
-
-def _looks_like_a_host() -> bool:
-    # Kubernetes sets KUBERNETES_SERVICE_HOST in every container, the init container included.
-    return "KUBERNETES_SERVICE_HOST" not in os.environ and netns.may_be_pid1_namespace()

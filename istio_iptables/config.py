@@ -252,7 +252,7 @@ SETTINGS: tuple[Setting, ...] = (
         ("--dual-stack",),
         ("DUAL_STACK", "ISTIO_DUAL_STACK"),
         "false",
-        "Detect IPv6 from any global IPv6 address, not only the first address.",
+        "Istio: detect IPv6 from any address, not only the first. Here detection always does (see --ipv6).",
         switch=True,
     ),
     Setting(
@@ -362,7 +362,7 @@ SETTINGS: tuple[Setting, ...] = (
         ("--ipv6",),
         (),
         "detect",
-        "Program IPv6 rules (--no-ipv6: IPv4 only). Default: detect from the host's addresses as Istio does.",
+        "Program IPv6 rules (--no-ipv6: IPv4 only). Default: when the namespace has a non-link-local IPv6 address.",
         switch=True,
         negation="--no-ipv6",
     ),

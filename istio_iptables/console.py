@@ -14,6 +14,11 @@ from collections.abc import Callable
 
 gc.disable()
 
+from . import interrupts  # noqa: E402
+
+# Before the rest is imported: from here on SIGINT and SIGTERM end the process with one line, no traceback.
+interrupts.install()
+
 from . import cli  # noqa: E402 (imported with the collector off, which is the point)
 
 

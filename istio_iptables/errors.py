@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+PROG = "istio-iptables"
+"""The name every error line starts with."""
+
 
 class IstioIptablesError(Exception):
     exit_code = 1
@@ -29,3 +32,11 @@ class ValidationProbeError(IstioIptablesError):
     """The ``--run-validation`` probe saw no redirected connection in time (Istio's exit code)."""
 
     exit_code = 126
+
+
+class StoppedBySignalError(IstioIptablesError):
+    """SIGINT or SIGTERM stopped the run; exit 128 + the signal's number (130, 143), as a shell reports it."""
+
+    def __init__(self, signal_name: str, number: int, detail: str) -> None:
+        super().__init__(f"stopped by {signal_name}: {detail}")
+        self.exit_code = 128 + number

@@ -1,8 +1,9 @@
 """What the plan needs to know about the host, read without changing anything.
 
-Only what the configuration leaves open is read: local addresses when IPv6 is not forced on or off, the
-resolv.conf nameservers when DNS capture needs them and ``--dns-servers`` is not given, the proxy user's UID
-when ``--proxy-uid`` is not given. Tests build ``HostFacts`` by hand.
+Only what the configuration leaves open is read: local addresses when IPv6 is not forced on or off (and, for
+the warning naming what escapes, when an apply forces it off), the resolv.conf nameservers when DNS capture
+needs them and ``--dns-servers`` is not given, the proxy user's UID when ``--proxy-uid`` is not given. Tests
+build ``HostFacts`` by hand.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class HostFacts:
 
 def gather(config: Config) -> HostFacts:
     needs_dns = config.redirect_dns and not config.capture_all_dns and config.dns_servers is None
+    warns_ipv6 = config.ipv6 is False and not (config.dry_run or config.cleanup_only)
     return HostFacts(
-        addresses=tuple(local_addresses()) if config.ipv6 is None else (),
+        addresses=tuple(local_addresses()) if config.ipv6 is None or warns_ipv6 else (),
         nameservers=tuple(read_nameservers(config.resolv_conf)) if needs_dns else (),
         envoy_uid=user_uid(config.envoy_user) if config.proxy_uids is None else None,
     )

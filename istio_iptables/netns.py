@@ -40,11 +40,28 @@ def current_id() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
 
-def may_be_pid1_namespace() -> bool:
-    """Whether this process may be working in PID 1's network namespace: on a host (not a pod, not
-    ``ip netns exec``), that is the host's own network. When PID 1 cannot be read, the answer is yes:
-    a guard must fail closed."""
+INITIAL_NET_NAMESPACE = 0xEFFFFFF9
+"""The inode of the machine's own network namespace since Linux 6.18 (a fixed number, as the initial PID
+namespace has had since 3.8); any other namespace, and the initial one on older kernels, gets a number from
+0xF0000000 up, so only the machine's own can have this one."""
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC
+
+
+def host_namespace_doubt() -> str | None:
+    """Why this process may be working in the machine's own network namespace; None when it is not.
+
+    The machine's own namespace is the one of the machine's PID 1. A container has a PID namespace of its
+    own, whose PID 1 is the container's (the tool itself, or the process that started it, e.g. ``docker run
+    --network container:app``): its network is the container's, not the machine's. Only in the machine's
+    PID namespace does ``/proc/1`` show the machine's init; if it cannot be read, the answer is a doubt: a
+    guard must fail closed."""
+    here = current_id()
+    if here == INITIAL_NET_NAMESPACE:
+        return "this is the machine's own network namespace"
+    if os.stat("/proc/self/ns/pid").st_ino != INITIAL_PID_NAMESPACE:
+        return None
     try:
-        return os.stat("/proc/1/ns/net").st_ino == current_id()
-    except OSError:
-        return True
+        init = os.stat("/proc/1/ns/net").st_ino
+    except OSError as error:
+        return f"cannot read /proc/1/ns/net ({error.strerror}) to tell this namespace from the machine's own"
+    return "this is the network namespace of the machine's PID 1" if init == here else None

@@ -167,17 +167,27 @@ def proxy_identity(config: Config, facts: HostFacts) -> tuple[int, int]:
 
 
 def ipv6_enabled(config: Config, facts: HostFacts) -> bool:
-    """Istio's detection: IPv6 when the first usable address is IPv6 (the kernel lists IPv4 first, so an
-    IPv6-only host), or with ``--dual-stack`` when any usable address is IPv6."""
+    """``--ipv6``/``--no-ipv6`` when given; otherwise IPv6 is captured whenever the namespace has a usable IPv6
+    address, wherever the kernel lists it. Istio looks only at the first usable address unless
+    ``--dual-stack`` is set, and the kernel lists IPv4 first: a dual-stack pod would get IPv4 rules only and
+    its IPv6 connections would bypass the proxy. Here detection is always what ``--dual-stack`` asks."""
     if config.ipv6 is not None:
         return config.ipv6
-    unwrapped = [_unwrap(address) for address in facts.addresses]
-    usable = [address for address in unwrapped if _usable(address)]
-    if not usable:
+    if not any(_usable(_unwrap(address)) for address in facts.addresses):
         raise HostError("no valid local IP address found; pass --ipv6 or --no-ipv6 to choose without detection")
-    if config.dual_stack:
-        return any(address.version == 6 for address in usable)
-    return usable[0].version == 6
+    return bool(usable_ipv6(facts.addresses))
+
+
+def usable_ipv6(addresses: tuple[IPAddress, ...]) -> tuple[IPv6Address, ...]:
+    """The IPv6 addresses whose traffic capture is about: not loopback, link-local or IPv4-mapped, and not
+    the ``::6`` an earlier IPv6 apply put on ``lo`` for the proxy's passthrough."""
+    return tuple(
+        unwrapped
+        for address in addresses
+        if isinstance(unwrapped := _unwrap(address), IPv6Address)
+        and _usable(unwrapped)
+        and unwrapped != PASSTHROUGH_V6.ip
+    )
 
 
 _LINK_LOCAL_MULTICAST = (IPv4Network("224.0.0.0/24"), IPv6Network("ff02::/16"))

@@ -18,6 +18,7 @@ from .config import Config
 from .errors import ApplyError
 from .hostfacts import local_addresses
 from .model import BUILTIN_CHAINS, Family, Plan
+from .plan import usable_ipv6
 from .records import field, mutable_record
 from .render.nft import BASE_CHAINS, TABLE_NAMES, render_nft
 from .render.restore import render_restore
@@ -120,11 +121,7 @@ def native_checks(plan: Plan, environment: dict[str, str]) -> list[FamilyCheck]:
 
 
 def _uncaptured_ipv6(plan: Plan) -> list[str]:
-    ipv6 = [
-        str(address)
-        for address in local_addresses()
-        if address.version == 6 and not (address.is_loopback or address.is_link_local)
-    ]
+    ipv6 = [str(address) for address in usable_ipv6(tuple(local_addresses()))]
     return ipv6 if Family.V6 not in plan.families else []
 
 

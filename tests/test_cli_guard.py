@@ -1,11 +1,14 @@
 """The guard against changing the host's own network: without --network-namespace, outside Kubernetes,
-applying (or cleaning up) in what may be PID 1's namespace is refused.
+applying (or cleaning up) in what may be the machine's own namespace is refused (kernel tests: a container,
+the machine, an unreadable /proc/1, in tests/kernel/test_host_guard.py).
 
 These tests never reach the kernel: ``apply.apply`` is replaced by a recorder that fails the test if called,
 so a broken guard cannot change this machine's network.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -40,12 +43,38 @@ def test_refuses_pid1_namespace_outside_kubernetes(applied: list[Config], extra:
     assert applied == []
 
 
-def test_unknown_pid1_namespace_counts_as_the_host(applied: list[Config], monkeypatch: pytest.MonkeyPatch) -> None:
-    def unreadable(path: str) -> None:
-        raise PermissionError(path)
+HOST_NET, HOST_PID, POD_NET, POD_PID = netns.INITIAL_NET_NAMESPACE, netns.INITIAL_PID_NAMESPACE, 0xF0000123, 0xF0000456
+OLD_KERNEL_HOST_NET = 0xF0000098
+"""Before Linux 6.18 the machine's own network namespace had a dynamic number like any other."""
 
-    monkeypatch.setattr(netns.os, "stat", unreadable)
-    assert netns.may_be_pid1_namespace()
+
+@pytest.mark.parametrize(
+    ("net", "pid", "pid1_net", "doubt"),
+    [
+        (HOST_NET, HOST_PID, HOST_NET, "the machine's own network namespace"),
+        (HOST_NET, POD_PID, POD_NET, "the machine's own network namespace"),  # --network host, own PID ns
+        (OLD_KERNEL_HOST_NET, HOST_PID, OLD_KERNEL_HOST_NET, "the network namespace of the machine's PID 1"),
+        (OLD_KERNEL_HOST_NET, HOST_PID, PermissionError(13, "Permission denied"), "cannot read /proc/1/ns/net"),
+        (POD_NET, HOST_PID, PermissionError(13, "Permission denied"), "cannot read /proc/1/ns/net (Permission"),
+        (POD_NET, HOST_PID, OLD_KERNEL_HOST_NET, None),  # ip netns exec on a host
+        (POD_NET, POD_PID, POD_NET, None),  # a container: its PID 1 shares its network
+        (POD_NET, POD_PID, PermissionError(13, "Permission denied"), None),  # its /proc/1 is not the machine's
+    ],
+)
+def test_host_namespace_doubt(
+    monkeypatch: pytest.MonkeyPatch, net: int, pid: int, pid1_net: int | OSError, doubt: str | None
+) -> None:
+    inodes: dict[str, int | OSError] = {"/proc/self/ns/net": net, "/proc/self/ns/pid": pid, "/proc/1/ns/net": pid1_net}
+
+    def stat(path: str) -> os.stat_result:
+        inode = inodes[path]
+        if isinstance(inode, OSError):
+            raise inode
+        return os.stat_result((0, inode, 0, 0, 0, 0, 0, 0, 0, 0))
+
+    monkeypatch.setattr(netns.os, "stat", stat)
+    found = netns.host_namespace_doubt()
+    assert found == doubt if doubt is None else (found is not None and doubt in found)
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,8 @@ def test_trace_of_dns_to_the_resolv_conf_server() -> None:
         (["trace", "outbound", "--dst", "10.0.0.5:443", "--proto", "sctp"], "--proto"),
         (["trace", "outbound", "--dst", "10.0.0.5:443", "--state", "OLD"], "--state"),
         (["trace", "inbound", "--port", "0"], "--port"),
+        (["trace", "outbound", "--dst", "10.0.0.5:443", "--src", "2001:db8::2"], "--src: '2001:db8::2'"),
+        (["trace", "outbound", "--dst", "[2001:db8::5]:443", "--src", "198.18.0.2"], "--src: '198.18.0.2'"),
         (["trace", "outbound", "--dst", "10.0.0.5:443", "--format", "yaml"], "--format"),
         (["graph", "--format", "png"], "--format"),
         (["graph", "--family", "ipv5"], "--family"),

@@ -13,7 +13,7 @@ from istio_iptables import hostfacts, netlink
 from istio_iptables.config import Config
 from istio_iptables.errors import HostError
 from istio_iptables.hostfacts import HostFacts, gather, local_addresses, read_nameservers, user_uid
-from istio_iptables.plan import decide, ipv6_enabled
+from istio_iptables.plan import decide, ipv6_enabled, usable_ipv6
 from istio_iptables.records import replace
 
 # ---- resolv.conf ---------------------------------------------------------------------------------------
@@ -105,7 +105,8 @@ FIXED = Config(ipv6=True, proxy_uids=(1337,))
     "config",
     [
         FIXED,
-        replace(FIXED, ipv6=False),
+        replace(FIXED, ipv6=False, dry_run=True),
+        replace(FIXED, ipv6=False, cleanup_only=True),
         replace(FIXED, redirect_dns=True, dns_servers=(IPv4Address("10.96.0.10"),)),
         replace(FIXED, redirect_dns=True, capture_all_dns=True),
         replace(FIXED, redirect_dns=False, resolv_conf="/nonexistent"),
@@ -113,6 +114,11 @@ FIXED = Config(ipv6=True, proxy_uids=(1337,))
 )
 def test_gather_reads_nothing_that_is_fixed(config: Config) -> None:
     assert gather(config) == HostFacts()
+
+
+def test_an_apply_with_no_ipv6_reads_the_addresses_it_warns_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostfacts, "local_addresses", lambda: [IPv6Address("2001:db8::5")])
+    assert gather(replace(FIXED, ipv6=False)).addresses == (IPv6Address("2001:db8::5"),)
 
 
 def test_gather_reads_what_is_open(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,43 +223,48 @@ DUAL = Config(dual_stack=True)
 
 
 @pytest.mark.parametrize(
-    ("addresses", "single", "dual"),
+    ("addresses", "ipv6"),
     [
-        # (host addresses in Go's order, IPv6 without --dual-stack, IPv6 with --dual-stack)
-        (("10.0.0.5",), False, False),
-        (("2001:db8::5",), True, True),
-        (("10.0.0.5", "2001:db8::5"), False, True),  # dual-stack pod: IPv4 is listed first
-        (("2001:db8::5", "10.0.0.5"), True, True),
-        (("127.0.0.1", "::1", "2001:db8::5"), True, True),  # loopback skipped
-        (("127.0.0.1", "10.0.0.5", "::1", "fe80::1"), False, False),  # link-local skipped
-        (("127.0.0.1", "169.254.1.1", "::1", "fe80::1", "2001:db8::5"), True, True),
-        (("127.0.0.1", "169.254.1.1", "10.0.0.5", "::1", "fe80::1", "fd00::2"), False, True),
-        (("127.0.0.2", "::1", "fd00::2"), True, True),  # all of 127/8 is loopback
+        # (host addresses in the kernel's order, IPv6 captured)
+        (("10.0.0.5",), False),
+        (("2001:db8::5",), True),
+        (("10.0.0.5", "2001:db8::5"), True),  # dual-stack pod: IPv4 is listed first (Istio: IPv4 only)
+        (("2001:db8::5", "10.0.0.5"), True),
+        (("127.0.0.1", "::1", "2001:db8::5"), True),  # loopback skipped
+        (("127.0.0.1", "10.0.0.5", "::1", "fe80::1"), False),  # link-local skipped
+        (("127.0.0.1", "169.254.1.1", "::1", "fe80::1", "2001:db8::5"), True),
+        (("127.0.0.1", "169.254.1.1", "10.0.0.5", "::1", "fe80::1", "fd00::2"), True),  # ULA counts
+        (("127.0.0.2", "::1", "fd00::2"), True),  # all of 127/8 is loopback
+        (("127.0.0.1", "::1", "::6", "10.0.0.5"), False),  # ::6 on lo is an earlier IPv6 apply's own
     ],
 )
-def test_ipv6_detection(addresses: tuple[str, ...], single: bool, dual: bool) -> None:
-    assert ipv6_enabled(DETECT, facts(*addresses)) is single
-    assert ipv6_enabled(DUAL, facts(*addresses)) is dual
+def test_ipv6_detection(addresses: tuple[str, ...], ipv6: bool) -> None:
+    """Any usable IPv6 address turns IPv6 capture on, as --dual-stack does in Istio; --dual-stack changes
+    nothing more."""
+    assert ipv6_enabled(DETECT, facts(*addresses)) is ipv6
+    assert ipv6_enabled(DUAL, facts(*addresses)) is ipv6
 
 
 @pytest.mark.parametrize(
-    ("addresses", "single", "dual"),
+    ("addresses", "ipv6"),
     [
         # Go skips link-local multicast (224.0.0.0/24, ff02::/16) as well as link-local unicast.
-        (("ff02::1", "10.0.0.5"), False, False),
-        (("224.0.0.251", "2001:db8::5"), True, True),
-        (("224.0.0.1", "10.0.0.5"), False, False),
+        (("ff02::1", "10.0.0.5"), False),
+        (("224.0.0.251", "2001:db8::5"), True),
+        (("224.0.0.1", "10.0.0.5"), False),
     ],
 )
-def test_ipv6_detection_skips_link_local_multicast(addresses: tuple[str, ...], single: bool, dual: bool) -> None:
-    assert ipv6_enabled(DETECT, facts(*addresses)) is single
-    assert ipv6_enabled(DUAL, facts(*addresses)) is dual
+def test_ipv6_detection_skips_link_local_multicast(addresses: tuple[str, ...], ipv6: bool) -> None:
+    assert ipv6_enabled(DETECT, facts(*addresses)) is ipv6
 
 
 def test_ipv6_detection_unwraps_ipv4_mapped_addresses() -> None:
     # Go's getLocalIP unwraps IPv4-mapped addresses: ::ffff:10.0.0.5 is an IPv4 address.
-    assert ipv6_enabled(DETECT, facts("::ffff:10.0.0.5", "2001:db8::5")) is False
-    assert ipv6_enabled(DUAL, facts("::ffff:10.0.0.5")) is False
+    assert ipv6_enabled(DETECT, facts("::ffff:10.0.0.5", "10.0.0.6")) is False
+    assert ipv6_enabled(DETECT, facts("::ffff:10.0.0.5")) is False
+    assert usable_ipv6(facts("::ffff:10.0.0.5", "fe80::1", "::1", "2001:db8::5").addresses) == (
+        IPv6Address("2001:db8::5"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -275,7 +286,8 @@ def test_explicit_choice_wins(addresses: tuple[str, ...]) -> None:
 
 def test_decide_uses_the_detection_for_families() -> None:
     assert [family.value for family in decide(DETECT, facts("2001:db8::5")).families] == [4, 6]
-    assert [family.value for family in decide(DETECT, facts("10.0.0.5", "2001:db8::5")).families] == [4]
+    assert [family.value for family in decide(DETECT, facts("10.0.0.5")).families] == [4]
+    assert [family.value for family in decide(DETECT, facts("10.0.0.5", "2001:db8::5")).families] == [4, 6]
     assert [family.value for family in decide(DUAL, facts("10.0.0.5", "2001:db8::5")).families] == [4, 6]
 
 

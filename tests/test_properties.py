@@ -118,9 +118,7 @@ def expect_ipv6(config: Config, facts: HostFacts) -> bool:
     if config.ipv6 is not None:
         return config.ipv6
     usable = [a for a in facts.addresses if not (a.is_loopback or a.is_link_local)]
-    if config.dual_stack:
-        return any(a.version == 6 for a in usable)
-    return usable[0].version == 6
+    return any(a.version == 6 for a in usable)
 
 
 def restore_sections(payload: str) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 
-from .. import netlink
+from .. import interrupts, netlink
 from ..config import IptablesVariant
 from ..errors import ApplyError, HostError
 from ..hostfacts import which
@@ -111,7 +111,8 @@ class Iptables:
                 f"*{feature.table.value}\n:{PROBE_CHAIN} - [0:0]\n-A {PROBE_CHAIN} {feature.rule}\nCOMMIT\n"
                 f"*{feature.table.value}\n:{PROBE_CHAIN} - [0:0]\n-X {PROBE_CHAIN}\nCOMMIT\n"
             )
-            results.append((feature, _run(self._restore_command(), payload, self.environment).returncode == 0))
+            with interrupts.held():  # legacy commits the two separately: never stop between them
+                results.append((feature, _run(self._restore_command(), payload, self.environment).returncode == 0))
         return results
 
 

@@ -519,7 +519,7 @@ def _close_open_labs() -> None:
 # --- rules ---------------------------------------------------------------------------------------------
 
 
-def apply_capture(lab: Lab, args: Sequence[str], variant: str, *, ipv6: bool = False) -> None:
+def apply_capture(lab: Lab, args: Sequence[str], variant: str, *, ipv6: bool | None = False) -> str:
     """Program the capture of istio-iptables ``args`` inside ``lab.pod`` with the ``variant`` iptables.
 
     Contract (kept when the body becomes ``istio-iptables --network-namespace POD ...``):
@@ -528,11 +528,11 @@ def apply_capture(lab: Lab, args: Sequence[str], variant: str, *, ipv6: bool = F
       --network-namespace or the binary choice, which this function adds.
     - ``variant``: ``"legacy"`` or ``"nft"``: which iptables binaries program the rules (``--force-iptables-binary``);
       ``"native"``: native nftables tables instead (``--native-nftables``).
-    - ``ipv6``: also program IPv6 (``--ipv6``), else ``--no-ipv6``.
+    - ``ipv6``: also program IPv6 (``--ipv6``), else ``--no-ipv6``; None passes neither (detection decides).
     - Afterwards the pod has the IPv4 rules (and IPv6 ones if ``ipv6``); if the mode is TPROXY and -b is not
       empty, ``ip rule add fwmark <-t> lookup <-r>`` and ``ip route add local default dev lo table <-r>``
       (and -6); with ``ipv6``, ``::6/128`` on the pod's ``lo`` (REDIRECT and TPROXY, as Istio does).
-    - It touches nothing outside ``lab.pod``. Raises LabError when anything fails.
+    - It touches nothing outside ``lab.pod``. Raises LabError when anything fails; returns the run's stderr.
     """
     if variant not in BACKEND_FLAGS:
         raise ValueError(f"variant {variant!r} is not one of {list(BACKEND_FLAGS)}")
@@ -540,9 +540,11 @@ def apply_capture(lab: Lab, args: Sequence[str], variant: str, *, ipv6: bool = F
     if lab.netns_inode(lab.pod) == os.stat("/proc/self/ns/net").st_ino:
         raise LabError("refusing to program the test runner's own namespace")
     argv = [str(ISTIO_IPTABLES), "--network-namespace", lab.pod, *BACKEND_FLAGS[variant], *args]
-    argv.append("--ipv6" if ipv6 else "--no-ipv6")
+    if ipv6 is not None:
+        argv.append("--ipv6" if ipv6 else "--no-ipv6")
     env = {**os.environ, "XTABLES_LOCKFILE": lab.env["XTABLES_LOCKFILE"]}
     result = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, env=env, check=False)
     lab.applied.append(" ".join(argv) + "\n" + result.stderr)
     if result.returncode != 0:
         raise LabError(f"{argv} exited {result.returncode}: {result.stderr.strip()}")
+    return result.stderr
