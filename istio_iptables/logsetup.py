@@ -36,6 +36,15 @@ class Log:
         _emit(self.name, LogLevel.ERROR, message, args)
 
 
+def logs(level: LogLevel) -> bool:
+    """Whether a message at ``level`` would be written: to skip composing what nobody reads."""
+    if _pending:
+        return level >= _pending[0].level
+    import logging  # noqa: PLC0415 (loaded already: the options' handlers are installed)
+
+    return logging.getLogger().isEnabledFor(level)
+
+
 _pending: list[LogOptions] = []
 """The options configured, while no message has passed their level (so their handlers are not installed)."""
 
