@@ -8,8 +8,6 @@ applied.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -26,7 +24,7 @@ from hypothesis import strategies as st
 
 from istio_iptables import app, cli, config
 from istio_iptables.config import Config
-from tests.helpers import Result, environment, run_cli
+from tests.helpers import Result, run_cli
 
 F = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
 F += ["-d", "15090,15021,15020"]
@@ -49,14 +47,7 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
 
 
 def run_clean(args: list[str], env: dict[str, str] | None = None) -> Result:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with environment(env or {}), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            cli.clean_main(args)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return Result(code, stdout.getvalue(), stderr.getvalue())
+    return run_cli(args, env, command=cli.clean_main)
 
 
 def one_line_error(result: Result, prog: str = "istio-iptables") -> str:
