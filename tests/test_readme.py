@@ -155,3 +155,18 @@ def test_the_performance_tables_are_docs_performance_md() -> None:
     document = re.sub(r"^### ", "#### ", (ROOT / "docs" / "performance.md").read_text(), flags=re.MULTILINE)
     assert embedded == document.strip(), "copy docs/performance.md (headings one level down) into README"
     assert not re.search(r"\| 0\.000 \|", document), "a figure of 0.000 ms: a row in the wrong unit"
+
+
+def test_the_error_lines_readme_shows_are_the_programs() -> None:
+    """Each ``istio-iptables: invalid value for FLAG: 'VALUE': ...`` line, run with that value (a dry run)."""
+    errors = [line for line in LINES if line.startswith("istio-iptables: invalid value for ")]
+    assert errors
+    for line in errors:
+        found = re.fullmatch(r"istio-iptables: invalid value for (\S+?)(?: \(environment of \S+\))?: '(.*?)': .*", line)
+        assert found, line
+        name, value = found[1], found[2]
+        if name.isupper():
+            result = run_cli(["--dry-run", "--no-ipv6"], {name: value})
+        else:
+            result = run_cli(["--dry-run", "--no-ipv6", name.split("/")[-1], value])
+        assert (result.code, result.stderr) == (2, line + "\n"), f"README shows {line!r}; the program says {result}"
