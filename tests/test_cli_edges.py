@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from istio_iptables import app, cli, config
 from istio_iptables.config import Config
 from tests.helpers import Result, run_cli
+from tests.test_cli_parsing import option
 
 F = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
 F += ["-d", "15090,15021,15020"]
@@ -340,3 +341,16 @@ def test_json_set_lookups_say_what_they_look_up() -> None:
     ]
     assert lookups and all(clause["direction"] == "destination" for clause in lookups)
     assert {clause["name"] for clause in lookups} == {"ISTIO_EXCLUDE_CIDR4", "ISTIO_INBOUND_EXCLUDE_PORTS"}
+
+
+CLEAN_COMMAND = typer.main.get_command(app.clean_app)
+CLEAN_OPTIONS = option().filter(lambda words: words[0].partition("=")[0] not in ("--cleanup-only", "--no-cleanup-only"))
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(CLEAN_OPTIONS, max_size=8))
+def test_clean_command_lines_parse_as_typer_parses_them(options: list[list[str]]) -> None:
+    """istio-clean-iptables' fast path reads what its Typer command would, as the main command's does."""
+    arguments = [argument for each in options for argument in each]
+    context = CLEAN_COMMAND.make_context(cli.CLEAN_PROG, list(arguments))
+    assert cli.plain_run(arguments, cli._CLEAN_OPTIONS) == dict(context.params)
