@@ -324,7 +324,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
         else:
             # Istio's GID rule has no DNS form (reference 3.9).
             not_special = (TCP, DestinationPort(tunnel, negated=True))
-        why("the proxy calling the pod's own address over lo, to the inbound listener")
+        why("the proxy calling the pod itself over lo, to the inbound listener")
         add(
             NAT,
             ISTIO_OUTPUT,
@@ -340,7 +340,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
             )
             why("the app talking to itself over lo, not captured")
             add(NAT, ISTIO_OUTPUT, OutInterface(LO), *not_dns, _negate(owner), target=RETURN)
-        why("the proxy's own traffic, not captured")
+        why("traffic of the proxy itself, not captured")
         add(NAT, ISTIO_OUTPUT, owner, target=RETURN)
 
     # 13. Owner groups: capture only the listed groups, or all but the excluded ones.
@@ -425,7 +425,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
 
     # 18. Captured CIDRs (or all): ISTIO_OUTPUT ⤸ ISTIO_REDIRECT; KubeVirt traffic from PREROUTING too.
     if config.service_cidrs is ALL:
-        why("outbound capture (-i '*')")
+        why("outbound capture, every destination (-i *)")
         add(NAT, ISTIO_OUTPUT, target=Jump(ISTIO_REDIRECT))
         why("KubeVirt interface, captured as outbound")
         for nic in config.kube_virt_interfaces:

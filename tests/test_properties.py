@@ -279,6 +279,8 @@ def test_rule_comments_say_what_each_rule_does(case: tuple[Config, HostFacts]) -
     for ruleset in plan.rulesets:
         for rule in ruleset.rules:
             assert rule.comment is not None and rule.comment.startswith(COMMENT_PREFIX), rule
+            # iptables-legacy-save escapes quotes in comments (\'), which then read back as other text.
+            assert "'" not in rule.comment and '"' not in rule.comment, rule
             says_uncaptured = any(words in rule.comment for words in ("not captured", "never captured", "exclu"))
             if rule.target is Verdict.RETURN:
                 assert "capture" not in rule.comment or says_uncaptured, rule
