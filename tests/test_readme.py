@@ -146,8 +146,10 @@ def test_readme_points_nowhere_outside_the_repository() -> None:
     for target in re.findall(r"\]\(([^)#]+)\)", TEXT):
         if not re.match(r"https?://", target):
             assert (ROOT / target).exists(), f"README links to {target}, which is not in the repository"
-    for path in re.findall(r"`((?:scripts|docs|deploy|tests|istio_iptables)/[\w./-]+)`", TEXT):
-        assert (ROOT / path).exists() or list(ROOT.glob(path)), f"README names {path}, which is not in the repository"
+    for path in re.findall(r"`((?:scripts|docs|deploy|tests|istio_iptables|\.ci)/[\w./*-]+)`", TEXT):
+        assert list(ROOT.glob(path)), f"README names {path}, which is not in the repository"
+    for module in re.findall(r"`(\w+\.py)`", TEXT):
+        assert list(ROOT.glob(f"**/{module}")), f"README names {module}, which is not in the repository"
 
 
 def test_the_performance_tables_are_docs_performance_md() -> None:
