@@ -129,10 +129,14 @@ def is_excerpt(part: Any, whole: Any, path: str = "$") -> list[str]:
             return [f"{path}: a list in README, {type(whole).__name__} in the output"]
         position = 0
         for index, item in enumerate(part):
+            start = position
             while position < len(whole) and is_excerpt(item, whole[position]):
                 position += 1
             if position == len(whole):
-                return [f"{path}[{index}]: {json.dumps(item)} is not in the output (in this order)"]
+                # Say what differs from the nearest candidate, not only that nothing matched.
+                tries = [is_excerpt(item, other, f"{path}[{index}]") for other in whole[start:]]
+                nearest = min(tries, key=len, default=[])
+                return nearest or [f"{path}[{index}]: {json.dumps(item)} is not in the output (in this order)"]
             position += 1
         return []
     return [] if part == whole else [f"{path}: README shows {json.dumps(part)}, the program prints {json.dumps(whole)}"]
