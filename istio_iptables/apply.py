@@ -161,7 +161,7 @@ def _report(config: Config, started: float, lines: list[str], changed: bool) -> 
     elif changed:
         log.info("%s in %.0f ms", "cleaned up" if config.cleanup_only else "applied", took)
     elif config.cleanup_only:
-        log.info("nothing of ours to remove (took %.0f ms)", took)
+        log.info("nothing of ours here; nothing to change (took %.0f ms)", took)
     else:
         log.info("rules already as planned; nothing to change (took %.0f ms)", took)
 

@@ -105,7 +105,7 @@ def test_apply_rerun_change_and_clean_up_say_what_changed(pod: Pod, backend: str
     assert timed(cleaned[-1], "cleaned up in N ms"), cleaned
 
     again = messages(pod, backend, "--cleanup-only")
-    assert len(again) == 1 and timed(again[0], "nothing of ours to remove (took N ms)"), again
+    assert len(again) == 1 and timed(again[0], "nothing of ours here; nothing to change (took N ms)"), again
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
