@@ -210,6 +210,7 @@ def apply_native(config: Config, plan: Plan) -> None:
             if script:
                 nft.apply(script)
                 committed = True
+                log.info("nftables: committed one transaction of %d commands", script.count("\n"))
             undo = routes.converge(plan, routing, cleanup=config.cleanup_only)
             for transition in transitions:
                 # The old copy goes only now that the new one is in: capture never stops.
