@@ -8,6 +8,7 @@ text (or a switch) and ``config.load`` parses it, which gives every bad value th
 
 from __future__ import annotations
 
+import enum
 import inspect
 import sys
 from collections.abc import Callable, Sequence
@@ -23,22 +24,32 @@ from .model import AddressSet, CtState, Family, GidOwner, Plan, PortSet, Proto
 from .plan import build_plan
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-    help="Make every TCP connection of a pod, and optionally its DNS, go through the sidecar proxy: "
-    "the rules of Istio's istio-iptables for the same flags, printed (--dry-run) or applied.",
-    epilog="Environment only: "
+_SETTINGS = {
+    "add_completion": True,
+    "pretty_exceptions_enable": False,
+    "rich_markup_mode": None,
+    "context_settings": {"help_option_names": ["-h", "--help"], "max_content_width": 120},
+}
+_EPILOG = (
+    "Environment only: "
     + "; ".join(
         f"{setting.envvars[0]} ({setting.help.rstrip('.')}; default: {setting.default or '(empty)'})"
         for setting in configuration.SETTINGS
         if not setting.flags
     )
-    + ". Exit codes: 0 success, 1 apply or host failure, 2 bad input, 126 validation failed.",
+    + ". Exit codes: 0 success, 1 apply or host failure, 2 bad input, 126 validation failed."
 )
+
+app = typer.Typer(
+    **_SETTINGS,  # type: ignore[arg-type]
+    help="Make every TCP connection of a pod, and optionally its DNS, go through the sidecar proxy: "
+    "the rules of Istio's istio-iptables for the same flags, printed (--dry-run) or applied.",
+    epilog=_EPILOG,
+)
+
+clean_app = typer.Typer(**_SETTINGS)  # type: ignore[arg-type]
 
 
 def _help(setting: configuration.Setting) -> str:
@@ -67,6 +78,28 @@ STANDALONE_COMMANDS = {"inject"}
 """Subcommands that take none of the capture's flags or environment: no Config is made for them."""
 
 
+def _print_version(ctx: typer.Context, wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import version  # noqa: PLC0415 (only --version needs it)
+
+        print(f"{ctx.info_name} {version('istio-iptables')}")
+        raise typer.Exit()
+
+
+def _signature(settings: Sequence[configuration.Setting]) -> inspect.Signature:
+    """The command's parameters: the context, an option per setting with a flag, and ``--version``."""
+    version = typer.Option(
+        False, "--version", is_eager=True, expose_value=False, callback=_print_version, help="Print the version."
+    )
+    return inspect.Signature(
+        [
+            inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+            *(_option(setting) for setting in settings),
+            inspect.Parameter("version", inspect.Parameter.KEYWORD_ONLY, default=version, annotation=bool),
+        ]
+    )
+
+
 def capture(ctx: typer.Context, **given: Any) -> None:
     if ctx.invoked_subcommand in STANDALONE_COMMANDS:
         return
@@ -75,13 +108,25 @@ def capture(ctx: typer.Context, **given: Any) -> None:
         cli.run(ctx.obj)
 
 
-capture.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-        *(_option(setting) for setting in configuration.SETTINGS if setting.flags),
-    ]
+capture.__signature__ = _signature(  # type: ignore[attr-defined]
+    [setting for setting in configuration.SETTINGS if setting.flags]
 )
 app.callback(invoke_without_command=True)(capture)
+
+
+def clean(ctx: typer.Context, **given: Any) -> None:
+    cli.run(cli.configured({**given, "cleanup_only": True}))
+
+
+clean.__signature__ = _signature(  # type: ignore[attr-defined]
+    [setting for setting in configuration.SETTINGS if setting.flags and setting.key != "cleanup_only"]
+)
+clean_app.command(
+    help="Remove every chain, rule, ip rule, route and ::6 address that istio-iptables may have created in "
+    "this network namespace, whatever flags created them: Istio 1.5's istio-clean-iptables, the same as "
+    "istio-iptables --cleanup-only. Takes istio-iptables' flags; --dry-run prints the clean-up.",
+    epilog=_EPILOG,
+)(clean)
 
 
 def _output_format(value: str, choices: tuple[str, ...]) -> str:
@@ -144,20 +189,44 @@ def _checked(flag: str, value: str, parse: Callable[[str], T]) -> T:
         raise ConfigError(f"invalid value for {flag}: '{configuration.shown(value)}': {error}") from None
 
 
+def _choice(kind: type[E], case: Callable[[str], str]) -> Callable[[str], E]:
+    """A parser of one of ``kind``'s values, in any case, whose error lists them (not Python's enum wording)."""
+
+    def parse(text: str) -> E:
+        try:
+            return kind(case(text))
+        except ValueError:
+            raise ValueError(f"must be one of: {', '.join(str(member.value) for member in kind)}") from None
+
+    return parse
+
+
 @app.command("trace")
 def trace_command(
     ctx: typer.Context,
-    direction: str = typer.Argument(..., metavar="outbound|inbound", help="Which way the flow goes."),
+    direction: str = typer.Argument(
+        ..., metavar="outbound|inbound", help="Which way the flow goes.", autocompletion=lambda: ["outbound", "inbound"]
+    ),
     *,
-    dst: str = typer.Option("", "--dst", help="Outbound: ADDRESS:PORT dialled ([ADDRESS]:PORT for IPv6)."),
-    port: str = typer.Option("", "--port", help="Inbound: the pod's port the peer dials."),
-    src: str = typer.Option("", "--src", help="Source address (default: the pod, or the peer for inbound)."),
-    uid: str = typer.Option("1000", "--uid", help="Outbound: UID of the sending process."),
-    gid: str = typer.Option("", "--gid", help="Outbound: GID of the sending process (default: the UID)."),
+    dst: str = typer.Option(
+        "", "--dst", metavar="ADDRESS:PORT", help="Outbound: ADDRESS:PORT dialled ([ADDRESS]:PORT for IPv6)."
+    ),
+    port: str = typer.Option("", "--port", metavar="PORT", help="Inbound: the pod's port the peer dials."),
+    src: str = typer.Option(
+        "", "--src", metavar="ADDRESS", help="Source address (default: the pod, or the peer for inbound)."
+    ),
+    uid: str = typer.Option("1000", "--uid", metavar="UID", help="Outbound: UID of the sending process."),
+    gid: str = typer.Option(
+        "", "--gid", metavar="GID", help="Outbound: GID of the sending process (default: the UID)."
+    ),
     protocol: str = typer.Option("tcp", "--proto", metavar="tcp|udp", help="Protocol."),
-    in_interface: str = typer.Option("eth0", "--in-interface", help="Inbound: the interface it arrives on."),
-    out_interface: str = typer.Option("", "--out-interface", help="Outbound: default lo for local addresses."),
-    mark: str = typer.Option("0", "--mark", help="Packet mark."),
+    in_interface: str = typer.Option(
+        "eth0", "--in-interface", metavar="NIC", help="Inbound: the interface it arrives on."
+    ),
+    out_interface: str = typer.Option(
+        "", "--out-interface", metavar="NIC", help="Outbound: default lo for local addresses."
+    ),
+    mark: str = typer.Option("0", "--mark", metavar="MARK", help="Packet mark."),
     state: str = typer.Option("NEW", "--state", metavar="NEW|ESTABLISHED|RELATED|INVALID", help="Conntrack."),
     live: bool = typer.Option(False, "--live", help="Trace the namespace's live rules, not the plan."),
     output: str = typer.Option("text", "--format", metavar="text|json", help="text or json."),
@@ -169,9 +238,9 @@ def trace_command(
     config: configuration.Config = ctx.obj
     output = _output_format(output, ("text", "json"))
     common = {
-        "protocol": _checked("--proto", protocol, lambda text: Proto(text.lower()).value),
+        "protocol": _checked("--proto", protocol, _choice(Proto, str.lower)).value,
         "mark": _checked("--mark", mark, lambda text: configuration.parse_decimal(text, 0, 0xFFFFFFFF, "mark")),
-        "state": _checked("--state", state, lambda text: CtState(text.upper()).value),
+        "state": _checked("--state", state, _choice(CtState, str.upper)).value,
     }
     source = _checked("--src", src, configuration.parse_address) if src else None
     if direction == "outbound":
@@ -195,8 +264,10 @@ def trace_command(
             **common,  # type: ignore[arg-type]
         )
     elif direction == "inbound":
+        if not port:
+            raise ConfigError("trace inbound needs --port PORT")
         flow = Flow.inbound(
-            _checked("--port", port or "", configuration.parse_port),
+            _checked("--port", port, configuration.parse_port),
             source=source,
             in_interface=_checked("--in-interface", in_interface, configuration.parse_interface),
             **common,  # type: ignore[arg-type]
@@ -290,13 +361,40 @@ def _live_rules(config: configuration.Config, plan: Plan, family: Family) -> tup
     return seen.live, ipset.as_model(ipset.read())
 
 
-def main(arguments: list[str]) -> int:
-    """Parse and run ``arguments`` with Typer; its usage errors become ConfigError (exit 2)."""
+def main(arguments: list[str], clean: bool = False) -> int:
+    """Parse and run ``arguments`` with Typer (``istio-clean-iptables``'s command when ``clean``); its usage
+    errors become ConfigError (exit 2)."""
+    command = typer.main.get_command(clean_app if clean else app)
     try:
-        code = typer.main.get_command(app).main(args=arguments, prog_name=PROG, standalone_mode=False)
+        code = command.main(args=arguments, prog_name=cli.CLEAN_PROG if clean else PROG, standalone_mode=False)
     except Exception as error:
         # Typer's own usage errors (unknown flag, missing value); its exception classes are not public.
         if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
             raise
-        raise ConfigError(error.format_message()) from None
+        if clean and getattr(error, "option_name", "") in ("--cleanup-only", "--no-cleanup-only"):
+            raise ConfigError(f"{cli.CLEAN_PROG} only cleans up; to apply, run {PROG}") from None
+        raise ConfigError(_misplaced(command, error) or error.format_message()) from None
     return code if isinstance(code, int) else 0
+
+
+def _misplaced(command: Any, error: Any) -> str | None:
+    """For an unknown option that another level of the command line has: where it belongs. A subcommand's
+    option given before the subcommand, or a flag of the main command given after it."""
+    name, context = getattr(error, "option_name", None), getattr(error, "ctx", None)
+    if name is None or context is None:
+        return None
+    if context.parent is None:
+        owners = [
+            sub
+            for sub, subcommand in getattr(command, "commands", {}).items()
+            if any(name in (*param.opts, *param.secondary_opts) for param in subcommand.params)
+        ]
+        if owners:
+            quoted = [f"'{owner}'" for owner in owners]
+            where = " and ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+            example = f"{PROG} [FLAGS] {owners[0]} ... {name} ..."
+            return f"{name} is an option of {where}: give it after the subcommand ({example})"
+    elif any(name in (*param.opts, *param.secondary_opts) for param in command.params):
+        sub = context.info_name
+        return f"{name} is a flag of {PROG} itself: give it before '{sub}' ({PROG} {name} ... {sub} ...)"
+    return None

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import grp
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 
@@ -30,10 +31,11 @@ from . import interrupts, locks, netns, nft_state, routes
 from .backends import ipset
 from .backends import nft as native
 from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
-from .config import Backend, Config
+from .changes import table_changes
+from .config import Backend, Config, LogLevel
 from .errors import ApplyError
 from .hostfacts import which
-from .logsetup import Log
+from .logsetup import Log, logs
 from .model import BUILTIN_CHAINS, AddressSet, Family, Plan, PortSet, Rule, RuleSet, SaveMark, Table
 from .records import record, replace
 from .render.nft import TABLE_NAMES
@@ -68,6 +70,7 @@ class Transition:
 
 def apply(config: Config, plan: Plan) -> None:
     """Make this namespace hold exactly the plan (or, with ``--cleanup-only``, nothing of ours)."""
+    started = time.monotonic()
     environment = xtables_environment(config)
     with namespace_lock(environment), interrupts.held():
         native_copy = native.own_tables()
@@ -124,8 +127,45 @@ def apply(config: Config, plan: Plan) -> None:
             except ApplyError as failure:
                 notes.append(f"ROLLBACK FAILED for the sets: {failure}")
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
-    if not transitions and not native_copy and not fill and not drop:
-        log.info("rules already as planned; nothing to change")
+    if logs(LogLevel.INFO):
+        changed = {transition.iptables.family for transition in transitions}
+        lines = [
+            line
+            for seen in observations
+            if seen.target.family in changed
+            for line in _changed_tables(seen.expected, seen.actual, _iptables_label(seen.iptables))
+        ]
+        lines += [f"ipset: wrote {name}" for name in ipset.created(fill)]
+        lines += [f"ipset: deleted {name}" for name in ipset.destroyed(drop)]
+        _report(config, started, lines, changed=bool(transitions or native_copy or fill or drop))
+
+
+def _changed_tables(expected: Layout, actual: Layout, label: Callable[[Table], str]) -> list[str]:
+    """One line per table that changed, named by ``label``."""
+    return [change.describe(label(change.table)) for change in table_changes(expected, actual)]
+
+
+def _iptables_label(iptables: Iptables) -> Callable[[Table], str]:
+    return lambda table: f"{iptables.family.label} {table.value} (iptables-{iptables.variant.value})"
+
+
+def _nft_label(table: Table) -> str:
+    return f"nftables inet {TABLE_NAMES[table]}"
+
+
+def _report(config: Config, started: float, lines: list[str], changed: bool) -> None:
+    """What changed, then the time the whole apply (or clean-up) took: the lines an init container leaves."""
+    for line in lines:
+        log.info("%s", line)
+    took = (time.monotonic() - started) * 1000
+    if changed and not lines:
+        log.info("rules already as planned, rewritten (--force-apply) in %.0f ms", took)
+    elif changed:
+        log.info("%s in %.0f ms", "cleaned up" if config.cleanup_only else "applied", took)
+    elif config.cleanup_only:
+        log.info("nothing of ours here; nothing to change (took %.0f ms)", took)
+    else:
+        log.info("rules already as planned; nothing to change (took %.0f ms)", took)
 
 
 def _sets_concern(config: Config, planned: tuple[AddressSet | PortSet, ...], transitions: list[Transition]) -> bool:
@@ -138,6 +178,7 @@ def _sets_concern(config: Config, planned: tuple[AddressSet | PortSet, ...], tra
 def apply_native(config: Config, plan: Plan) -> None:
     """``--native-nftables``: make our three ``inet`` tables hold exactly the plan (or, with ``--cleanup-only``,
     delete them) in one nft transaction, converge routing, then remove any iptables copy of our rules."""
+    started = time.monotonic()
     environment = xtables_environment(config)
     with namespace_lock(environment), interrupts.held():
         nft = native.detect()
@@ -178,11 +219,6 @@ def apply_native(config: Config, plan: Plan) -> None:
                 # The old copy goes only now that the new one is in: capture never stops.
                 attempted.append(transition)
                 transition.iptables.restore(transition.payload)
-                log.info(
-                    "%s: removed our iptables-%s rules",
-                    transition.iptables.family.label,
-                    transition.iptables.variant.value,
-                )
             if finish:
                 nft.apply(finish)
                 committed = True
@@ -194,8 +230,11 @@ def apply_native(config: Config, plan: Plan) -> None:
             if committed:
                 notes.append(restore_native(nft))
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
-    if not script and not transitions:
-        log.info("rules already as planned; nothing to change")
+    if logs(LogLevel.INFO):
+        lines = _changed_tables(expected, actual, _nft_label) if script else []
+        for iptables, live in copies:
+            lines += _changed_tables({}, live_layout(live, None), _iptables_label(iptables))
+        _report(config, started, lines, changed=bool(script or transitions))
 
 
 def split_save_mark(plan: Plan) -> tuple[Plan, Plan]:

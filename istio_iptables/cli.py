@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 from . import config as configuration
 from . import interrupts, netns
@@ -22,26 +23,40 @@ from .model import Plan
 from .plan import build_plan, proxy_identity, usable_ipv6
 
 log = Log(__name__)
+CLEAN_PROG = "istio-clean-iptables"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures, SIGINT and SIGTERM included, end with one line on stderr and
     their exit code."""
+    _command(PROG, without_leading_word(sys.argv[1:] if argv is None else argv))
+
+
+def clean_main(argv: list[str] | None = None) -> None:
+    """``istio-clean-iptables``, as Istio 1.5 shipped it: the same flags, clean-up only."""
+    _command(CLEAN_PROG, sys.argv[1:] if argv is None else argv)
+
+
+def _command(prog: str, argv: list[str]) -> None:
+    clean = prog == CLEAN_PROG
     interrupts.start()
     try:
-        arguments = go_switches(without_leading_word(sys.argv[1:] if argv is None else argv))
-        given = plain_run(arguments)
+        arguments = go_switches(argv)
+        # A shell asking for completions runs the command with no arguments and a variable naming the
+        # shell: Typer answers it, the plain run (an apply!) must not.
+        completing = f"_{prog}_COMPLETE".replace("-", "_").upper() in os.environ
+        given = None if completing else plain_run(arguments, _CLEAN_OPTIONS if clean else _OPTIONS)
         if given is None:
             from .app import main as typer_main  # noqa: PLC0415
 
-            code = typer_main(arguments)
+            code = typer_main(arguments, clean)
         else:
-            run(configured(given))
+            run(configured({**given, "cleanup_only": True} if clean else given))
             code = 0
         interrupts.finish()
     except IstioIptablesError as error:
         interrupts.finish()
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print(f"{prog}: {error}", file=sys.stderr)
         code = error.exit_code
     sys.exit(code)
 
@@ -52,16 +67,20 @@ def without_leading_word(arguments: list[str]) -> list[str]:
     return arguments[1:] if arguments[:1] == [PROG] else arguments
 
 
-def plain_run(arguments: list[str]) -> dict[str, str | bool | None] | None:
+def plain_run(
+    arguments: list[str], options: Mapping[str, configuration.Setting] | None = None
+) -> dict[str, str | bool | None] | None:
     """The options of a command line made only of ``--flag VALUE``, ``--flag=VALUE``, ``-f VALUE`` and
-    switches (``--switch``, ``--no-switch``, ``-n``), as Typer would pass them to the main command; None
-    for anything else (help, a subcommand, ``--``, bundled short flags, a value that looks like a flag, an
-    unknown flag), which Typer then parses, runs or words the usage error for."""
-    given: dict[str, str | bool | None] = {setting.key: None for setting in configuration.SETTINGS if setting.flags}
+    switches (``--switch``, ``--no-switch``, ``-n``) of ``options`` (default: the main command's), as Typer
+    would pass them to the command; None for anything else (help, a subcommand, ``--``, bundled short
+    flags, a value that looks like a flag, an unknown flag), which Typer then parses, runs or words the
+    usage error for."""
+    options = _OPTIONS if options is None else options
+    given: dict[str, str | bool | None] = {setting.key: None for setting in options.values()}
     remaining = iter(arguments)
     for argument in remaining:
         name, equals, value = argument.partition("=") if argument.startswith("--") else (argument, "", "")
-        setting = _OPTIONS.get(name)
+        setting = options.get(name)
         if setting is None or (setting.switch and equals):
             return None
         if setting.switch:
@@ -82,6 +101,8 @@ _OPTIONS = {
     for name in (*setting.flags, *((setting.off,) if setting.switch else ()))
 }
 """Every option name of the main command, switches' ``--no-`` forms included."""
+_CLEAN_OPTIONS = {name: setting for name, setting in _OPTIONS.items() if setting.key != "cleanup_only"}
+"""``istio-clean-iptables``'s: the same without ``--cleanup-only``, which it always is."""
 
 
 def configured(given: configuration.Given) -> configuration.Config:
@@ -179,8 +200,3 @@ def go_switches(argv: list[str]) -> list[str]:
                 f"invalid value for {setting.label}: '{configuration.shown(value)}': not a boolean (true or false)"
             ) from None
     return translated
-
-
-def clean_main() -> None:
-    """``istio-clean-iptables``, as Istio 1.5 shipped it: the same flags, clean-up only."""
-    main([*sys.argv[1:], "--cleanup-only"])

@@ -620,13 +620,15 @@ def parse_route_table(text: str) -> int:
 
 
 def parse_cidr(text: str) -> IPNet:
-    if "/" not in text:
+    address, slash, length = text.partition("/")
+    if not slash:
         raise ValueError("not a CIDR (address/prefix-length)")
-    if "%" in text:
-        raise ValueError("not a CIDR (zone ids are not allowed)")
-    if not text.rpartition("/")[2].isdigit() or not text.isascii():
+    if not length.isascii() or not length.isdigit():
         raise ValueError("not a CIDR (the prefix length must be a number)")
-    return ipaddress.ip_interface(text)
+    ip = parse_address(address)
+    if int(length) > ip.max_prefixlen:
+        raise ValueError(f"prefix length {int(length)} is over {ip.max_prefixlen}")
+    return ipaddress.ip_interface((ip, int(length)))
 
 
 def parse_cidrs(text: str) -> tuple[IPNet, ...]:
@@ -640,7 +642,11 @@ def parse_cidr_selection(text: str) -> tuple[IPNet, ...] | All:
 def parse_address(text: str) -> IPAddress:
     if "%" in text:
         raise ValueError("not an IP address (zone ids are not allowed)")
-    return ipaddress.ip_address(text)
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        # ipaddress's own reasons ("Octet 256 (> 255) not permitted in '10.0.0.256'") are Python's wording.
+        raise ValueError("not an IPv4 or IPv6 address") from None
 
 
 def parse_addresses(text: str) -> tuple[IPAddress, ...] | None:
@@ -766,7 +772,7 @@ def _each(items: list[str], parse: Callable[[str], T]) -> list[T]:
             parsed.append(parse(item))
         except ValueError as error:
             # In a list, say which element is wrong.
-            raise ValueError(f"'{shown(item)}': {_reason(error)}" if len(items) > 1 else _reason(error)) from None
+            raise ValueError(f"'{shown(item)}': {error}" if len(items) > 1 else str(error)) from None
     return parsed
 
 
@@ -780,11 +786,6 @@ def _no_wildcard(text: str, parse: Callable[[str], T]) -> T:
     if WILDCARD in split_list(text):
         raise ValueError("'*' must stand alone")
     return parse(text)
-
-
-def _reason(error: ValueError) -> str:
-    # ipaddress's messages repeat the value in quotes; keep only the explanation.
-    return str(error).replace("does not appear to be an IPv4 or IPv6", "not an IPv4 or IPv6")
 
 
 # ---- resolution ---------------------------------------------------------------------------------------
@@ -821,7 +822,7 @@ def load(given: Given, environ: Mapping[str, str]) -> Config:
         try:
             return parse(text)
         except ValueError as error:
-            raise ConfigError(f"invalid value for {raw.origin}: '{shown(text)}': {_reason(error)}") from None
+            raise ConfigError(f"invalid value for {raw.origin}: '{shown(text)}': {error}") from None
 
     def switch(key: str) -> bool:
         return get(key, parse_go_bool)
@@ -829,7 +830,7 @@ def load(given: Given, environ: Mapping[str, str]) -> Config:
     def ipv6(text: str) -> bool | None:
         return None if text == "detect" else parse_go_bool(text)
 
-    return Config(
+    config = Config(
         proxy_port=get("envoy_port", parse_port),
         inbound_capture_port=get("inbound_capture_port", parse_port),
         inbound_tunnel_port=get("inbound_tunnel_port", parse_port),
@@ -883,6 +884,13 @@ def load(given: Given, environ: Mapping[str, str]) -> Config:
             stacktrace_level=get("log_stacktrace_level", lambda text: parse_log_level(text, LogLevel.NONE)),
         ),
     )
+    if config.native_nftables and config.dry_run and config.dry_run_format is not DryRunFormat.RESTORE:
+        raise ConfigError(
+            f"invalid value for --dry-run-format: '{config.dry_run_format.value}': with --native-nftables the dry "
+            "run prints the nft transaction (nft -f input), the only format it supports; json and commands "
+            "describe iptables rules"
+        )
+    return config
 
 
 def _nonempty(text: str) -> str:

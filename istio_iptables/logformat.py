@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 
 from . import logsetup
@@ -13,29 +12,19 @@ _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "
 
 
 class IstioFormatter(logging.Formatter):
-    """Istio's zap layout: ``<RFC 3339 UTC time>\\t<level>\\t<message>``, or one JSON object per line."""
+    """Istio's zap layout (``logsetup.format_line``) for the logging module's records."""
 
     def __init__(self, options: LogOptions) -> None:
         super().__init__()
         self.options = options
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = (
-            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.created % 1 * 1e6):06d}Z"
-        )
         level = _LEVEL_NAMES.get(record.levelno, "fatal" if record.levelno >= logging.CRITICAL else "error")
         message = record.getMessage()
         if record.stack_info:
             message += "\n" + record.stack_info
         caller = f"{record.module}.{record.funcName}:{record.lineno}" if self.options.caller else ""
-        if self.options.as_json:
-            entry = {"time": stamp, "level": level, "scope": "default", "msg": message}
-            if caller:
-                entry["caller"] = caller
-            import json  # noqa: PLC0415 (only JSON logs need it)
-
-            return json.dumps(entry)
-        return "\t".join(part for part in (stamp, level, caller, message) if part)
+        return logsetup.format_line(record.created, level, message, caller, self.options.as_json)
 
 
 class StackAbove(logging.Filter):

@@ -276,12 +276,13 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
 
     # 7. Inbound: tcp to :8080 ⤸ PREROUTING ⤸ ISTIO_INBOUND ⤸ ISTIO_IN_REDIRECT (nat), or, in TPROXY mode,
     # ⤸ ISTIO_TPROXY (mangle), with established flows marked by ISTIO_DIVERT and accepted.
-    why("inbound capture")
     if config.inbound_ports:
         inbound = MANGLE if tproxy else NAT
         if tproxy:
+            why("inbound capture: an established connection keeps the TPROXY mark")
             add(MANGLE, ISTIO_DIVERT, target=SetMark(config.tproxy_mark))
             add(MANGLE, ISTIO_DIVERT, target=Verdict.ACCEPT)
+            why("inbound capture: TPROXY to the inbound listener of the proxy")
             add(
                 MANGLE,
                 ISTIO_TPROXY,
@@ -289,17 +290,21 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
                 TCP,
                 target=Tproxy(config.inbound_capture_port, config.tproxy_mark),
             )
+        why("inbound capture: TCP arriving at the pod")
         add(inbound, PREROUTING, TCP, target=Jump(ISTIO_INBOUND))
         established = ConntrackState((CtState.RELATED, CtState.ESTABLISHED))
         if config.inbound_ports is ALL:
+            why("inbound exclusion (-d), never captured")
             for port in ports(config.local_exclude_ports, SET_INBOUND_EXCLUDE_PORTS):
                 add(inbound, ISTIO_INBOUND, TCP, port, target=RETURN)
+            why("inbound capture")
             if tproxy:
                 add(MANGLE, ISTIO_INBOUND, TCP, established, target=Jump(ISTIO_DIVERT))
                 add(MANGLE, ISTIO_INBOUND, TCP, target=Jump(ISTIO_TPROXY))
             else:
                 add(NAT, ISTIO_INBOUND, TCP, target=Jump(ISTIO_IN_REDIRECT))
         else:
+            why("inbound capture")
             for port in ports(config.inbound_ports, SET_INBOUND_PORTS):
                 if tproxy:
                     add(MANGLE, ISTIO_INBOUND, TCP, port, established, target=Jump(ISTIO_DIVERT))
@@ -308,7 +313,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
                     add(NAT, ISTIO_INBOUND, TCP, port, target=Jump(ISTIO_IN_REDIRECT))
 
     # 8. Outbound: every locally generated packet ⤸ OUTPUT ⤸ ISTIO_OUTPUT, which decides in order below.
-    why("outbound capture")
+    why("outbound capture: every packet the pod sends")
     add(NAT, OUTPUT, target=Jump(ISTIO_OUTPUT))
 
     # 9. Excluded outbound ports, TCP and UDP.
@@ -323,13 +328,13 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
 
     # 11-12. Per proxy UID, then GID: the proxy calling its own pod address over lo goes to the inbound
     # listener; other traffic over lo is the app talking to itself and stays; the proxy's own traffic leaves.
-    why("proxy traffic and traffic over lo")
     for owner in decisions.owners:
         if decisions.redirect_dns and isinstance(owner, UidOwner):
             not_special: tuple[Match, ...] = (TCP, DestinationPorts((DNS_PORT, tunnel), negated=True))
         else:
             # Istio's GID rule has no DNS form (reference 3.9).
             not_special = (TCP, DestinationPort(tunnel, negated=True))
+        why("the proxy calling the pod itself over lo, to the inbound listener")
         add(
             NAT,
             ISTIO_OUTPUT,
@@ -343,11 +348,13 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
             not_dns: tuple[Match, ...] = (
                 (TCP, DestinationPort(DNS_PORT, negated=True)) if decisions.redirect_dns else ()
             )
+            why("the app talking to itself over lo, not captured")
             add(NAT, ISTIO_OUTPUT, OutInterface(LO), *not_dns, _negate(owner), target=RETURN)
+        why("traffic of the proxy itself, not captured")
         add(NAT, ISTIO_OUTPUT, owner, target=RETURN)
 
     # 13. Owner groups: capture only the listed groups, or all but the excluded ones.
-    why("owner groups")
+    why("owner group not captured")
     if config.owner_groups_include is ALL:
         for group in config.owner_groups_exclude:
             add(NAT, ISTIO_OUTPUT, GidOwner(group), target=RETURN)
@@ -361,9 +368,10 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
 
     # 14. DNS: udp/tcp :53 ⤸ ISTIO_OUTPUT_DNS ⤸ REDIRECT :15053, with conntrack zones (raw) keeping the
     # app's query and the agent's upstream query to the same server from colliding.
-    why("DNS capture")
     if decisions.redirect_dns:
+        why("DNS: conntrack zones")
         add(RAW, OUTPUT, target=Jump(ISTIO_OUTPUT_DNS))
+        why("DNS capture")
         if config.capture_all_dns or servers:
             add(NAT, ISTIO_OUTPUT, target=Jump(ISTIO_OUTPUT_DNS))
         for protocol in (TCP, UDP):
@@ -385,6 +393,7 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
                         Destination(server),
                         target=Redirect(DNS_PROXY_PORT),
                     )
+        why("DNS: conntrack zones")
         for owner in decisions.owners:
             add(RAW, ISTIO_OUTPUT_DNS, UDP, DestinationPort(DNS_PORT), owner, target=CtZone(DNS_ZONE_QUERIES))
             add(RAW, ISTIO_OUTPUT_DNS, UDP, SourcePort(DNS_PROXY_PORT), owner, target=CtZone(DNS_ZONE_ANSWERS))
@@ -413,8 +422,9 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
                 )
 
     # 15-16. Loopback and excluded CIDRs are never captured.
-    why("loopback and excluded CIDRs, never captured")
+    why("loopback destination, never captured")
     add(NAT, ISTIO_OUTPUT, Destination(lo_net), target=RETURN)
+    why("excluded CIDR (-x), never captured")
     for cidr in cidrs(config.service_exclude_cidrs, SET_EXCLUDE_CIDRS):
         add(NAT, ISTIO_OUTPUT, cidr, target=RETURN)
 
@@ -424,29 +434,38 @@ def family_rules(family: Family, config: Config, decisions: Decisions) -> list[R
         add(NAT, ISTIO_OUTPUT, TCP, port, target=Jump(ISTIO_REDIRECT))
 
     # 18. Captured CIDRs (or all): ISTIO_OUTPUT ⤸ ISTIO_REDIRECT; KubeVirt traffic from PREROUTING too.
-    why("captured CIDRs")
     if config.service_cidrs is ALL:
+        why("outbound capture, every destination (-i *)")
         add(NAT, ISTIO_OUTPUT, target=Jump(ISTIO_REDIRECT))
+        why("KubeVirt interface, captured as outbound")
         for nic in config.kube_virt_interfaces:
             add(NAT, PREROUTING, InInterface(nic), target=Jump(ISTIO_REDIRECT), position=1)
     else:
         for cidr in cidrs(config.service_cidrs, SET_INCLUDE_CIDRS):
+            why("KubeVirt interface, captured as outbound")
             for nic in config.kube_virt_interfaces:
                 add(NAT, PREROUTING, InInterface(nic), cidr, target=Jump(ISTIO_REDIRECT), position=1)
+            why("captured CIDR (-i)")
             add(NAT, ISTIO_OUTPUT, cidr, target=Jump(ISTIO_REDIRECT))
 
     # 19. TPROXY: the mark of intercepted connections is kept on the connection so the proxy's replies
     # route back through lo; the proxy's own traffic over lo is marked 1338 and not intercepted again.
-    why("TPROXY marks and routing")
     if tproxy:
         mark = config.tproxy_mark
+        why("TPROXY: keep the mark on the connection, so replies route back over lo")
         add(MANGLE, PREROUTING, TCP, Mark(mark), target=SaveMark())
+        why("TPROXY: marked traffic over lo is not marked again")
         add(MANGLE, OUTPUT, TCP, OutInterface(LO), Mark(mark), target=RETURN)
+        why("TPROXY: the proxy calling the pod over lo, marked not to be intercepted again")
         for owner in decisions.owners:
             add(MANGLE, OUTPUT, not_lo_net, TCP, OutInterface(LO), owner, target=SetMark(OUTBOUND_MARK))
+        why("TPROXY: replies of intercepted connections get their mark back")
         add(MANGLE, OUTPUT, TCP, Connmark(mark), target=RestoreMark())
+        why("TPROXY: already intercepted, not captured again")
         add(MANGLE, ISTIO_INBOUND, TCP, Mark(mark), target=RETURN, position=1)
+        why("inbound passthrough of the proxy from 127.0.0.6")
         add(MANGLE, ISTIO_INBOUND, TCP, Source(passthrough), InInterface(LO), target=RETURN, position=2)
+        why("TPROXY: traffic over lo not marked by the proxy, not captured")
         add(
             MANGLE,
             ISTIO_INBOUND,

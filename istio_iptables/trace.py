@@ -56,6 +56,7 @@ import re
 from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from .config import parse_address, parse_port
 from .model import (
     BUILTIN_CHAINS,
     AddressSet,
@@ -273,12 +274,9 @@ def parse_endpoint(text: str) -> tuple[IPAddress, int]:
     """``10.0.0.5:443`` or ``[2001:db8::5]:443`` as an address and a port (for the command line)."""
     found = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", text.strip())
     if found is None:
-        raise ValueError(f"{text!r} is not ADDRESS:PORT (write an IPv6 address as [ADDRESS]:PORT)")
+        raise ValueError("not ADDRESS:PORT (write an IPv6 address as [ADDRESS]:PORT)")
     address, port = (found[1], found[2]) if found[1] is not None else (found[3], found[4])
-    value = int(port)
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{value} is not a port")
-    return ip_address(address), value
+    return parse_address(address), parse_port(port)
 
 
 # ---- the trace -----------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ class Row:
     processes: int | None = None
     baseline: float | None = None
     note: str = ""
+    amount: str = ""
+    """The figure in its table's own unit, for a table that measures something else than time."""
 
     def cells(self) -> list[str]:
         ratio = f"{self.seconds / self.baseline:.2f}x" if self.baseline else ""
@@ -50,7 +52,7 @@ class Row:
         milliseconds = self.seconds * 1000
         return [
             self.label,
-            f"{milliseconds:.3f}" if milliseconds < 1 else f"{milliseconds:.1f}",
+            self.amount or (f"{milliseconds:.3f}" if milliseconds < 1 else f"{milliseconds:.1f}"),
             ratio,
             processes,
             self.note,
@@ -425,7 +427,7 @@ def memory(size: int) -> list[Row]:
             check=True,
         )
     peak_kb = int(result.stderr.strip().splitlines()[-1])
-    return [Row(f"peak RSS of an apply with {size} CIDRs + {size} ports", 0, None, None, f"{peak_kb:,} KiB")]
+    return [Row(f"peak RSS of an apply with {size} CIDRs + {size} ports", 0, amount=f"{peak_kb:,}")]
 
 
 def _has_libiptc() -> bool:
@@ -435,8 +437,8 @@ def _has_libiptc() -> bool:
 # ---- report ---------------------------------------------------------------------------------------------
 
 
-def table(title: str, rows: list[Row]) -> str:
-    lines = [f"### {title}", "", "| what | median ms | ratio | processes | note |", "|---|---:|---:|---:|---|"]
+def table(title: str, rows: list[Row], unit: str = "median ms") -> str:
+    lines = [f"### {title}", "", f"| what | {unit} | ratio | processes | note |", "|---|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -474,10 +476,10 @@ def main() -> None:
             "New connections per second through the capture (ratio: cost per connection)",
             connection_rate(args.rate_seconds, max(sizes)),
         ),
-        ("Memory", memory(max(sizes))),
     ]
     report = f"Machine: {machine()}\n\nCommand: `sudo scripts/bench` ({args.runs} runs per median)\n\n"
     report += "\n".join(table(title, rows) for title, rows in sections)
+    report += "\n" + table("Memory", memory(max(sizes)), unit="KiB")
     print(report)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(report)

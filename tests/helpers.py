@@ -6,7 +6,7 @@ import contextlib
 import io
 import ipaddress
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +39,14 @@ def environment(env: Mapping[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def run_cli(args: list[str], env: Mapping[str, str] | None = None) -> Result:
+def run_cli(
+    args: list[str], env: Mapping[str, str] | None = None, command: Callable[[list[str]], None] = cli.main
+) -> Result:
+    """``command`` (``istio-iptables``'s by default) run in-process: its exit code and output."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with environment(env or {}), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
-            cli.main(args)
+            command(args)
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1

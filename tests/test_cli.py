@@ -666,6 +666,37 @@ def test_a_console_run_imports_logging_with_its_first_message(resolv_with_bad_en
     assert "nameserver bogus" in line and loaded == "True"
 
 
+def test_a_console_run_writes_plain_log_lines_without_logging(resolv_with_bad_entry: Path, tmp_path: Path) -> None:
+    """Without --log_caller or stack traces, a console run writes its lines itself (importing logging would
+    cost a sixth of an apply), in the same layout as the logging formatter, to every target."""
+    probe = (
+        "import sys; from istio_iptables import cli\n"
+        "try: cli.main(sys.argv[1:])\n"
+        "except SystemExit as exit_: assert exit_.code == 0, exit_.code\n"
+        "print('logging' in sys.modules, file=sys.stderr)\n"
+    )
+    target = tmp_path / "log.jsonl"
+    for extra, decode in (([], lambda line: line.split("\t")[1:]), (["--log_as_json"], _json_level_and_message)):
+        command = [sys.executable, "-c", probe, *dns_args(resolv_with_bad_entry), "--log_output_level=default:debug"]
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, check=False)
+        line, loaded = done.stderr.splitlines()
+        assert loaded == "False", done.stderr
+        message = f"nameserver bogus in {resolv_with_bad_entry} is not an IP address; skipped"
+        assert decode(line) == ["debug", message]
+        in_process = run([*dns_args(resolv_with_bad_entry), "--log_output_level=default:debug", *extra])
+        assert decode(in_process.stderr.rstrip("\n")) == ["debug", message]  # the logging module's line
+    command = [sys.executable, "-c", probe, *dns_args(resolv_with_bad_entry), "--log_output_level=default:debug"]
+    both = [*command, "--log_as_json", f"--log_target=stderr,{target}"]
+    done = subprocess.run(both, capture_output=True, text=True, check=False)
+    assert done.stderr.splitlines()[0] == target.read_text().rstrip("\n")
+
+
+def _json_level_and_message(line: str) -> list[str]:
+    entry = json.loads(line)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", entry["time"]) and entry["scope"] == "default"
+    return [entry["level"], entry["msg"]]
+
+
 # ---- (5) DRY_RUN_FILE_PATH -------------------------------------------------------------------------------
 
 

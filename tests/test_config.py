@@ -289,6 +289,26 @@ def test_cidr_rejects_netmask_notation(text: str) -> None:
     rejects(config.parse_cidr, text)
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("10.0.0.0/33", "prefix length 33 is over 32"),
+        ("2001:db8::/129", "prefix length 129 is over 128"),
+        ("10.0.0.256/8", "not an IPv4 or IPv6 address"),
+        ("010.0.0.1/8", "not an IPv4 or IPv6 address"),
+        ("example.com/32", "not an IPv4 or IPv6 address"),
+        ("fe80::1%eth0/64", "not an IP address (zone ids are not allowed)"),
+        ("10.0.0.0/8/8", "not a CIDR (the prefix length must be a number)"),
+        ("10.0.0.0", "not a CIDR (address/prefix-length)"),
+    ],
+)
+def test_cidr_errors_say_why_in_our_words(text: str, reason: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        config.parse_cidr(text)
+    assert str(caught.value) == reason
+    assert load_error({"service_cidr": text}, {}) == f"invalid value for -i/--istio-service-cidr: '{text}': {reason}"
+
+
 def test_cidr_selection_wildcard() -> None:
     assert config.parse_cidr_selection("*") is ALL
     assert config.parse_cidr_selection("") == ()

@@ -19,16 +19,24 @@ from istio_iptables.config import ALL, Config, Mode
 from istio_iptables.hostfacts import HostFacts
 from istio_iptables.model import (
     BUILTIN_CHAINS,
+    COMMENT_PREFIX,
+    ISTIO_IN_REDIRECT,
+    ISTIO_REDIRECT,
+    ISTIO_TPROXY,
     Destination,
     Family,
     Jump,
     Plan,
+    Redirect,
     RuleSet,
     Source,
     Table,
+    Tproxy,
+    Verdict,
     declared_chains,
 )
 from istio_iptables.plan import build_plan
+from istio_iptables.records import replace
 from istio_iptables.render.commands import render_commands
 from istio_iptables.render.json import render_json
 from istio_iptables.render.restore import render_restore
@@ -254,3 +262,28 @@ def test_json_is_valid_and_matches_the_restore_lines(case: tuple[Config, HostFac
         for table in family["tables"]:
             expected = sections[table["table"]]
             assert [f"-N {chain}" for chain in table["chains"]] + [rule["text"] for rule in table["rules"]] == expected
+
+
+CAPTURING_CHAINS = {ISTIO_REDIRECT, ISTIO_IN_REDIRECT, ISTIO_TPROXY}
+
+
+@SETTINGS
+@given(configs_and_facts())
+def test_rule_comments_say_what_each_rule_does(case: tuple[Config, HostFacts]) -> None:
+    """A rule that lets traffic go uncaptured never calls itself capture, and one that captures never says
+    it does not (the -d RETURN was once "inbound capture")."""
+    config, facts = case
+    plan = build_plan(replace(config, rule_comments=True), facts)
+    for ruleset in plan.rulesets:
+        for rule in ruleset.rules:
+            assert rule.comment is not None and rule.comment.startswith(COMMENT_PREFIX), rule
+            # iptables-legacy-save escapes quotes in comments (\'), which then read back as other text.
+            assert "'" not in rule.comment and '"' not in rule.comment, rule
+            says_uncaptured = any(words in rule.comment for words in ("not captured", "never captured", "exclu"))
+            if rule.target is Verdict.RETURN:
+                assert "capture" not in rule.comment or says_uncaptured, rule
+            captures = isinstance(rule.target, Redirect | Tproxy) or (
+                isinstance(rule.target, Jump) and rule.target.chain in CAPTURING_CHAINS
+            )
+            if captures:
+                assert not says_uncaptured, rule

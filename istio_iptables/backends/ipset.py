@@ -89,6 +89,18 @@ def drop(sets: tuple[AddressSet | PortSet, ...], live: dict[str, LiveSet]) -> st
     return "".join(f"destroy {name}\n" for name in live if name not in planned)
 
 
+def created(fill_payload: str) -> list[str]:
+    """The sets a ``fill`` payload writes (created, or refilled and swapped in)."""
+    return [
+        line.split()[1] for line in fill_payload.splitlines() if line.startswith("create ") and SWAP_SUFFIX not in line
+    ]
+
+
+def destroyed(drop_payload: str) -> list[str]:
+    """The sets a ``drop`` payload destroys."""
+    return [line.split()[1] for line in drop_payload.splitlines()]
+
+
 def restore_as_read(live: dict[str, LiveSet], sets: tuple[AddressSet | PortSet, ...]) -> str:
     """The restore input that undoes ``fill``: sets it created destroyed, sets it changed refilled as read."""
     lines = []

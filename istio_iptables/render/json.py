@@ -11,7 +11,7 @@ import enum
 import json
 import re
 
-from ..model import AddressSet, Match, Plan, PortSet, Rule, Target, Verdict, declared_chains
+from ..model import AddressSet, InSet, Match, Plan, PortSet, Rule, Target, Verdict, declared_chains
 from ..records import field_names
 from .iptables import rule_text
 
@@ -56,11 +56,19 @@ def _rule(rule: Rule) -> dict[str, Any]:
     return {
         "chain": rule.chain,
         "position": rule.position,
-        "clauses": [{"match": _kind(clause), **_fields(clause)} for clause in rule.clauses],
+        "clauses": [_clause(clause) for clause in rule.clauses],
         "target": _target(rule.target),
         "comment": rule.comment,
         "text": rule_text(rule),
     }
+
+
+def _clause(clause: Match) -> dict[str, Any]:
+    fields = _fields(clause)
+    if isinstance(clause, InSet):
+        # Our lookups are all ``--match-set NAME dst``: the destination address, or port for a port set.
+        fields = {"name": clause.name, "direction": "destination", "negated": clause.negated}
+    return {"match": _kind(clause), **fields}
 
 
 def _target(target: Target) -> dict[str, Any]:
