@@ -30,9 +30,10 @@ from ..logsetup import Log
 log = Log(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Inject = Callable[[Mapping[str, Any], str], dict[str, Any]]
-"""One pod's injection: the pod as the API server sent it, and how to name it in a message, give the pod to
-store (equal to the input when nothing is to be done); a ConfigError refuses the pod, its message saying why."""
+Inject = Callable[[Mapping[str, Any], str, str], dict[str, Any]]
+"""One pod's injection: the pod as the API server sent it, how to name it in a message and its namespace give
+the pod to store (equal to the input when nothing is to be done); a ConfigError refuses the pod, its message
+saying why."""
 
 API_VERSION = "admission.k8s.io/v1"
 DRAIN_SECONDS = 4.0
@@ -58,9 +59,10 @@ def answer(review: Any, inject: Inject) -> dict[str, Any]:
     response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
     if _creates_a_pod(request):
         pod = request["object"]
-        workload = _workload(pod, request)
+        namespace = _namespace(pod, request)
+        workload = f"pod {namespace}/{_name(pod)}"
         try:
-            injected = inject(pod, workload)
+            injected = inject(pod, workload, namespace)
         except ConfigError as error:
             log.info("refused %s: %s", workload, error)
             response.update(allowed=False, status={"code": 400, "reason": "BadRequest", "message": str(error)})
@@ -110,14 +112,21 @@ def _creates_a_pod(request: Mapping[str, Any]) -> bool:
     )
 
 
-def _workload(pod: Mapping[str, Any], request: Mapping[str, Any]) -> str:
-    """``pod NAMESPACE/NAME``. At creation a pod of a ReplicaSet has no name yet, only its generateName
-    prefix, and the namespace may be only in the request."""
+def _namespace(pod: Mapping[str, Any], request: Mapping[str, Any]) -> str:
+    """At creation the namespace may be only in the request."""
+    namespace = _metadata(pod).get("namespace") or request.get("namespace") or "default"
+    return str(namespace)
+
+
+def _name(pod: Mapping[str, Any]) -> str:
+    """At creation a pod of a ReplicaSet has no name yet, only its generateName prefix."""
+    metadata = _metadata(pod)
+    return str(metadata.get("name") or f"{metadata.get('generateName') or ''}*")
+
+
+def _metadata(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     metadata = pod.get("metadata")
-    metadata = metadata if isinstance(metadata, dict) else {}
-    namespace = metadata.get("namespace") or request.get("namespace") or "default"
-    name = metadata.get("name") or f"{metadata.get('generateName') or ''}*"
-    return f"pod {namespace}/{name}"
+    return metadata if isinstance(metadata, dict) else {}
 
 
 # ---- HTTPS -------------------------------------------------------------------------------------------------
