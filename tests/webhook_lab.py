@@ -61,11 +61,20 @@ class Authority:
             except ValueError:
                 names.append(x509.DNSName(host))
         certificate = (
-            _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), self.certificate.subject, key.public_key())
+            _builder(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]),
+                self.certificate.subject,
+                key.public_key(),
+            )
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-        replace(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        replace(
+            key_file,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
         replace(cert_file, certificate.public_bytes(serialization.Encoding.PEM))
         return certificate.serial_number
 
@@ -102,9 +111,7 @@ class Webhook:
         context = ssl.create_default_context(cafile=str(self.ca_file))
         return _Connection("127.0.0.1", self.port, host, context=context, timeout=timeout)
 
-    def post(
-        self, body: bytes, content_type: str = "application/json", path: str = "/inject"
-    ) -> tuple[int, bytes]:
+    def post(self, body: bytes, content_type: str = "application/json", path: str = "/inject") -> tuple[int, bytes]:
         connection = self.connection()
         try:
             connection.request("POST", path, body=body, headers={"Content-Type": content_type})
@@ -152,19 +159,27 @@ def command(*arguments: str) -> list[str]:
 
 @contextlib.contextmanager
 def running(
-    directory: Path, extra: Sequence[str] = (), authority: Authority | None = None
+    directory: Path,
+    extra: Sequence[str] = (),
+    authority: Authority | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> Iterator[Webhook]:
-    """The webhook serving with a fresh certificate (files in ``directory``) and ``extra`` options; stopped
-    (SIGTERM, then SIGKILL) afterwards."""
+    """The webhook serving with ``extra`` options and the certificate ``tls`` (default: a fresh one from
+    ``authority`` in ``directory``); stopped (SIGTERM, then SIGKILL) afterwards."""
     authority = authority or Authority()
-    cert_file, key_file, ca_file = directory / "tls.crt", directory / "tls.key", directory / "ca.crt"
-    authority.issue(cert_file, key_file)
+    ca_file = directory / "ca.crt"
     ca_file.write_bytes(authority.pem())
+    if tls is None:
+        tls = directory / "tls.crt", directory / "tls.key"
+        authority.issue(*tls)
     argv = command(
-        "webhook", "--address", "127.0.0.1", "--port", "0", "--tls-cert-file", str(cert_file),
-        "--tls-key-file", str(key_file), *extra,
+        *("webhook", "--address", "127.0.0.1", "--port", "0"),
+        *("--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])),
+        *extra,
     )
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     log: list[str] = []
     try:
         port = _wait_until_serving(process, log)

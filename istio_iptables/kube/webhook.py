@@ -159,6 +159,7 @@ class Certificate:
             except OSError as error:
                 raise ConfigError(f"invalid value for {flag}: '{path}': {error.strerror}") from None
         self._loaded = self._signature()
+        self._refused: tuple[tuple[int, int, int, int], ...] | None = None
         try:
             self.context.load_cert_chain(cert_file, key_file)
         except ssl.SSLError as error:
@@ -170,13 +171,14 @@ class Certificate:
     def reload_if_changed(self) -> bool:
         """Load the files again if they changed since the last load; True when the new pair is in use."""
         seen = self._signature()
-        if seen == self._loaded or seen is None:
+        if seen in (self._loaded, self._refused, None):
             return False
         try:
             # A scratch context first: a failed load_cert_chain may leave the live one half-replaced.
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
             self.context.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as error:
+            self._refused = seen  # said once; tried again when either file changes
             log.warning(
                 "kept the previous TLS certificate: %s and %s do not load: %s", self.cert_file, self.key_file, error
             )
@@ -264,7 +266,9 @@ async def _serve(listen: Listen, certificate: Certificate, inject: Inject) -> No
         try:
             await site.start()
         except OSError as error:
-            raise HostError(f"cannot listen on {listen.address} port {listen.port}: {error.strerror}") from None
+            raise HostError(
+                f"cannot listen on {listen.address} port {listen.port}: {error.strerror or error}"
+            ) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
