@@ -255,14 +255,14 @@ def webhook_command(
     *,
     tls_cert_file: str = typer.Option(..., "--tls-cert-file", metavar="FILE", help="PEM certificate chain."),
     tls_key_file: str = typer.Option(..., "--tls-key-file", metavar="FILE", help="Its PEM private key."),
-    port: str = typer.Option("9443", "--port", help="HTTPS port (0: any free port, logged)."),
-    address: str = typer.Option("0.0.0.0", "--address", help="Address to listen on."),
+    port: str = typer.Option("9443", "--port", metavar="PORT", help="HTTPS port (0: any free port, logged)."),
+    address: str = typer.Option("0.0.0.0", "--address", metavar="ADDRESS", help="Address to listen on."),
     sets: list[str] = typer.Option(  # noqa: B008 (Typer's way of declaring a repeatable option)
         [], "--set", metavar="PATH=VALUE", help="An Istio setting, as for inject."
     ),
     values: str = typer.Option("", "--values", metavar="FILE", help="Istio's values tree, as for inject."),
     mesh_config: str = typer.Option("", "--mesh-config", metavar="FILE", help="Istio's mesh config, as for inject."),
-    image: str = typer.Option("", "--image", help="The init container's image, as for inject."),
+    image: str = typer.Option("", "--image", metavar="IMAGE", help="The init container's image, as for inject."),
     hardened: bool = typer.Option(False, "--hardened", help="Non-root, read-only init container, as for inject."),
 ) -> None:
     """Admission webhook (HTTPS): inject each pod Kubernetes creates as inject would (POST /inject, GET /ready).
