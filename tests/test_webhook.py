@@ -242,6 +242,23 @@ def test_the_served_patch_makes_what_inject_makes(tmp_path: Path, name: str) -> 
         check_case(name, lambda pod: server.review(review(pod)))
 
 
+@needs_corpus
+def test_the_served_patch_makes_what_the_inject_command_writes(webhook: Webhook) -> None:
+    """The corpus's Pod manifests through ``istio-iptables inject`` and through the webhook: the same pods."""
+    names = [
+        name for name in CASES if (CORPUS / name / "input.yaml").read_text().startswith("apiVersion: v1\nkind: Pod\n")
+    ]
+    assert len(names) >= 3
+    for name in names:
+        assert not case(name)["sets"], name  # the one server serves the chart defaults
+        source = CORPUS / name / "input.yaml"
+        done = subprocess.run(command("inject", "-f", str(source)), capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        for pod, written in zip(yaml.safe_load_all(source.read_text()), yaml.safe_load_all(done.stdout), strict=True):
+            assert pod["kind"] == "Pod", name
+            assert patched(pod, webhook.review(review(pod, namespace="default"))) == written, name
+
+
 def test_ready_answers_once_serving(webhook: Webhook) -> None:
     connection = webhook.connection(host="istio-iptables-webhook.istio-iptables.svc")
     connection.request("GET", "/ready")
