@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 jsonpatch = pytest.importorskip("jsonpatch", reason="the webhook extra is not installed")
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
@@ -30,7 +32,7 @@ pytest.importorskip("cryptography", reason="cryptography (dev extra) is not inst
 from istio_iptables.errors import ConfigError  # noqa: E402
 from istio_iptables.kube.inject import Injector, inject_pod, pod_paths  # noqa: E402
 from istio_iptables.kube.settings import Settings  # noqa: E402
-from istio_iptables.kube.webhook import NotAReviewError, answer  # noqa: E402
+from istio_iptables.kube.webhook import NotAReviewError, answer, json_patch  # noqa: E402
 from tests.helpers import ROOT, SHARED  # noqa: E402
 from tests.webhook_lab import Authority, Webhook, command, running, wait_for  # noqa: E402
 
@@ -221,6 +223,24 @@ def test_only_a_pod_s_creation_is_injected() -> None:
 def test_what_is_not_a_review_is_refused_as_such(body: Any) -> None:
     with pytest.raises(NotAReviewError):
         answer(body, injection([]))
+
+
+_KEYS = st.text(alphabet="ab/~.-01", min_size=1, max_size=6)
+_TREES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=4),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_KEYS, children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_KEYS, _TREES, max_size=4), st.dictionaries(_KEYS, _TREES, max_size=4))
+def test_the_patch_turns_any_object_into_any_other(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Keys with '/' and '~' (annotation keys have them) included: JSON Pointer escapes them."""
+    operations = json_patch(before, after)
+    assert jsonpatch.apply_patch(before, operations) == after
+    assert json.loads(json.dumps(operations)) == operations
+    assert (operations == []) == (before == after)
 
 
 # ---- over HTTPS ---------------------------------------------------------------------------------------------
