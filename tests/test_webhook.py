@@ -413,11 +413,15 @@ def test_sigterm_finishes_the_review_in_flight_and_exits_within_5_s(webhook: Web
     assert time.monotonic() - started < 5
 
 
-def test_sigterm_with_nothing_in_flight_exits_at_once(webhook: Webhook) -> None:
+def test_sigterm_with_only_an_idle_keep_alive_connection_exits_at_once(webhook: Webhook) -> None:
+    idle = webhook.connection()
+    idle.request("GET", "/ready")
+    assert idle.getresponse().read() == b"ok\n"  # the connection stays open, as the API server keeps it
     started = time.monotonic()
     webhook.process.send_signal(signal.SIGTERM)
     assert webhook.process.wait(5) == 0
     assert time.monotonic() - started < 2
+    idle.close()
     assert "Traceback" not in webhook.stderr()
 
 

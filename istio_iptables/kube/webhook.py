@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,7 @@ def answer(review: Any, inject: Inject) -> dict[str, Any]:
         pod = request["object"]
         namespace = _namespace(pod, request)
         workload = f"pod {namespace}/{_name(pod)}"
+        started = time.perf_counter()
         try:
             injected = inject(pod, workload, namespace)
         except ConfigError as error:
@@ -68,7 +70,8 @@ def answer(review: Any, inject: Inject) -> dict[str, Any]:
             response.update(allowed=False, status={"code": 400, "reason": "BadRequest", "message": str(error)})
         else:
             patch = json_patch(pod, injected)
-            log.debug("%s: %d patch operations", workload, len(patch))
+            elapsed = (time.perf_counter() - started) * 1000
+            log.debug("%s: %d patch operations (%.1f ms)", workload, len(patch), elapsed)
             if patch:
                 response.update(patchType="JSONPatch", patch=base64.b64encode(json.dumps(patch).encode()).decode())
     return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
