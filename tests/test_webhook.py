@@ -202,6 +202,7 @@ def test_only_a_pod_s_creation_is_injected() -> None:
         {"operation": "UPDATE"},
         {"operation": "CREATE", "subResource": "ephemeralcontainers"},
         {"kind": {"group": "apps", "version": "v1", "kind": "Deployment"}},
+        {"kind": {"group": "example.com", "version": "v1", "kind": "Pod"}},
     ):
         assert answer(review(pod, **request), refuse)["response"] == {"uid": "5a1b", "allowed": True}, request
     assert answer(review(pod), refuse)["response"]["allowed"] is False  # the same pod at creation is reviewed

@@ -109,7 +109,7 @@ def _creates_a_pod(request: Mapping[str, Any]) -> bool:
     kind = request.get("kind")
     return (
         isinstance(kind, dict)
-        and kind.get("kind") == "Pod"
+        and (kind.get("group") or "", kind.get("kind")) == ("", "Pod")
         and request.get("operation") == "CREATE"
         and not request.get("subResource")
     )
@@ -171,11 +171,11 @@ class Certificate:
                 f"not a PEM certificate chain and its private key ({error.reason or error})"
             ) from None
 
-    def reload_if_changed(self) -> bool:
-        """Load the files again if they changed since the last load; True when the new pair is in use."""
+    def reload_if_changed(self) -> None:
+        """Load the files again if they changed since the last load (or the last refused pair)."""
         seen = self._signature()
         if seen in (self._loaded, self._refused, None):
-            return False
+            return
         try:
             # A scratch context first: a failed load_cert_chain may leave the live one half-replaced.
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
@@ -185,10 +185,9 @@ class Certificate:
             log.warning(
                 "kept the previous TLS certificate: %s and %s do not load: %s", self.cert_file, self.key_file, error
             )
-            return False
+            return
         self._loaded = seen
         log.info("loaded the new TLS certificate from %s", self.cert_file)
-        return True
 
     def _signature(self) -> tuple[tuple[int, int, int, int], ...] | None:
         """What changes when either file is rewritten or replaced (stat follows the Secret's symlinks)."""
