@@ -326,6 +326,37 @@ def inject_command(
     )
 
 
+@app.command("webhook")
+def webhook_command(
+    *,
+    tls_cert_file: str = typer.Option(..., "--tls-cert-file", metavar="FILE", help="PEM certificate chain."),
+    tls_key_file: str = typer.Option(..., "--tls-key-file", metavar="FILE", help="Its PEM private key."),
+    port: str = typer.Option("9443", "--port", metavar="PORT", help="HTTPS port (0: any free port, logged)."),
+    address: str = typer.Option("0.0.0.0", "--address", metavar="ADDRESS", help="Address to listen on."),
+    sets: list[str] = typer.Option(  # noqa: B008 (Typer's way of declaring a repeatable option)
+        [], "--set", metavar="PATH=VALUE", help="An Istio setting, as for inject."
+    ),
+    values: str = typer.Option("", "--values", metavar="FILE", help="Istio's values tree, as for inject."),
+    mesh_config: str = typer.Option("", "--mesh-config", metavar="FILE", help="Istio's mesh config, as for inject."),
+    image: str = typer.Option("", "--image", metavar="IMAGE", help="The init container's image, as for inject."),
+    hardened: bool = typer.Option(False, "--hardened", help="Non-root, read-only init container, as for inject."),
+) -> None:
+    """Admission webhook (HTTPS): inject each pod Kubernetes creates as inject would (POST /inject, GET /ready).
+    The certificate files are reloaded when they change; SIGTERM drains and exits."""
+    from .kube.inject import inject_pod  # noqa: PLC0415
+    from .kube.manifests import load_injector  # noqa: PLC0415
+    from .kube.webhook import Listen, serve  # noqa: PLC0415
+
+    listen = Listen(
+        address=str(_checked("--address", address, configuration.parse_address)),
+        port=_checked("--port", port, lambda text: configuration.parse_decimal(text, 0, 65535, "port")),
+        cert_file=tls_cert_file,
+        key_file=tls_key_file,
+    )
+    injector = load_injector(sets=sets, values_file=values, mesh_file=mesh_config, image=image, hardened=hardened)
+    serve(listen, lambda pod, workload, namespace: inject_pod(pod, injector, workload=workload, namespace=namespace))
+
+
 def _group_ids(plan: Plan) -> dict[str, int]:
     """Owner groups written by name, with the ids the kernel would store for them."""
     from .apply import group_id  # noqa: PLC0415

@@ -4,19 +4,23 @@ against a baseline measured in the same run. Everything runs in network namespac
 Sections: start-up cost; apply latency of the init container's default flags (ours per backend, the bare
 iptables-restore "floor", and "Istio's way" replayed as plain commands); scale with 10 to 10,000 entries
 (time and processes for apply, unchanged re-run and reconcile, and Istio's per-rule checks replayed); new
-connections per second through the capture with 0 and 10,000 exclusions; peak memory.
+connections per second through the capture with 0 and 10,000 exclusions; peak memory; the admission
+webhook's reviews per second and latency.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import contextlib
 import itertools
+import json
 import os
 import platform
 import re
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.prefix, "bin", "istio-iptables"))
@@ -430,6 +435,120 @@ def memory(size: int) -> list[Row]:
     return [Row(f"peak RSS of an apply with {size} CIDRs + {size} ports", 0, amount=f"{peak_kb:,}")]
 
 
+WEBHOOK_TITLE = "Admission webhook: reviews over HTTPS on 127.0.0.1 (ratio: against the in-process answer)"
+
+
+def webhook_reviews(runs: int, reviews: int, clients: int = 20) -> list[Row]:
+    """The admission webhook on 127.0.0.1 (its own process, a throwaway certificate): one review answered in
+    process (the injection and the JSON Patch, no HTTP) as the baseline; one client's reviews one after
+    another; ``clients`` clients on their own keep-alive connections. And the init container's run, which
+    must load none of it."""
+    from istio_iptables.kube.inject import Injector, inject_pod  # noqa: PLC0415 (the webhook extra, this section only)
+    from istio_iptables.kube.settings import Settings  # noqa: PLC0415
+    from istio_iptables.kube.webhook import answer  # noqa: PLC0415
+
+    pod = {
+        "metadata": {"generateName": "app-7d9f-", "labels": {"app": "app"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}]},
+    }
+    request = {"uid": "", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE"}
+    request |= {"namespace": "apps", "object": pod}
+
+    def body(index: int) -> bytes:
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+        return json.dumps({**review, "request": {**request, "uid": f"review-{index}"}}).encode()
+
+    injector = Injector(settings=Settings.from_sources())
+
+    def inject(pod: Any, workload: str, namespace: str) -> dict[str, Any]:
+        return inject_pod(pod, injector, workload=workload, namespace=namespace)
+
+    in_process = []
+    for index in range(runs * 20):
+        started = time.perf_counter()
+        answer(json.loads(body(index)), inject)
+        in_process.append(time.perf_counter() - started)
+    baseline = statistics.median(in_process)
+
+    with tempfile.TemporaryDirectory(prefix="iibench-") as directory, _webhook(directory) as port:
+        context = ssl.create_default_context(cafile=os.path.join(directory, "tls.crt"))
+        sequential, _ = asyncio.run(_review_load(port, context, body, runs * 20, 1))
+        latencies, seconds = asyncio.run(_review_load(port, context, body, reviews, clients))
+    p50, p99 = (statistics.quantiles(latencies, n=100)[q - 1] for q in (50, 99))
+    rate = f"{len(latencies) / seconds:,.0f} reviews/s, {len(latencies)} reviews, no error"
+    importtime = subprocess.run(
+        [PYTHON, "-X", "importtime", "-m", "istio_iptables", "--dry-run", *INIT_FLAGS],
+        capture_output=True,
+        text=True,
+        env=POD_ENV,
+        check=True,
+    ).stderr
+    loaded = re.findall(r"\| +(aiohttp|jsonpatch|yaml|istio_iptables\.kube)\b", importtime)
+    return [
+        Row("in process: answer() to one pod's review (injection + JSON Patch)", baseline, baseline=baseline),
+        Row("HTTPS, 1 client, one review after another: median", statistics.median(sequential), None, baseline),
+        Row(f"HTTPS, {clients} concurrent clients: median", p50, None, baseline, rate),
+        Row(f"HTTPS, {clients} concurrent clients: p99", p99, None, baseline),
+        Row("the init container's run: webhook, injection and YAML modules loaded", 0, amount=f"{len(loaded)} modules"),
+    ]
+
+
+@contextlib.contextmanager
+def _webhook(directory: str) -> Iterator[int]:
+    """``istio-iptables webhook`` on 127.0.0.1, a port the kernel picks, with a self-signed certificate."""
+    cert, key = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"),
+            *("-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", key, "-out", cert),
+        ],
+        capture_output=True,
+        check=True,
+    )
+    server = subprocess.Popen(
+        [CLI, "webhook", "--address", "127.0.0.1", "--port", "0", "--tls-cert-file", cert, "--tls-key-file", key],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        line = server.stderr.readline()
+        match = re.search(r"https://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            raise SystemExit(f"bench: the webhook did not start: {line}{server.stderr.read()[-2000:]}")
+        yield int(match[1])
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def _review_load(
+    port: int, context: Any, body: Callable[[int], bytes], reviews: int, clients: int
+) -> tuple[list[float], float]:
+    """``reviews`` reviews from ``clients`` clients, each on its own connection: every review's latency, and
+    the wall time of all."""
+    import aiohttp  # noqa: PLC0415
+
+    url = f"https://127.0.0.1:{port}/inject"
+    latencies: list[float] = []
+
+    async def client(indexes: range) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=1)) as session:
+            for index in indexes:
+                started = time.perf_counter()
+                async with session.post(url, data=body(index), headers={"Content-Type": "application/json"}) as reply:
+                    answered = await reply.json()
+                if reply.status != 200 or answered["response"]["uid"] != f"review-{index}":
+                    raise SystemExit(f"bench: review {index}: HTTP {reply.status}: {answered}")
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    share = -(-reviews // clients)
+    await asyncio.gather(*(client(range(n * share, min(reviews, (n + 1) * share))) for n in range(clients)))
+    return latencies, time.perf_counter() - started
+
+
 def _has_libiptc() -> bool:
     return subprocess.run([PYTHON, "-c", "import iptc"], capture_output=True, check=False).returncode == 0
 
@@ -462,8 +581,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100,1000,10000")
     parser.add_argument("--replay-sample", type=int, default=300, help="-C checks timed in Istio's re-run replay")
     parser.add_argument("--rate-seconds", type=float, default=3.0)
+    parser.add_argument("--reviews", type=int, default=2000, help="reviews sent to the webhook by 20 clients")
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"))
+    parser.add_argument("--only-webhook", action="store_true", help="only the webhook's section, printed, not written")
     args = parser.parse_args()
+    if args.only_webhook:
+        print(table(WEBHOOK_TITLE, webhook_reviews(args.runs, args.reviews)))
+        return
     if os.geteuid() != 0 or not shutil.which("strace"):
         raise SystemExit("scripts/bench needs root and strace (scripts/bench installs it)")
     sizes = [int(size) for size in args.sizes.split(",")]
@@ -476,6 +600,7 @@ def main() -> None:
             "New connections per second through the capture (ratio: cost per connection)",
             connection_rate(args.rate_seconds, max(sizes)),
         ),
+        (WEBHOOK_TITLE, webhook_reviews(args.runs, args.reviews)),
     ]
     report = f"Machine: {machine()}\n\nCommand: `sudo scripts/bench` ({args.runs} runs per median)\n\n"
     report += "\n".join(table(title, rows) for title, rows in sections)

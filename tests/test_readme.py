@@ -113,6 +113,7 @@ EXTERNAL_NAMES = {
     "NET_RAW": "a capability",
     "SO_MARK": "a socket option",
     "SO_ORIGINAL_DST": "a socket option",
+    "CA_BUNDLE_BASE64": "the placeholder deploy/webhook.yaml holds for the webhook's caBundle",
 }
 
 

@@ -28,6 +28,19 @@ def run_inject(
     hardened: bool,
 ) -> None:
     """``istio-iptables inject``: ``source`` (``-`` for stdin) injected to ``output`` (empty for stdout)."""
+    injector = load_injector(sets=sets, values_file=values_file, mesh_file=mesh_file, image=image, hardened=hardened)
+    text = _read(source, "-f/--filename")
+    documents = load_documents(text, "standard input" if source == "-" else source)
+    injected = inject_documents(documents, injector)
+    rendered = dump_documents(injected)
+    if output:
+        _write_whole(output, rendered)
+    else:
+        sys.stdout.write(rendered)
+
+
+def load_injector(*, sets: Sequence[str], values_file: str, mesh_file: str, image: str, hardened: bool) -> Injector:
+    """The injector that the options shared by ``inject`` and ``webhook`` describe (files read here)."""
     settings = Settings.from_sources(
         sets,
         values=read_tree(values_file, "--values", configmap_key="values") if values_file else None,
@@ -35,14 +48,7 @@ def run_inject(
     )
     if image and (not image.strip() or any(character.isspace() for character in image)):
         raise ConfigError(f"invalid value for --image: '{image}': must be an image reference without blanks")
-    text = _read(source, "-f/--filename")
-    documents = load_documents(text, "standard input" if source == "-" else source)
-    injected = inject_documents(documents, Injector(settings=settings, image=image or DEFAULT_IMAGE, hardened=hardened))
-    rendered = dump_documents(injected)
-    if output:
-        _write_whole(output, rendered)
-    else:
-        sys.stdout.write(rendered)
+    return Injector(settings=settings, image=image or DEFAULT_IMAGE, hardened=hardened)
 
 
 def load_documents(text: str, source: str) -> list[Any]:
