@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 import typer
@@ -19,7 +19,7 @@ from . import cli
 from . import config as configuration
 from .errors import ConfigError
 from .hostfacts import gather
-from .model import AddressSet, CtState, Family, GidOwner, Plan, PortSet, Proto
+from .model import CtState, Family, GidOwner, Plan, Proto
 from .plan import build_plan
 
 T = TypeVar("T")
@@ -145,12 +145,25 @@ def trace_command(
     *,
     dst: str = typer.Option("", "--dst", help="Outbound: ADDRESS:PORT dialled ([ADDRESS]:PORT for IPv6)."),
     port: str = typer.Option("", "--port", help="Inbound: the pod's port the peer dials."),
-    src: str = typer.Option("", "--src", help="Source address (default: the pod, or the peer for inbound)."),
+    src: str = typer.Option(
+        "", "--src", help="Source address (default: the pod's, or a peer's for inbound); outbound, the pod's address."
+    ),
+    pod_ips: list[str] = typer.Option(  # noqa: B008 (Typer reads the default)
+        [],
+        "--pod-ip",
+        metavar="ADDRESS",
+        help="An address of the pod (repeat for each); default: the namespace's with --live or "
+        "--network-namespace, else --src, else 198.18.0.2 and 2001:db8::2, said in the output.",
+    ),
     uid: str = typer.Option("1000", "--uid", help="Outbound: UID of the sending process."),
     gid: str = typer.Option("", "--gid", help="Outbound: GID of the sending process (default: the UID)."),
     protocol: str = typer.Option("tcp", "--proto", metavar="tcp|udp", help="Protocol."),
-    in_interface: str = typer.Option("eth0", "--in-interface", help="Inbound: the interface it arrives on."),
-    out_interface: str = typer.Option("", "--out-interface", help="Outbound: default lo for local addresses."),
+    in_interface: str = typer.Option(
+        "", "--in-interface", help="Inbound: the interface it arrives on (default: the one holding the address)."
+    ),
+    out_interface: str = typer.Option(
+        "", "--out-interface", help="Outbound: default the route's (lo for the pod's own and loopback addresses)."
+    ),
     mark: str = typer.Option("0", "--mark", help="Packet mark."),
     state: str = typer.Option("NEW", "--state", metavar="NEW|ESTABLISHED|RELATED|INVALID", help="Conntrack."),
     live: bool = typer.Option(False, "--live", help="Trace the namespace's live rules, not the plan."),
@@ -158,7 +171,7 @@ def trace_command(
 ) -> None:
     """Walk one flow through the rules: every rule it meets, and whether the proxy gets it and why."""
     from .render.trace import render_trace_json, render_trace_text  # noqa: PLC0415
-    from .trace import Flow, parse_endpoint, trace  # noqa: PLC0415
+    from .trace import ASSUMED_POD, Flow, Pod, parse_endpoint, trace, unsent  # noqa: PLC0415
 
     config: configuration.Config = ctx.obj
     output = _output_format(output, ("text", "json"))
@@ -168,33 +181,64 @@ def trace_command(
         "state": _checked("--state", state, lambda text: CtState(text.upper()).value),
     }
     source = _checked("--src", src, configuration.parse_address) if src else None
+    given_pod = tuple(_checked("--pod-ip", text, configuration.parse_address) for text in pod_ips)
+    if direction not in ("outbound", "inbound"):
+        raise ConfigError(f"invalid value for the direction: '{configuration.shown(direction)}': outbound or inbound")
+    if direction == "outbound" and not dst:
+        raise ConfigError("trace outbound needs --dst ADDRESS:PORT")
+    # In a namespace (the live one, or the one named), its addresses and routes say where a flow goes;
+    # elsewhere the plan's pod is what the flags say, or an assumption the output states.
+    in_namespace = live or bool(config.network_namespace)
+    _, plan = cli.enter(config, changes_system=False) if in_namespace else (None, build_plan(config, gather(config)))
+    if in_namespace:
+        from .podnet import read_pod, route  # noqa: PLC0415
+
+        pod = Pod(given_pod, "--pod-ip") if given_pod else read_pod()
+    else:
+        pod = Pod(given_pod, "--pod-ip") if given_pod else ASSUMED_POD
+        if not given_pod and source is not None and direction == "outbound":
+            pod = Pod((source,), "--src")
+    no_route = ""
     if direction == "outbound":
-        if not dst:
-            raise ConfigError("trace outbound needs --dst ADDRESS:PORT")
         address, dst_port = _checked("--dst", dst, parse_endpoint)
+        chosen_interface = (
+            _checked("--out-interface", out_interface, configuration.parse_interface) if out_interface else None
+        )
+        flow_uid = _checked("--uid", uid, configuration.parse_id)
+        if in_namespace and chosen_interface is None:
+            found = route(address, source=source, mark=int(common["mark"]), uid=flow_uid)
+            if isinstance(found, str):
+                no_route = f"the namespace has no route to {address} ({found}): the connection fails before any rule"
+            else:
+                source, chosen_interface = source or found.source, found.interface
         flow = Flow.outbound(
             address,
             dst_port,
-            uid=_checked("--uid", uid, configuration.parse_id),
+            uid=flow_uid,
             gid=_checked("--gid", gid, configuration.parse_id) if gid else None,
             source=source,
-            out_interface=_checked("--out-interface", out_interface, configuration.parse_interface)
-            if out_interface
-            else None,
+            out_interface=chosen_interface,
+            pod=pod,
             **common,  # type: ignore[arg-type]
         )
-    elif direction == "inbound":
+        assumed = "" if in_namespace or source is not None else pod.assumption(flow.family)
+    else:
         flow = Flow.inbound(
             _checked("--port", port or "", configuration.parse_port),
             source=source,
-            in_interface=_checked("--in-interface", in_interface, configuration.parse_interface),
+            in_interface=_checked("--in-interface", in_interface, configuration.parse_interface)
+            if in_interface
+            else None,
+            pod=pod,
             **common,  # type: ignore[arg-type]
         )
+        assumed = pod.assumption(flow.family)
+    if no_route:
+        result = unsent(flow, no_route)
+    elif live:
+        result = _trace_live(config, plan, flow, (assumed,) if assumed else ())
     else:
-        raise ConfigError(f"invalid value for the direction: '{configuration.shown(direction)}': outbound or inbound")
-    _, plan = cli.enter(config, changes_system=False) if live else (None, build_plan(config, gather(config)))
-    rules, sets = _live_rules(config, plan, flow.family) if live else (plan, plan.sets)
-    result = trace(rules, flow, groups=_group_ids(plan), sets=sets)
+        result = trace(plan, flow, groups=_group_ids(plan), assumed=(assumed,) if assumed else ())
     sys.stdout.write(render_trace_json(result) if output == "json" else render_trace_text(result))
 
 
@@ -213,7 +257,7 @@ def graph_command(
     if family and family not in families:
         raise ConfigError(f"invalid value for --family: '{configuration.shown(family)}': must be ipv4 or ipv6")
     chosen = families.get(family)
-    plan = build_plan(config, gather(config))
+    _, plan = cli.enter(config, changes_system=False)
     sys.stdout.write(render_graph(plan, fmt, family=chosen))  # type: ignore[arg-type]
 
 
@@ -231,25 +275,16 @@ def _group_ids(plan: Plan) -> dict[str, int]:
     return {name: gid for name in names if isinstance(gid := group_id(name), int)}
 
 
-def _live_rules(config: configuration.Config, plan: Plan, family: Family) -> tuple[Any, Sequence[AddressSet | PortSet]]:
-    """The live rules of the flow's family (and the sets they look up), read from whichever backend holds
-    them: native nftables with --native-nftables, else the iptables variant detection finds."""
-    if config.native_nftables:
-        from .backends import nft  # noqa: PLC0415
+def _trace_live(config: configuration.Config, plan: Plan, flow: Any, assumed: tuple[str, ...]) -> Any:
+    """The flow through the live rules of its family, read from whichever copy holds them."""
+    from . import live  # noqa: PLC0415
+    from .apply import xtables_environment  # noqa: PLC0415
+    from .trace import trace  # noqa: PLC0415
 
-        state = nft.detect().saved
-        return state.family_tables(family), state.sets
-    from .apply import observe, xtables_environment  # noqa: PLC0415
-
-    seen = next((s for s in observe(config, plan, xtables_environment(config)) if s.target.family is family), None)
-    if seen is None:
-        raise ConfigError(f"--live: no {family.label} rules can be read here")
-    uses_sets = any("--match-set ISTIO_" in entry.text for state in seen.live.values() for entry in state.entries)
-    if not uses_sets:
-        return seen.live, ()
-    from .backends import ipset  # noqa: PLC0415
-
-    return seen.live, ipset.as_model(ipset.read())
+    found = live.read(flow.family, xtables_environment(config))
+    tables = found.walked.tables if found.walked is not None else {}
+    sets = found.walked.sets if found.walked is not None else ()
+    return trace(tables, flow, groups=_group_ids(plan), sets=sets, assumed=assumed, not_walked=found.not_walked)
 
 
 def main(arguments: list[str]) -> int:

@@ -83,8 +83,7 @@ def configured(given: configuration.Given) -> configuration.Config:
 
 def run(config: configuration.Config) -> None:
     if config.dry_run:
-        facts = gather(config)
-        plan = build_plan(config, facts)
+        facts, plan = enter(config, changes_system=False)
         if config.dry_run_file_path:
             from .render.dryrun import istio_command_log  # noqa: PLC0415
 

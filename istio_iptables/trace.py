@@ -99,10 +99,6 @@ from .state import SavedRule, TableState, tables_holding
 
 # ---- the flow ------------------------------------------------------------------------------------------
 
-POD_ADDRESS: dict[Family, IPAddress] = {Family.V4: IPv4Address("198.18.0.2"), Family.V6: IPv6Address("2001:db8::2")}
-"""The pod's own address in a default flow (the test range of DESIGN.md)."""
-PEER_ADDRESS: dict[Family, IPAddress] = {Family.V4: IPv4Address("198.18.0.1"), Family.V6: IPv6Address("2001:db8::1")}
-"""Where a default inbound flow comes from."""
 LOOPBACK_ADDRESS: dict[Family, IPAddress] = {Family.V4: IPv4Address("127.0.0.1"), Family.V6: IPv6Address("::1")}
 """Where REDIRECT sends a locally generated packet."""
 PASSTHROUGH_V6 = IPv6Address("::6")
@@ -110,6 +106,64 @@ EPHEMERAL_PORT = 40000
 APP_UID = 1000
 LOOPBACK_INTERFACE = "lo"
 POD_INTERFACE = "eth0"
+"""The interface a pod's traffic leaves and arrives on, where nothing says otherwise."""
+
+
+@record
+class Pod:
+    """The pod a flow is traced in, as far as the trace knows it: its addresses, and where they came from.
+
+    A flow's defaults come from it: an outbound flow leaves from the pod's address, and a destination that is
+    one of its addresses (or loopback, or ``::6``) is sent over ``lo``; an inbound flow arrives at the pod's
+    address from a peer. A family with no address given falls back on the test range of DESIGN.md, and the
+    trace says so (``assumption``).
+    """
+
+    addresses: tuple[IPAddress, ...] = ()
+    origin: str = ""
+    """Where the addresses come from (``--pod-ip``, ``the namespace``), for the trace's output."""
+    interfaces: tuple[tuple[IPAddress, str], ...] = ()
+    """The interface holding each address, when known (read from the namespace)."""
+
+    def address(self, family: Family) -> IPAddress:
+        return next((a for a in self.addresses if a.version == family.value), _ASSUMED_ADDRESS[family])
+
+    def knows(self, family: Family) -> bool:
+        return any(address.version == family.value for address in self.addresses)
+
+    def interface(self, address: IPAddress) -> str:
+        return dict(self.interfaces).get(address, POD_INTERFACE)
+
+    def is_local(self, destination: IPAddress) -> bool:
+        """Whether the pod sends to ``destination`` over ``lo``, as the kernel's local routes do."""
+        family = Family.of(destination)
+        own = destination in self.addresses or destination == self.address(family)
+        return own or destination.is_loopback or destination == PASSTHROUGH_V6
+
+    def peer(self, family: Family) -> IPAddress:
+        """An address a default inbound flow comes from: never one of the pod's own."""
+        address = _ASSUMED_PEER[family]
+        while address in self.addresses or address == self.address(family):
+            address += 1
+        return address
+
+    def assumption(self, family: Family) -> str:
+        """What the trace assumed about the pod for a flow of ``family`` ("" when nothing)."""
+        if self.knows(family):
+            return ""
+        return (
+            f"the pod's {family.label} address is {self.address(family)} (give --pod-ip, or trace --live in its "
+            "namespace); a destination equal to it counts as local, sent over lo"
+        )
+
+
+_ASSUMED_ADDRESS: dict[Family, IPAddress] = {
+    Family.V4: IPv4Address("198.18.0.2"),
+    Family.V6: IPv6Address("2001:db8::2"),
+}
+_ASSUMED_PEER: dict[Family, IPAddress] = {Family.V4: IPv4Address("198.18.0.1"), Family.V6: IPv6Address("2001:db8::1")}
+ASSUMED_POD = Pod()
+"""A pod nothing is known of: addresses 198.18.0.2 and 2001:db8::2, peers 198.18.0.1 and 2001:db8::1."""
 
 
 class Direction(enum.Enum):
@@ -178,20 +232,21 @@ class Flow:
         mark: int = 0,
         connmark: int = 0,
         state: CtState | str = CtState.NEW,
+        pod: Pod = ASSUMED_POD,
     ) -> Flow:
-        """A connection opened by a process of the pod.
+        """A connection opened by a process of ``pod``.
 
         Defaults: uid 1000 (an application) and gid equal to the uid (1000:1000 for the app, 1337:1337 for
-        the proxy); source the pod address 198.18.0.2 or 2001:db8::2, port 40000; out interface ``lo`` when
-        the destination is on this host (a loopback address: 127/8, ::1; the passthrough ::6; the pod address
-        or the given source), else ``eth0``; mark and connmark 0; state NEW.
+        the proxy); source the pod's address (198.18.0.2 or 2001:db8::2 when nothing is known of it), port
+        40000; out interface ``lo`` when the destination is on this host (a loopback address: 127/8, ::1; the
+        passthrough ::6; the pod's address or the given source), else ``eth0``; mark and connmark 0; state NEW.
         """
         dst = ip_address(destination) if isinstance(destination, str) else destination
         family = Family.of(dst)
-        src = POD_ADDRESS[family] if source is None else ip_address(source) if isinstance(source, str) else source
+        src = pod.address(family) if source is None else ip_address(source) if isinstance(source, str) else source
         if out_interface is None:
-            local = dst.is_loopback or dst == PASSTHROUGH_V6 or dst in (POD_ADDRESS[family], src)
-            out_interface = LOOPBACK_INTERFACE if local else POD_INTERFACE
+            local = pod.is_local(dst) or dst == src
+            out_interface = LOOPBACK_INTERFACE if local else pod.interface(src)
         return cls(
             direction=Direction.OUTBOUND,
             source=src,
@@ -217,28 +272,33 @@ class Flow:
         protocol: Proto | str = Proto.TCP,
         source: str | IPAddress | None = None,
         source_port: int = EPHEMERAL_PORT,
-        in_interface: str = POD_INTERFACE,
+        in_interface: str | None = None,
         mark: int = 0,
         connmark: int = 0,
         state: CtState | str = CtState.NEW,
+        pod: Pod = ASSUMED_POD,
     ) -> Flow:
-        """A connection arriving at the pod.
+        """A connection arriving at ``pod``.
 
-        Defaults: destination the pod address 198.18.0.2 (2001:db8::2 for ``family=Family.V6`` or an IPv6
-        source); source the peer 198.18.0.1 or 2001:db8::1, port 40000; in interface ``eth0``; mark and
-        connmark 0; state NEW.
+        Defaults: destination the pod's address (198.18.0.2, or 2001:db8::2 for ``family=Family.V6`` or an
+        IPv6 source, when nothing is known of it; else the pod's first address, of the source's family if
+        given); source a peer (198.18.0.1 or 2001:db8::1, or the next address when that is the pod's own),
+        port 40000; in interface the one holding the destination (``eth0`` when not known); mark and connmark
+        0; state NEW.
         """
         dst = ip_address(destination) if isinstance(destination, str) else destination
         src = ip_address(source) if isinstance(source, str) else source
-        chosen = family or next((Family.of(a) for a in (dst, src) if a is not None), Family.V4)
+        known = [Family.of(address) for address in pod.addresses]
+        chosen = family or next((Family.of(a) for a in (dst, src) if a is not None), known[0] if known else Family.V4)
+        dst = pod.address(chosen) if dst is None else dst
         return cls(
             direction=Direction.INBOUND,
-            source=PEER_ADDRESS[chosen] if src is None else src,
+            source=pod.peer(chosen) if src is None else src,
             source_port=source_port,
-            destination=POD_ADDRESS[chosen] if dst is None else dst,
+            destination=dst,
             destination_port=port,
             protocol=Proto(protocol),
-            in_interface=in_interface,
+            in_interface=pod.interface(dst) if in_interface is None else in_interface,
             mark=mark,
             connmark=connmark,
             state=CtState(state),
@@ -367,6 +427,11 @@ class Trace:
     family: Family
     events: tuple[Event, ...]
     verdict: TraceVerdict
+    assumed: tuple[str, ...] = ()
+    """What the trace took for granted about the pod (its address, when not given)."""
+    not_walked: tuple[str, ...] = ()
+    """Rules the packet meets that the trace did not walk (another copy, another table): the verdict is
+    uncertain when there are any."""
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -383,6 +448,8 @@ def trace(
     *,
     groups: Mapping[str, int] | None = None,
     sets: Sequence[AddressSet | PortSet] = (),
+    assumed: Sequence[str] = (),
+    not_walked: Sequence[str] = (),
 ) -> Trace:
     """Walk ``flow`` through ``tables``: a Plan (the ruleset of the flow's family), one RuleSet or its rules
     (in application order, ``-I`` positions applied as the kernel does), or the tables of one family parsed
@@ -391,21 +458,30 @@ def trace(
     ``groups`` gives the ids of owner groups written by name (``--gid-owner java``); a name not in it makes
     the rule "could not interpret" for the flow. ``sets`` gives the members of the sets ``-m set
     --match-set`` looks up (a Plan brings its own); a set not known makes the rule "could not interpret".
+    ``assumed`` and ``not_walked`` are carried to the result (see ``Trace``); ``not_walked`` makes the verdict
+    uncertain.
     """
     if isinstance(tables, Plan):
         sets = (*sets, *tables.sets)
         ruleset = tables.ruleset(flow.family)
         if ruleset is None:
-            return _absent(flow, f"the plan has no {flow.family.label} rules ({flow.family.label} capture is off)")
+            why = f"the plan has no {flow.family.label} rules ({flow.family.label} capture is off)"
+            return replace(unsent(flow, why), assumed=tuple(assumed))
         tables = ruleset
     if isinstance(tables, RuleSet):
         tables = tables.rules
     if not isinstance(tables, Mapping):
         tables = tables_holding(tables)
-    return _Walk(tables, flow, groups or {}, {each.name: each for each in sets}).run()
+    walked = _Walk(tables, flow, groups or {}, {each.name: each for each in sets}).run()
+    if not_walked:
+        verdict = walked.verdict
+        text = f"uncertain: rules at these hooks were not walked (see not walked); through the rest, {verdict.text}"
+        walked = replace(walked, verdict=replace(verdict, text=text, certain=False))
+    return replace(walked, assumed=tuple(assumed), not_walked=tuple(not_walked))
 
 
-def _absent(flow: Flow, why: str) -> Trace:
+def unsent(flow: Flow, why: str) -> Trace:
+    """The trace of a flow no rule sees (the plan has no rules of its family, the pod has no route)."""
     verdict = TraceVerdict(
         text=f"not captured: {why}",
         captured_by=None,
