@@ -238,7 +238,8 @@ def trace_command(
     elif live:
         result = _trace_live(config, plan, flow, (assumed,) if assumed else ())
     else:
-        result = trace(plan, flow, groups=_group_ids(plan), assumed=(assumed,) if assumed else ())
+        assumptions = (assumed,) if assumed else ()
+        result = trace(plan, flow, groups=_group_ids(plan), assumed=assumptions, nft=config.native_nftables)
     sys.stdout.write(render_trace_json(result) if output == "json" else render_trace_text(result))
 
 
@@ -284,7 +285,10 @@ def _trace_live(config: configuration.Config, plan: Plan, flow: Any, assumed: tu
     found = live.read(flow.family, xtables_environment(config))
     tables = found.walked.tables if found.walked is not None else {}
     sets = found.walked.sets if found.walked is not None else ()
-    return trace(tables, flow, groups=_group_ids(plan), sets=sets, assumed=assumed, not_walked=found.not_walked)
+    nft = found.walked is not None and found.walked.nft
+    return trace(
+        tables, flow, groups=_group_ids(plan), sets=sets, assumed=assumed, not_walked=found.not_walked, nft=nft
+    )
 
 
 def main(arguments: list[str]) -> int:

@@ -54,8 +54,10 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from . import causes
 from .model import (
     BUILTIN_CHAINS,
     AddressSet,
@@ -93,8 +95,11 @@ from .model import (
     UidOwner,
     Verdict,
 )
+from .nft_state import rule_text as nft_rule_text
 from .records import field, mutable_record, record, replace
 from .render.iptables import match_arguments
+from .render.nft import chain_name
+from .render.nft import match_text as nft_match_text
 from .state import SavedRule, TableState, tables_holding
 
 # ---- the flow ------------------------------------------------------------------------------------------
@@ -152,8 +157,8 @@ class Pod:
         if self.knows(family):
             return ""
         return (
-            f"the pod's {family.label} address is {self.address(family)} (give --pod-ip, or trace --live in its "
-            "namespace); a destination equal to it counts as local, sent over lo"
+            f"pod address {self.address(family)} (give --pod-ip, or --live in its namespace); "
+            "a destination equal to it is local, sent over lo"
         )
 
 
@@ -450,6 +455,7 @@ def trace(
     sets: Sequence[AddressSet | PortSet] = (),
     assumed: Sequence[str] = (),
     not_walked: Sequence[str] = (),
+    nft: bool = False,
 ) -> Trace:
     """Walk ``flow`` through ``tables``: a Plan (the ruleset of the flow's family), one RuleSet or its rules
     (in application order, ``-I`` positions applied as the kernel does), or the tables of one family parsed
@@ -459,7 +465,7 @@ def trace(
     the rule "could not interpret" for the flow. ``sets`` gives the members of the sets ``-m set
     --match-set`` looks up (a Plan brings its own); a set not known makes the rule "could not interpret".
     ``assumed`` and ``not_walked`` are carried to the result (see ``Trace``); ``not_walked`` makes the verdict
-    uncertain.
+    uncertain. ``nft``: the rules are native nftables ones, shown in nft's spelling (a plan's are written so).
     """
     if isinstance(tables, Plan):
         sets = (*sets, *tables.sets)
@@ -471,8 +477,10 @@ def trace(
     if isinstance(tables, RuleSet):
         tables = tables.rules
     if not isinstance(tables, Mapping):
-        tables = tables_holding(tables)
-    walked = _Walk(tables, flow, groups or {}, {each.name: each for each in sets}).run()
+        tables = (
+            tables_holding(tables, partial(nft_rule_text, families=(flow.family,))) if nft else tables_holding(tables)
+        )
+    walked = _Walk(tables, flow, groups or {}, {each.name: each for each in sets}, nft).run()
     if not_walked:
         verdict = walked.verdict
         text = f"uncertain: rules at these hooks were not walked (see not walked); through the rest, {verdict.text}"
@@ -549,6 +557,8 @@ class _TableRun:
     (the first of several ends reached in a row: the one that let the packet through)."""
     last_failure: dict[str, Step] = field(default_factory=dict)
     """Per chain, the last rule that did not match."""
+    path: tuple[Step, ...] = ()
+    """The jumps that led to ``terminal``, outermost first."""
 
 
 class _Walk:
@@ -558,8 +568,10 @@ class _Walk:
         flow: Flow,
         groups: Mapping[str, int],
         sets: Mapping[str, AddressSet | PortSet],
+        nft: bool = False,
     ) -> None:
         self.flow = flow
+        self.nft = nft
         self.groups = groups
         self.sets = sets
         self.declared = {table: state.chains for table, state in tables.items()}
@@ -638,6 +650,7 @@ class _Walk:
         chains = self.chains[run.table]
         declared = self.declared[run.table]
         stack: list[tuple[str, int]] = []
+        calls: list[Step] = []  # the jump of each stack entry
         chain, index = run.chain, 0
         unwinding = False
         while len(self.events) < MAX_EVENTS:
@@ -650,6 +663,7 @@ class _Walk:
                     run.decided = chain
                 unwinding = True
                 caller, index = stack.pop()
+                calls.pop()
                 self.note(run, chain, f"end of {chain}: back to {caller}", len(stack) + 1)
                 chain = caller
                 continue
@@ -673,6 +687,7 @@ class _Walk:
                 if target.chain not in chains and target.chain not in declared:
                     self.note(run, chain, f"{target.chain} does not exist in {run.table.value}", len(stack) + 1)
                 stack.append((chain, index))
+                calls.append(step)
                 chain, index = target.chain, 0
             elif target is Verdict.RETURN:
                 run.decided = step
@@ -680,8 +695,9 @@ class _Walk:
                     self.policy(run, declared.get(chain))
                     return
                 chain, index = stack.pop()
+                calls.pop()
             elif isinstance(target, Verdict | Redirect | Tproxy):
-                run.terminal, run.terminal_target = step, target
+                run.terminal, run.terminal_target, run.path = step, target, tuple(calls)
                 if target is Verdict.DROP:
                     self.dropped = step
                 return
@@ -703,9 +719,10 @@ class _Walk:
     def check(self, at: Location, entry: SavedRule, depth: int, caller: str) -> Step:
         """Evaluate one rule, apply its target's effect on the packet, and record the step."""
         rule = entry.rule
+        text = f"{chain_name(at.chain)}: {entry.text}" if self.nft else entry.text
         if rule is None:
             self.uncertain(at)
-            step = Step(at, entry.text, Outcome.UNKNOWN, reason="a rule this model cannot express", depth=depth)
+            step = Step(at, text, Outcome.UNKNOWN, reason="a rule this model cannot express", depth=depth)
             self.events.append(step)
             return step
         failed: Match | None = None
@@ -718,12 +735,13 @@ class _Walk:
                 failed = clause
                 break
         if failed is not None:
-            step = Step(at, entry.text, Outcome.NOT_MATCHED, clause_text(failed), self.failure(failed), depth=depth)
+            failed_text = self.clause_text(failed, rule)
+            step = Step(at, text, Outcome.NOT_MATCHED, failed_text, self.failure(failed), depth=depth)
         elif unknown:
             self.uncertain(at)
-            step = Step(at, entry.text, Outcome.UNKNOWN, reason=unknown, depth=depth)
+            step = Step(at, text, Outcome.UNKNOWN, reason=unknown, depth=depth)
         else:
-            step = Step(at, entry.text, Outcome.MATCHED, effect=self.apply(rule.target, at, caller), depth=depth)
+            step = Step(at, text, Outcome.MATCHED, effect=self.apply(rule.target, at, caller), depth=depth)
         self.events.append(step)
         return step
 
@@ -850,6 +868,9 @@ class _Walk:
                 kind = "REDIRECT"
                 dns = self.flow.destination_port == 53 and by.endswith("_DNS")
                 text = f"captured: {'DNS redirected' if dns else 'redirected'} to {captured_by} by {by}"
+            cause = self.capture_cause(capture)
+            if cause:
+                text = f"captured: {cause}; {text.removeprefix('captured: ')}"
         else:
             text, decided_at = self.not_captured()
         if packet.zone is not None:
@@ -873,10 +894,13 @@ class _Walk:
 
     def not_captured(self) -> tuple[str, Location | None]:
         """Why the packet was let go, from the hook where capture is decided (OUTPUT, or PREROUTING for an
-        inbound flow): nat skipped, else nat's decision if it made one, else the last table's that did."""
+        inbound flow): nat skipped, else nat's decision if it made one, else the last table's that did (raw
+        aside: it only sets conntrack zones)."""
         primary = "OUTPUT" if self.flow.direction is Direction.OUTBOUND else "PREROUTING"
         runs = [run for run in self.runs if run.hook == primary and not run.looped_back]
-        deciding = [run for run in runs if run.terminal is not None or run.decided is not None]
+        deciding = [
+            run for run in runs if (run.terminal is not None or run.decided is not None) and run.table is not Table.RAW
+        ]
         nat = [run for run in deciding if run.table is Table.NAT]
         run = (nat or deciding)[-1] if deciding else None
         accepted = run if run is not None and run.terminal is not None else None
@@ -893,23 +917,74 @@ class _Walk:
             if accepted is not None and established:
                 reason = f"an ESTABLISHED packet, {reason}"
             return f"{head}: {reason}", at
+        if self.flow.direction is Direction.INBOUND:
+            cause = causes.no_inbound_cause(self.rules_of, self.flow.protocol)
+            if cause:
+                return f"{head}: {cause}", None
         walked = [run for run in runs if run.steps]
         if walked:
             return f"{head}: no rule in {walked[-1].table.value} {primary} matched", None
         return f"{head}: no rules in {primary}", None
 
     def reason(self, run: _TableRun) -> tuple[str, Location | None]:
+        """Why ``run`` let the packet go: the cause in the flags' words when the deciding rule is one of
+        ours, and where it was decided."""
+        flow = self.flow
         if run.terminal is not None:
             mark = f" with mark {self.packet.mark}" if self.packet.mark else ""
-            return f"accepted by {run.terminal.at.chain}{mark}", run.terminal.at
+            jump = self.rule_at(run.path[-1].at) if run.path else None
+            cause = causes.divert_cause(jump)
+            accepted = f"accepted by {run.terminal.at.chain}{mark}"
+            return (f"{cause} ({accepted})" if cause else accepted), run.terminal.at
         if isinstance(run.decided, Step):
             at = run.decided.at
             rule = self.rule_at(at)
-            condition = " ".join(clause_text(clause) for clause in rule.clauses) if rule is not None else ""
+            if rule is not None:
+                cause = causes.return_cause(
+                    rule,
+                    at.number,
+                    self.rules_of,
+                    destination=flow.destination,
+                    port=flow.destination_port,
+                    gid=flow.gid,
+                )
+                if cause:
+                    return f"{cause} ({at})", at
+            condition = " ".join(self.clause_text(clause, rule) for clause in rule.clauses) if rule is not None else ""
             return f"RETURN at {at} ({condition or 'every packet'})", at
+        walked = {
+            step.at.chain
+            for step in self.events
+            if isinstance(step, Step)
+            and (step.at.hook, step.at.table, step.at.looped_back) == (run.hook, run.table, run.looped_back)
+        }
+        cause = causes.unmatched_cause(
+            run.table,
+            walked,
+            self.rules_of,
+            protocol=flow.protocol,
+            destination=flow.destination,
+            port=flow.destination_port,
+        )
         failure = run.last_failure.get(str(run.decided))
-        last = f" (rule {failure.at.number} needs {failure.failed})" if failure is not None and failure.failed else ""
-        return f"no rule of {run.table.value} {run.decided} matched{last}", None
+        last = f"rule {failure.at.number} needs {failure.failed}" if failure is not None and failure.failed else ""
+        if cause:
+            return f"{cause} (no rule of {run.table.value} {run.decided} matched)", None
+        return f"no rule of {run.table.value} {run.decided} matched" + (f" ({last})" if last else ""), None
+
+    def capture_cause(self, capture: _TableRun) -> str:
+        assert capture.terminal is not None
+        terminal = self.rule_at(capture.terminal.at)
+        if terminal is None:
+            return ""
+        jump = self.rule_at(capture.path[-1].at) if capture.path else None
+        return causes.capture_cause(jump, terminal, self.flow.destination, self.flow.destination_port)
+
+    def clause_text(self, clause: Match, rule: Rule) -> str:
+        return nft_match_text(clause, rule) if self.nft else clause_text(clause)
+
+    def rules_of(self, table: Table, chain: str) -> list[Rule]:
+        return [entry.rule for entry in self.chains.get(table, {}).get(chain, []) if entry.rule is not None]
 
     def rule_at(self, at: Location) -> Rule | None:
         entries = self.chains[at.table].get(at.chain, [])
