@@ -87,7 +87,7 @@ def return_cause(
     """Why the RETURN (or the excluded-interface rule) ``rule``, number ``number`` of its chain, let the flow
     go uncaptured."""
     clauses = [clause for clause in rule.clauses if not isinstance(clause, Protocol)]
-    kinds = [type(clause) for clause in clauses]
+    kinds = [type(clause) for clause in clauses]  # a save orders clauses its own way: compare as sets
     table, chain = rule.table, rule.chain
     if rule.target is not Verdict.RETURN:
         return ""
@@ -115,7 +115,7 @@ def return_cause(
         if name in SET_EXCLUDE_CIDRS.values():
             return f"{destination} is excluded by -x (set {name})"
         return ""
-    if kinds == [OutInterface, Source]:
+    if set(kinds) == {OutInterface, Source}:
         return "the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches the app uncaptured"
     if OutInterface in kinds and any(isinstance(c, UidOwner | GidOwner) and c.negated for c in clauses):
         return "the app's traffic over loopback is never captured"
@@ -213,7 +213,7 @@ def no_inbound_cause(rules_of: RulesOf, protocol: Proto) -> str:
 def divert_cause(jump: Rule | None) -> str:
     """An ESTABLISHED inbound packet accepted in TPROXY mode."""
     if jump is not None and jump.target == Jump(ISTIO_DIVERT):
-        return "an inbound connection the proxy already holds, marked and accepted (ISTIO_DIVERT)"
+        return "an inbound connection the proxy already holds"
     return ""
 
 

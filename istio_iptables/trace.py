@@ -870,7 +870,7 @@ class _Walk:
                 text = f"captured: {'DNS redirected' if dns else 'redirected'} to {captured_by} by {by}"
             cause = self.capture_cause(capture)
             if cause:
-                text = f"captured: {cause}; {text.removeprefix('captured: ')}"
+                text = f"captured: {cause}; {text.removeprefix('captured: ').removeprefix('DNS ')}"
         else:
             text, decided_at = self.not_captured()
         if packet.zone is not None:
@@ -969,7 +969,7 @@ class _Walk:
         failure = run.last_failure.get(str(run.decided))
         last = f"rule {failure.at.number} needs {failure.failed}" if failure is not None and failure.failed else ""
         if cause:
-            return f"{cause} (no rule of {run.table.value} {run.decided} matched)", None
+            return cause, None
         return f"no rule of {run.table.value} {run.decided} matched" + (f" ({last})" if last else ""), None
 
     def capture_cause(self, capture: _TableRun) -> str:

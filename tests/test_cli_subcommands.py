@@ -15,17 +15,23 @@ INIT += ["-d", "15090,15021,15020", "--no-ipv6"]
 @pytest.mark.parametrize(
     ("arguments", "verdict"),
     [
-        (["trace", "outbound", "--dst", "10.0.0.5:443"], "captured: redirected to 15001 by ISTIO_REDIRECT"),
+        (
+            ["trace", "outbound", "--dst", "10.0.0.5:443"],
+            "captured: outbound TCP to any destination (-i '*'); redirected to 15001 by ISTIO_REDIRECT",
+        ),
         (["trace", "outbound", "--dst", "10.0.0.5:443", "--uid", "1337"], "not captured"),
         (["trace", "outbound", "--dst", "127.0.0.1:8080"], "not captured"),
-        (["trace", "inbound", "--port", "8080"], "captured: redirected to 15006 by ISTIO_IN_REDIRECT"),
+        (
+            ["trace", "inbound", "--port", "8080"],
+            "captured: inbound port 8080 (-b '*'); redirected to 15006 by ISTIO_IN_REDIRECT",
+        ),
         (["trace", "inbound", "--port", "15090"], "not captured"),
     ],
 )
 def test_trace_says_where_a_flow_goes(arguments: list[str], verdict: str) -> None:
     result = run_cli([*INIT, *arguments])
     assert result.code == 0, result.stderr
-    assert result.stdout.splitlines()[1].startswith(f"verdict: {verdict}")
+    assert result.stdout.splitlines()[2].startswith(f"verdict: {verdict}")
 
 
 def test_trace_json_is_machine_readable() -> None:
@@ -38,7 +44,8 @@ def test_trace_of_dns_to_the_resolv_conf_server() -> None:
     dns = [*INIT, "--redirect-dns", "--dns-servers", "10.96.0.10"]
     result = run_cli([*dns, "trace", "outbound", "--dst", "10.96.0.10:53", "--proto", "udp"])
     assert result.code == 0, result.stderr
-    assert "DNS redirected to 15053" in result.stdout
+    assert "captured: DNS to 10.96.0.10, a DNS server of the pod" in result.stdout
+    assert "redirected to 15053 by ISTIO_OUTPUT_DNS" in result.stdout
 
 
 @pytest.mark.parametrize(
