@@ -267,9 +267,9 @@ def test_inbound_passthrough_from_127_0_0_6_reaches_the_app() -> None:
     flow = Flow.outbound("198.18.0.2", 8080, uid=1337, source="127.0.0.6")
     assert flow.out_interface == "lo"
     verdict = trace(REDIRECT_PLAN, flow).verdict
-    assert (
-        verdict.text
-        == "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches the app uncaptured (nat ISTIO_OUTPUT rule 1)"
+    assert verdict.text == (
+        "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches "
+        "the app uncaptured (nat ISTIO_OUTPUT rule 1)"
     )
 
 
@@ -374,9 +374,9 @@ def test_tproxy_socket_wins_over_a_later_redirect() -> None:
 
 def test_tproxy_established_packets_are_diverted() -> None:
     verdict = trace(TPROXY_PLAN, Flow.inbound(8080, state="ESTABLISHED")).verdict
-    assert (
-        verdict.text
-        == "not decided by this packet: an ESTABLISHED packet, an inbound connection the proxy already holds (accepted by ISTIO_DIVERT with mark 1337)"
+    assert verdict.text == (
+        "not decided by this packet: an ESTABLISHED packet, an inbound connection the proxy "
+        "already holds (accepted by ISTIO_DIVERT with mark 1337)"
     )
     assert (verdict.captured_by, verdict.mark) == (None, 1337)
     assert verdict.decided_at == at("mangle", "ISTIO_DIVERT", 2, hook="PREROUTING")
@@ -384,9 +384,9 @@ def test_tproxy_established_packets_are_diverted() -> None:
 
 def test_tproxy_proxy_to_own_address_is_marked_1338_and_redirected() -> None:
     result = trace(TPROXY_PLAN, Flow.outbound("198.18.0.2", 8080, uid=1337))
-    assert (
-        result.verdict.text
-        == "captured: the proxy (uid 1337, -u) calling the pod's own address over lo goes to the inbound listener; redirected to 15006 by ISTIO_IN_REDIRECT; mark 1338"
+    assert result.verdict.text == (
+        "captured: the proxy (uid 1337, -u) calling the pod's own address over lo goes to the inbound "
+        "listener; redirected to 15006 by ISTIO_IN_REDIRECT; mark 1338"
     )
     assert step_at(result, at("mangle", "OUTPUT", 2)).effect == "mark 0 -> 1338"
     # Back in over lo, addressed to 127.0.0.1 by the REDIRECT, so ISTIO_TPROXY's ! -d 127.0.0.1/32 fails.
@@ -412,9 +412,9 @@ def test_tproxy_app_to_own_address_returns_on_lo_without_mark_1338() -> None:
 def test_tproxy_passthrough_returns_at_the_127_0_0_6_insert() -> None:
     flow = Flow.outbound("198.18.0.2", 8080, uid=1337, source="127.0.0.6")
     result = trace(TPROXY_PLAN, flow)
-    assert (
-        result.verdict.text
-        == "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches the app uncaptured (nat ISTIO_OUTPUT rule 1); mark 1338"
+    assert result.verdict.text == (
+        "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches the app "
+        "uncaptured (nat ISTIO_OUTPUT rule 1); mark 1338"
     )
     back = step_at(result, at("mangle", "ISTIO_INBOUND", 2, hook="PREROUTING", looped_back=True))
     assert back.outcome is Outcome.MATCHED
@@ -440,9 +440,9 @@ def test_tproxy_outbound_is_redirected_like_redirect_mode() -> None:
 
 def test_app_dns_query_to_the_server_goes_to_15053_in_zone_2() -> None:
     verdict = trace(DNS_PLAN, Flow.outbound(DNS_SERVER, 53, protocol="udp")).verdict
-    assert (
-        verdict.text
-        == "captured: DNS to 10.96.0.10, a DNS server of the pod (resolv.conf, or --dns-servers); redirected to 15053 by ISTIO_OUTPUT_DNS; conntrack zone 2"
+    assert verdict.text == (
+        "captured: DNS to 10.96.0.10, a DNS server of the pod (resolv.conf, or --dns-servers); "
+        "redirected to 15053 by ISTIO_OUTPUT_DNS; conntrack zone 2"
     )
     assert (verdict.captured_by, verdict.zone) == (15053, 2)
     assert verdict.decided_at == at("nat", "ISTIO_OUTPUT_DNS", 2)
@@ -457,9 +457,9 @@ def test_app_dns_over_tcp_goes_to_15053_without_a_zone() -> None:
 def test_proxy_dns_query_is_not_redirected_and_goes_to_zone_1() -> None:
     result = trace(DNS_PLAN, Flow.outbound(DNS_SERVER, 53, protocol="udp", uid=1337))
     verdict = result.verdict
-    assert (
-        verdict.text
-        == "not captured: the proxy's own traffic (uid 1337, -u) is never captured (nat ISTIO_OUTPUT rule 4); conntrack zone 1"
+    assert verdict.text == (
+        "not captured: the proxy's own traffic (uid 1337, -u) is never captured (nat "
+        "ISTIO_OUTPUT rule 4); conntrack zone 1"
     )
     assert (verdict.captured_by, verdict.zone) == (None, 1)
     # The first CT target wins; the later server rule (zone 2) finds a template already there.
@@ -708,9 +708,9 @@ def test_ipv6() -> None:
     assert trace(plan, Flow.outbound("2001:db8::5", 443)).verdict.captured_by == 15001
     assert trace(plan, Flow.outbound("::1", 8080)).verdict.decided_at == at("nat", "ISTIO_OUTPUT", 3)
     passthrough = Flow.outbound("2001:db8::2", 8080, uid=1337, source="::6")
-    assert (
-        trace(plan, passthrough).verdict.text
-        == "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches the app uncaptured (nat ISTIO_OUTPUT rule 1)"
+    assert trace(plan, passthrough).verdict.text == (
+        "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches "
+        "the app uncaptured (nat ISTIO_OUTPUT rule 1)"
     )
     assert trace(plan, Flow.outbound("2001:db8::2", 8080, uid=1337)).verdict.captured_by == 15006
     assert trace(plan, Flow.inbound(8080, family=Family.V6)).verdict.captured_by == 15006
