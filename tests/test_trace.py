@@ -1254,3 +1254,20 @@ def check_trace_invariants(plan: Plan, result: Trace) -> None:
             assert step.effect
     if result.flow.direction is Direction.INBOUND:
         assert all(step.at.hook != "OUTPUT" for step in result.steps)
+
+
+FALLBACKS = ("RETURN at ", "no rule of ", "no rule in ", "captured: redirected", "captured: DNS redirected")
+
+
+@FLOW_SETTINGS
+@given(configs_and_facts(), st.data())
+def test_every_verdict_on_our_rules_names_its_cause(case: Any, data: st.DataObject) -> None:
+    """Whatever the flags and the flow, a verdict reached through the plan's rules says why in the flags'
+    words: no verdict falls back on a bare rule location (causes.py knows every shape plan.py writes)."""
+    plan = build_plan(*case)
+    for _ in range(3):
+        result = trace(plan, data.draw(flows_for(plan)))
+        text = result.verdict.text
+        assert not any(fallback in text for fallback in FALLBACKS), render_trace_text(result)
+        if result.verdict.captured_by is not None:
+            assert "captured: " in text and ";" in text, text
