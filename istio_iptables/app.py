@@ -223,16 +223,22 @@ def trace_command(
         )
         assumed = "" if in_namespace or source is not None else pod.assumption(flow.family)
     else:
+        arrives = _checked("--in-interface", in_interface, configuration.parse_interface) if in_interface else None
+        destination = None
+        if in_namespace and source is not None and not given_pod:
+            # The pod's address a peer reaches, and where it arrives: the way back to the peer.
+            back = route(source, source=None, mark=0, uid=None)
+            if not isinstance(back, str) and back.interface != "lo":
+                destination, arrives = back.source, arrives or back.interface
         flow = Flow.inbound(
             _checked("--port", port or "", configuration.parse_port),
+            destination=destination,
             source=source,
-            in_interface=_checked("--in-interface", in_interface, configuration.parse_interface)
-            if in_interface
-            else None,
+            in_interface=arrives,
             pod=pod,
             **common,  # type: ignore[arg-type]
         )
-        assumed = pod.assumption(flow.family)
+        assumed = "" if destination is not None else pod.assumption(flow.family)
     if no_route:
         result = unsent(flow, no_route)
     elif live:
