@@ -621,14 +621,17 @@ def test_cli_trace_knows_the_pod(
         apply_capture(lab, flags, variant, ipv6=True)
         lab.wait_ready(*actors)
         results = send(lab, [probe for probe, _ in probes])
-        jobs = [(probe, expected, how) for probe, expected in probes for how in ("live", "namespace")]
         peer_of = {addresses.pod4: addresses.peer4, addresses.pod6: addresses.peer6}
+
+        def traced_as(job: tuple[Probe, int | None, str]) -> dict[str, Any]:
+            return cli_trace(lab, variant, flags, job[0], peer=peer_of.get(job[0].host, ""), how=job[2])
+
+        jobs = [(probe, expected, how) for probe, expected in probes for how in ("live", "namespace")]
         with ThreadPoolExecutor(CLI_PARALLEL) as pool:
-            traced = list(
-                pool.map(lambda job: cli_trace(lab, variant, flags, job[0], peer_of.get(job[0].host, ""), job[2]), jobs)
-            )
-        traced += [cli_trace(lab, variant, flags, probe, peer_of.get(probe.host, ""), "pod-ip") for probe, _ in probes]
+            traced = list(pool.map(traced_as, jobs))
+        # --pod-ip runs in this process (it enters no namespace): one at a time, as it redirects stdout.
         jobs += [(probe, expected, "pod-ip") for probe, expected in probes]
+        traced += [traced_as(job) for job in jobs[len(traced) :]]
         problems = []
         observed = {probe: observe(probe, result, owner) for (probe, _), result in zip(probes, results, strict=True)}
         for (probe, expected, how), document in zip(jobs, traced, strict=True):
