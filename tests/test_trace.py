@@ -45,11 +45,13 @@ from istio_iptables.render.restore import render_restore
 from istio_iptables.render.trace import render_trace_json, render_trace_text
 from istio_iptables.state import parse_tables
 from istio_iptables.trace import (
+    ASSUMED_POD,
     Direction,
     Flow,
     Location,
     Note,
     Outcome,
+    Pod,
     Step,
     Trace,
     kernel_chains,
@@ -143,6 +145,61 @@ def test_inbound_defaults() -> None:
     six = Flow.inbound(8080, family=Family.V6)
     assert (six.source, six.destination) == (IPv6Address("2001:db8::1"), IPv6Address("2001:db8::2"))
     assert Flow.inbound(53, source="2001:db8::53").destination == IPv6Address("2001:db8::2")
+
+
+POD = Pod((IPv4Address("198.19.7.9"), IPv6Address("2001:db8:7::9")), "--pod-ip")
+
+
+@pytest.mark.parametrize(
+    ("destination", "interface"),
+    [
+        ("198.19.7.9", "lo"),  # the pod's own address
+        ("2001:db8:7::9", "lo"),
+        ("198.18.0.2", "eth0"),  # the address assumed when nothing is known: a peer here
+        ("2001:db8::2", "eth0"),
+        ("198.19.7.20", "eth0"),
+        ("127.0.0.1", "lo"),
+        ("::6", "lo"),
+    ],
+)
+def test_a_given_pod_decides_what_is_local(destination: str, interface: str) -> None:
+    flow = Flow.outbound(destination, 80, pod=POD)
+    assert flow.out_interface == interface
+    assert str(flow.source) == ("198.19.7.9" if flow.family is Family.V4 else "2001:db8:7::9")
+
+
+def test_inbound_arrives_at_the_given_pod_from_a_peer_that_is_not_the_pod() -> None:
+    six = Flow.inbound(8080, pod=Pod((IPv6Address("2001:db8:7::9"),), "--pod-ip"))
+    assert (six.destination, six.source, six.in_interface) == (
+        IPv6Address("2001:db8:7::9"),
+        IPv6Address("2001:db8::1"),
+        "eth0",
+    )
+    # A pod at the default peer's address gets another peer, never itself.
+    swapped = Flow.inbound(8080, pod=Pod((IPv4Address("198.18.0.1"),), "--pod-ip"))
+    assert (swapped.destination, swapped.source) == (IPv4Address("198.18.0.1"), IPv4Address("198.18.0.2"))
+    named = Pod((IPv4Address("10.1.0.9"),), "the namespace", ((IPv4Address("10.1.0.9"), "net1"),))
+    assert Flow.inbound(80, pod=named).in_interface == "net1"
+    assert Flow.outbound("10.2.0.1", 80, pod=named).out_interface == "net1"
+
+
+def test_the_assumption_is_said_only_for_what_is_not_known() -> None:
+    assert "pod address 198.18.0.2" in ASSUMED_POD.assumption(Family.V4)
+    assert "local" in ASSUMED_POD.assumption(Family.V4)
+    v4_only = Pod((IPv4Address("198.19.7.9"),), "--pod-ip")
+    assert v4_only.assumption(Family.V4) == ""
+    assert "2001:db8::2" in v4_only.assumption(Family.V6)
+    result = trace(REDIRECT_PLAN, APP_TO_SERVICE, assumed=("x",))
+    assert result.assumed == ("x",)
+    assert render_trace_text(result).splitlines()[1] == "assumed: x"
+
+
+def test_rules_not_walked_make_the_verdict_uncertain() -> None:
+    result = trace(REDIRECT_PLAN, APP_TO_SERVICE, not_walked=("nft table inet fw, chain out (hook output): 1 rules",))
+    assert not result.verdict.certain and result.verdict.captured_by == 15001
+    assert result.verdict.text.startswith("uncertain: rules at these hooks were not walked")
+    assert "not walked: nft table inet fw" in render_trace_text(result)
+    assert json.loads(render_trace_json(result))["not_walked"] == list(result.not_walked)
 
 
 def test_flow_rejects_what_cannot_be() -> None:
