@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
-from typing import Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import typer
 
@@ -21,6 +21,9 @@ from .errors import ConfigError
 from .hostfacts import gather
 from .model import CtState, Family, GidOwner, Plan, Proto
 from .plan import build_plan
+
+if TYPE_CHECKING:
+    from .trace import Flow, Trace
 
 T = TypeVar("T")
 
@@ -282,7 +285,7 @@ def _group_ids(plan: Plan) -> dict[str, int]:
     return {name: gid for name in names if isinstance(gid := group_id(name), int)}
 
 
-def _trace_live(config: configuration.Config, plan: Plan, flow: Any, assumed: tuple[str, ...]) -> Any:
+def _trace_live(config: configuration.Config, plan: Plan, flow: Flow, assumed: tuple[str, ...]) -> Trace:
     """The flow through the live rules of its family, read from whichever copy holds them."""
     from . import live  # noqa: PLC0415
     from .apply import xtables_environment  # noqa: PLC0415

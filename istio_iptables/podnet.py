@@ -7,12 +7,12 @@ import ipaddress
 import socket
 
 from . import netlink
+from .hostfacts import interface_addresses
 from .model import Family, IPAddress
 from .records import record
 from .trace import Pod
 
 _IFLA_IFNAME = 3
-_IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _AF = {Family.V4: socket.AF_INET, Family.V6: socket.AF_INET6}
 
 
@@ -29,15 +29,12 @@ def read_pod() -> Pod:
     """The namespace as a pod: its addresses other than loopback and link-local ones, in the kernel's order
     (IPv4 first), each with its interface."""
     names = interface_names()
-    interfaces = []
-    for message in netlink.dump(netlink.RTM_GETADDR):
-        raw = message.attributes.get(_IFA_LOCAL, message.attributes.get(_IFA_ADDRESS))
-        if raw is None or message.family not in _AF.values():
-            continue
-        address = ipaddress.ip_address(raw)
-        if not (address.is_loopback or address.is_link_local):
-            interfaces.append((address, names.get(int.from_bytes(message.header[4:8], "little"), "")))
-    return Pod(tuple(address for address, _ in interfaces), "the namespace", tuple(interfaces))
+    interfaces = tuple(
+        (address, names.get(index, ""))
+        for address, index in interface_addresses()
+        if not (address.is_loopback or address.is_link_local)
+    )
+    return Pod(tuple(address for address, _ in interfaces), "the namespace", interfaces)
 
 
 @record
