@@ -149,7 +149,7 @@ def trace_command(
     dst: str = typer.Option("", "--dst", help="Outbound: ADDRESS:PORT dialled ([ADDRESS]:PORT for IPv6)."),
     port: str = typer.Option("", "--port", help="Inbound: the pod's port the peer dials."),
     src: str = typer.Option(
-        "", "--src", help="Source address (default: the pod's, or a peer's for inbound); outbound, the pod's address."
+        "", "--src", help="Source address: outbound, one of the pod's (default: the route's); inbound, the peer's."
     ),
     pod_ips: list[str] = typer.Option(  # noqa: B008 (Typer reads the default)
         [],
