@@ -43,9 +43,9 @@ class Copy:
     def nft(self) -> bool:
         return self.label == NATIVE
 
-    def hooked_rules(self) -> int:
-        """Its rules in the chains the walked hooks run."""
-        return sum(entry.chain in WALKED_HOOKS for state in self.tables.values() for entry in state.entries)
+    def hooked_rules(self, hook: str) -> int:
+        """Its rules in the chains ``hook`` runs."""
+        return sum(entry.chain == hook for state in self.tables.values() for entry in state.entries)
 
 
 NATIVE = "native nftables"
@@ -57,8 +57,8 @@ class LiveRules:
 
     walked: Copy | None
     """The copy holding our rules (else the one holding any rule); None when the namespace has no rules."""
-    not_walked: tuple[str, ...]
-    """Every other copy or nftables chain with rules at the walked hooks, described."""
+    not_walked: tuple[tuple[str, str], ...]
+    """Every other copy or nftables chain with rules at a walked hook: (hook, description)."""
 
 
 def read(family: Family, environment: dict[str, str]) -> LiveRules:
@@ -78,13 +78,15 @@ def read(family: Family, environment: dict[str, str]) -> LiveRules:
         tables = parse_tables(detect(family, variant, environment).saved)
         ours = any(map(holds_own, tables.values()))
         copy = Copy(f"iptables-{variant.value}", tables, _ipset_members(tables), ours)
-        if ours or copy.hooked_rules():
+        if ours or any(map(copy.hooked_rules, WALKED_HOOKS)):
             copies.append(copy)
     walked = next((copy for copy in copies if copy.ours), copies[0] if copies else None)
     others = [
-        f"{copy.label} ({family.label}): {copy.hooked_rules()} rules at these hooks"
+        (hook, f"{copy.label} ({family.label}): {count} rules in {hook}")
         for copy in copies
-        if copy is not walked and copy.hooked_rules()
+        if copy is not walked
+        for hook in WALKED_HOOKS
+        if (count := copy.hooked_rules(hook))
     ]
     return LiveRules(walked, tuple(others + _foreign_chains(state, family)))
 
@@ -107,7 +109,7 @@ def _nft_state() -> NftState | None:
     return native.read(binary)
 
 
-def _foreign_chains(state: NftState | None, family: Family) -> list[str]:
+def _foreign_chains(state: NftState | None, family: Family) -> list[tuple[str, str]]:
     """Hooked nftables chains with rules that are neither ours nor iptables-nft's (a firewall's...)."""
     if state is None:
         return []
@@ -118,7 +120,7 @@ def _foreign_chains(state: NftState | None, family: Family) -> list[str]:
             continue
         if chain.hook.upper() in WALKED_HOOKS:
             where = f"nft table {chain.family} {chain.table}, chain {chain.chain}"
-            found.append(f"{where} (hook {chain.hook}): {chain.rules} rules")
+            found.append((chain.hook.upper(), f"{where} (hook {chain.hook}): {chain.rules} rules"))
     return found
 
 

@@ -454,7 +454,7 @@ def trace(
     groups: Mapping[str, int] | None = None,
     sets: Sequence[AddressSet | PortSet] = (),
     assumed: Sequence[str] = (),
-    not_walked: Sequence[str] = (),
+    not_walked: Sequence[tuple[str, str]] = (),
     nft: bool = False,
 ) -> Trace:
     """Walk ``flow`` through ``tables``: a Plan (the ruleset of the flow's family), one RuleSet or its rules
@@ -464,7 +464,8 @@ def trace(
     ``groups`` gives the ids of owner groups written by name (``--gid-owner java``); a name not in it makes
     the rule "could not interpret" for the flow. ``sets`` gives the members of the sets ``-m set
     --match-set`` looks up (a Plan brings its own); a set not known makes the rule "could not interpret".
-    ``assumed`` and ``not_walked`` are carried to the result (see ``Trace``); ``not_walked`` makes the verdict
+    ``assumed`` is carried to the result (see ``Trace``). ``not_walked`` lists, as (hook, description), rules
+    the trace cannot walk; those at a hook the packet passes are carried to the result and make the verdict
     uncertain. ``nft``: the rules are native nftables ones, shown in nft's spelling (a plan's are written so).
     """
     if isinstance(tables, Plan):
@@ -480,12 +481,14 @@ def trace(
         tables = (
             tables_holding(tables, partial(nft_rule_text, families=(flow.family,))) if nft else tables_holding(tables)
         )
-    walked = _Walk(tables, flow, groups or {}, {each.name: each for each in sets}, nft).run()
-    if not_walked:
+    walk = _Walk(tables, flow, groups or {}, {each.name: each for each in sets}, nft)
+    walked = walk.run()
+    missed = tuple(description for hook, description in not_walked if hook in walk.passed)
+    if missed:
         verdict = walked.verdict
-        text = f"uncertain: rules at these hooks were not walked (see not walked); through the rest, {verdict.text}"
+        text = f"uncertain: rules the packet meets were not walked (see not walked); through the rest, {verdict.text}"
         walked = replace(walked, verdict=replace(verdict, text=text, certain=False))
-    return replace(walked, assumed=tuple(assumed), not_walked=tuple(not_walked))
+    return replace(walked, assumed=tuple(assumed), not_walked=missed)
 
 
 def unsent(flow: Flow, why: str) -> Trace:
@@ -580,6 +583,8 @@ class _Walk:
         self.runs: list[_TableRun] = []
         self.uncertain_at: Location | None = None
         self.dropped: Step | Note | None = None
+        self.passed: list[str] = []
+        """The hooks the packet went through, in order."""
         self.packet = _Packet(
             protocol=flow.protocol,
             source=flow.source,
@@ -615,6 +620,8 @@ class _Walk:
     # -- tables ------------------------------------------------------------------------------------------
 
     def hook(self, hook: str, looped_back: bool) -> None:
+        if self.dropped is None:
+            self.passed.append(hook)
         for table in _HOOK_TABLES[hook]:
             if self.dropped is not None or len(self.events) >= MAX_EVENTS:
                 return

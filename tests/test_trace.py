@@ -195,9 +195,16 @@ def test_the_assumption_is_said_only_for_what_is_not_known() -> None:
 
 
 def test_rules_not_walked_make_the_verdict_uncertain() -> None:
-    result = trace(REDIRECT_PLAN, APP_TO_SERVICE, not_walked=("nft table inet fw, chain out (hook output): 1 rules",))
+    elsewhere = ("INPUT", "nft table inet fw, chain in (hook input): 2 rules")
+    fw = ("OUTPUT", "nft table inet fw, chain out (hook output): 1 rules")
+    result = trace(REDIRECT_PLAN, APP_TO_SERVICE, not_walked=(elsewhere, fw))
     assert not result.verdict.certain and result.verdict.captured_by == 15001
-    assert result.verdict.text.startswith("uncertain: rules at these hooks were not walked")
+    assert result.verdict.text.startswith("uncertain: rules the packet meets were not walked")
+    # Redirected, the packet comes back in over lo: it meets INPUT too.
+    assert result.not_walked == (elsewhere[1], fw[1])
+    # A packet that never passes INPUT (the proxy's, leaving on eth0) is certain whatever INPUT holds.
+    unaffected = trace(REDIRECT_PLAN, Flow.outbound("10.0.0.5", 443, uid=1337), not_walked=(elsewhere,))
+    assert unaffected.verdict.certain and unaffected.not_walked == ()
     assert "not walked: nft table inet fw" in render_trace_text(result)
     assert json.loads(render_trace_json(result))["not_walked"] == list(result.not_walked)
 

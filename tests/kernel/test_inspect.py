@@ -130,11 +130,14 @@ def test_trace_live_is_uncertain_about_rules_it_does_not_walk(pod: Pod) -> None:
     document = json.loads(traced.stdout)
     assert document["verdict"]["captured_by"] == 15001 and not document["verdict"]["certain"]
     assert document["not_walked"] == [
-        "iptables-legacy (ipv4): 1 rules at these hooks",
+        "iptables-legacy (ipv4): 1 rules in OUTPUT",
         "nft table inet fw, chain out (hook output): 1 rules",
     ]
     text = run_cli(pod, [*INIT, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"]).stdout
-    assert "verdict: uncertain: rules at these hooks were not walked" in text
+    assert "verdict: uncertain: rules the packet meets were not walked" in text
+    # An inbound packet never meets those OUTPUT rules: its verdict stays certain.
+    inbound = run_cli(pod, [*INIT, "trace", "inbound", "--port", "8080", "--live", "--format", "json"])
+    assert json.loads(inbound.stdout)["verdict"]["certain"], inbound.stdout
     assert "not walked: nft table inet fw, chain out (hook output): 1 rules" in text
 
 
