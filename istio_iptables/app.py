@@ -194,7 +194,7 @@ def trace_command(
     in_namespace = live or bool(config.network_namespace)
     _, plan = cli.enter(config, changes_system=False) if in_namespace else (None, build_plan(config, gather(config)))
     if in_namespace:
-        from .podnet import read_pod, route  # noqa: PLC0415
+        from .podnet import facing, read_pod, route  # noqa: PLC0415
 
         pod = Pod(given_pod, "--pod-ip") if given_pod else read_pod()
     else:
@@ -229,9 +229,8 @@ def trace_command(
         arrives = _checked("--in-interface", in_interface, configuration.parse_interface) if in_interface else None
         destination = None
         if in_namespace and source is not None and not given_pod:
-            # The pod's address a peer reaches, and where it arrives: the way back to the peer.
-            back = route(source, source=None, mark=0, uid=None)
-            if not isinstance(back, str) and back.interface != "lo":
+            back = facing(source)
+            if back is not None:
                 destination, arrives = back.source, arrives or back.interface
         flow = Flow.inbound(
             _checked("--port", port or "", configuration.parse_port),

@@ -10,7 +10,7 @@ from . import netlink
 from .hostfacts import interface_addresses
 from .model import Family, IPAddress
 from .records import record
-from .trace import Pod
+from .trace import LOOPBACK_INTERFACE, Pod
 
 _IFLA_IFNAME = 3
 _AF = {Family.V4: socket.AF_INET, Family.V6: socket.AF_INET6}
@@ -64,3 +64,10 @@ def route(destination: IPAddress, *, source: IPAddress | None, mark: int, uid: i
     preferred = found.attributes.get(netlink.RTA_PREFSRC)
     chosen = source or (ipaddress.ip_address(preferred) if preferred else destination)
     return Route(interface_names().get(index, "") if index else "", chosen)
+
+
+def facing(peer: IPAddress) -> Route | None:
+    """The pod's address a peer reaches, and the interface the peer's packets arrive on: the kernel's way back
+    to the peer (None when there is none, or it is the pod itself)."""
+    back = route(peer, source=None, mark=0, uid=None)
+    return None if isinstance(back, str) or back.interface == LOOPBACK_INTERFACE else back
