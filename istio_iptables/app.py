@@ -12,7 +12,7 @@ import enum
 import inspect
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import typer
 
@@ -20,8 +20,11 @@ from . import cli
 from . import config as configuration
 from .errors import PROG, ConfigError
 from .hostfacts import gather
-from .model import AddressSet, CtState, Family, GidOwner, Plan, PortSet, Proto
+from .model import CtState, Family, GidOwner, Plan, Proto
 from .plan import build_plan
+
+if TYPE_CHECKING:
+    from .trace import Flow, Trace
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
@@ -213,7 +216,17 @@ def trace_command(
     ),
     port: str = typer.Option("", "--port", metavar="PORT", help="Inbound: the pod's port the peer dials."),
     src: str = typer.Option(
-        "", "--src", metavar="ADDRESS", help="Source address (default: the pod, or the peer for inbound)."
+        "",
+        "--src",
+        metavar="ADDRESS",
+        help="Source address: outbound, one of the pod's (default: the route's); inbound, the peer's.",
+    ),
+    pod_ips: list[str] = typer.Option(  # noqa: B008 (Typer reads the default)
+        [],
+        "--pod-ip",
+        metavar="ADDRESS",
+        help="An address of the pod (repeat for each); default: the namespace's with --live or "
+        "--network-namespace, else --src, else 198.18.0.2 and 2001:db8::2, said in the output.",
     ),
     uid: str = typer.Option("1000", "--uid", metavar="UID", help="Outbound: UID of the sending process."),
     gid: str = typer.Option(
@@ -221,10 +234,16 @@ def trace_command(
     ),
     protocol: str = typer.Option("tcp", "--proto", metavar="tcp|udp", help="Protocol."),
     in_interface: str = typer.Option(
-        "eth0", "--in-interface", metavar="NIC", help="Inbound: the interface it arrives on."
+        "",
+        "--in-interface",
+        metavar="NIC",
+        help="Inbound: the interface it arrives on (default: the one holding the address).",
     ),
     out_interface: str = typer.Option(
-        "", "--out-interface", metavar="NIC", help="Outbound: default lo for local addresses."
+        "",
+        "--out-interface",
+        metavar="NIC",
+        help="Outbound: default the route's (lo for the pod's own and loopback addresses).",
     ),
     mark: str = typer.Option("0", "--mark", metavar="MARK", help="Packet mark."),
     state: str = typer.Option("NEW", "--state", metavar="NEW|ESTABLISHED|RELATED|INVALID", help="Conntrack."),
@@ -233,7 +252,7 @@ def trace_command(
 ) -> None:
     """Walk one flow through the rules: every rule it meets, and whether the proxy gets it and why."""
     from .render.trace import render_trace_json, render_trace_text  # noqa: PLC0415
-    from .trace import Flow, parse_endpoint, trace  # noqa: PLC0415
+    from .trace import ASSUMED_POD, Flow, Pod, parse_endpoint, trace, unsent  # noqa: PLC0415
 
     config: configuration.Config = ctx.obj
     output = _output_format(output, ("text", "json"))
@@ -243,40 +262,77 @@ def trace_command(
         "state": _checked("--state", state, _choice(CtState, str.upper)).value,
     }
     source = _checked("--src", src, configuration.parse_address) if src else None
+    given_pod = tuple(_checked("--pod-ip", text, configuration.parse_address) for text in pod_ips)
+    if direction not in ("outbound", "inbound"):
+        raise ConfigError(f"invalid value for the direction: '{configuration.shown(direction)}': outbound or inbound")
+    if direction == "outbound" and not dst:
+        raise ConfigError("trace outbound needs --dst ADDRESS:PORT")
+    # In a namespace (the live one, or the one named), its addresses and routes say where a flow goes;
+    # elsewhere the plan's pod is what the flags say, or an assumption the output states.
+    in_namespace = live or bool(config.network_namespace)
+    _, plan = cli.enter(config, changes_system=False) if in_namespace else (None, build_plan(config, gather(config)))
+    if in_namespace:
+        from .podnet import facing, read_pod, route  # noqa: PLC0415
+
+        pod = Pod(given_pod, "--pod-ip") if given_pod else read_pod()
+    else:
+        pod = Pod(given_pod, "--pod-ip") if given_pod else ASSUMED_POD
+        if not given_pod and source is not None and direction == "outbound":
+            pod = Pod((source,), "--src")
+    no_route = ""
     if direction == "outbound":
-        if not dst:
-            raise ConfigError("trace outbound needs --dst ADDRESS:PORT")
         address, dst_port = _checked("--dst", dst, parse_endpoint)
         if source is not None and source.version != address.version:
             raise ConfigError(
                 f"invalid value for --src: '{configuration.shown(src)}': an IPv{source.version} address, "
                 f"but --dst {configuration.shown(dst)} is IPv{address.version}"
             )
+        chosen_interface = (
+            _checked("--out-interface", out_interface, configuration.parse_interface) if out_interface else None
+        )
+        flow_uid = _checked("--uid", uid, configuration.parse_id)
+        if in_namespace and chosen_interface is None:
+            found = route(address, source=source, mark=int(common["mark"]), uid=flow_uid)
+            if isinstance(found, str):
+                no_route = f"the namespace has no route to {address} ({found}): the connection fails before any rule"
+            else:
+                source, chosen_interface = source or found.source, found.interface
         flow = Flow.outbound(
             address,
             dst_port,
-            uid=_checked("--uid", uid, configuration.parse_id),
+            uid=flow_uid,
             gid=_checked("--gid", gid, configuration.parse_id) if gid else None,
             source=source,
-            out_interface=_checked("--out-interface", out_interface, configuration.parse_interface)
-            if out_interface
-            else None,
+            out_interface=chosen_interface,
+            pod=pod,
             **common,  # type: ignore[arg-type]
         )
-    elif direction == "inbound":
+        assumed = "" if in_namespace or source is not None else pod.assumption(flow.family)
+    else:
         if not port:
             raise ConfigError("trace inbound needs --port PORT")
+        arrives = _checked("--in-interface", in_interface, configuration.parse_interface) if in_interface else None
+        destination = None
+        if in_namespace and source is not None and not given_pod:
+            back = facing(source)
+            if back is not None:
+                destination, arrives = back.source, arrives or back.interface
         flow = Flow.inbound(
             _checked("--port", port, configuration.parse_port),
+            destination=destination,
             source=source,
-            in_interface=_checked("--in-interface", in_interface, configuration.parse_interface),
+            in_interface=arrives,
+            pod=pod,
             **common,  # type: ignore[arg-type]
         )
+        assumed = "" if destination is not None else pod.assumption(flow.family)
+    if no_route:
+        result = unsent(flow, no_route)
+    elif live:
+        result = _trace_live(config, plan, flow, (assumed,) if assumed else ())
     else:
-        raise ConfigError(f"invalid value for the direction: '{configuration.shown(direction)}': outbound or inbound")
-    _, plan = cli.enter(config, changes_system=False) if live else (None, build_plan(config, gather(config)))
-    rules, sets = _live_rules(config, plan, flow.family) if live else (plan, plan.sets)
-    result = trace(rules, flow, groups=_group_ids(plan), sets=sets)
+        assumptions = (assumed,) if assumed else ()
+        result = trace(plan, flow, groups=_group_ids(plan), assumed=assumptions, nft=config.native_nftables)
     sys.stdout.write(render_trace_json(result) if output == "json" else render_trace_text(result))
 
 
@@ -295,7 +351,7 @@ def graph_command(
     if family and family not in families:
         raise ConfigError(f"invalid value for --family: '{configuration.shown(family)}': must be ipv4 or ipv6")
     chosen = families.get(family)
-    plan = build_plan(config, gather(config))
+    _, plan = cli.enter(config, changes_system=False)
     sys.stdout.write(render_graph(plan, fmt, family=chosen))  # type: ignore[arg-type]
 
 
@@ -371,25 +427,19 @@ def _group_ids(plan: Plan) -> dict[str, int]:
     return {name: gid for name in names if isinstance(gid := group_id(name), int)}
 
 
-def _live_rules(config: configuration.Config, plan: Plan, family: Family) -> tuple[Any, Sequence[AddressSet | PortSet]]:
-    """The live rules of the flow's family (and the sets they look up), read from whichever backend holds
-    them: native nftables with --native-nftables, else the iptables variant detection finds."""
-    if config.native_nftables:
-        from .backends import nft  # noqa: PLC0415
+def _trace_live(config: configuration.Config, plan: Plan, flow: Flow, assumed: tuple[str, ...]) -> Trace:
+    """The flow through the live rules of its family, read from whichever copy holds them."""
+    from . import live  # noqa: PLC0415
+    from .apply import xtables_environment  # noqa: PLC0415
+    from .trace import trace  # noqa: PLC0415
 
-        state = nft.detect().saved
-        return state.family_tables(family), state.sets
-    from .apply import observe, xtables_environment  # noqa: PLC0415
-
-    seen = next((s for s in observe(config, plan, xtables_environment(config)) if s.target.family is family), None)
-    if seen is None:
-        raise ConfigError(f"--live: no {family.label} rules can be read here")
-    uses_sets = any("--match-set ISTIO_" in entry.text for state in seen.live.values() for entry in state.entries)
-    if not uses_sets:
-        return seen.live, ()
-    from .backends import ipset  # noqa: PLC0415
-
-    return seen.live, ipset.as_model(ipset.read())
+    found = live.read(flow.family, xtables_environment(config))
+    tables = found.walked.tables if found.walked is not None else {}
+    sets = found.walked.sets if found.walked is not None else ()
+    nft = found.walked is not None and found.walked.nft
+    return trace(
+        tables, flow, groups=_group_ids(plan), sets=sets, assumed=assumed, not_walked=found.not_walked, nft=nft
+    )
 
 
 def main(arguments: list[str], clean: bool = False) -> int:

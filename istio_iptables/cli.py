@@ -114,7 +114,7 @@ def configured(given: configuration.Given) -> configuration.Config:
 
 def run(config: configuration.Config) -> None:
     if config.dry_run:
-        facts, plan = planned(config)
+        facts, plan = enter(config, changes_system=False)
         if config.dry_run_file_path:
             from .render.dryrun import istio_command_log  # noqa: PLC0415
 

@@ -72,12 +72,17 @@ _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 
 def local_addresses() -> list[IPAddress]:
     """The addresses Go's ``net.InterfaceAddrs`` returns, in its order (the kernel dumps IPv4 first)."""
-    addresses: list[IPAddress] = []
+    return [address for address, _ in interface_addresses()]
+
+
+def interface_addresses() -> list[tuple[IPAddress, int]]:
+    """Every address of this namespace with the index of the interface holding it, in the kernel's order."""
+    addresses: list[tuple[IPAddress, int]] = []
     for message in netlink.dump(netlink.RTM_GETADDR):
         # On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is ours (Go prefers it the same way).
         raw = message.attributes.get(_IFA_LOCAL, message.attributes.get(_IFA_ADDRESS))
         if raw is not None and message.family in (socket.AF_INET, socket.AF_INET6):
-            addresses.append(ipaddress.ip_address(raw))
+            addresses.append((ipaddress.ip_address(raw), int.from_bytes(message.header[4:8], "little")))
     return addresses
 
 

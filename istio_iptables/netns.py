@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ApplyError
+from .errors import ApplyError, ConfigError
 
 NETNS_RUN_DIR = "/var/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -23,6 +23,11 @@ def enter(name_or_path: str) -> None:
     path = namespace_path(name_or_path)
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # The flag names something that is not there: bad input, whatever the command (exit 2).
+        raise ConfigError(
+            f"invalid value for --network-namespace: '{name_or_path}': no such network namespace ({path})"
+        ) from None
     except OSError as error:
         raise ApplyError(f"cannot open network namespace {path}: {error.strerror}") from None
     try:

@@ -54,8 +54,10 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping, Sequence
+from functools import partial
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from . import causes
 from .config import parse_address, parse_port
 from .model import (
     BUILTIN_CHAINS,
@@ -94,16 +96,15 @@ from .model import (
     UidOwner,
     Verdict,
 )
+from .nft_state import rule_text as nft_rule_text
 from .records import field, mutable_record, record, replace
 from .render.iptables import match_arguments
+from .render.nft import chain_name
+from .render.nft import match_text as nft_match_text
 from .state import SavedRule, TableState, tables_holding
 
 # ---- the flow ------------------------------------------------------------------------------------------
 
-POD_ADDRESS: dict[Family, IPAddress] = {Family.V4: IPv4Address("198.18.0.2"), Family.V6: IPv6Address("2001:db8::2")}
-"""The pod's own address in a default flow (the test range of DESIGN.md)."""
-PEER_ADDRESS: dict[Family, IPAddress] = {Family.V4: IPv4Address("198.18.0.1"), Family.V6: IPv6Address("2001:db8::1")}
-"""Where a default inbound flow comes from."""
 LOOPBACK_ADDRESS: dict[Family, IPAddress] = {Family.V4: IPv4Address("127.0.0.1"), Family.V6: IPv6Address("::1")}
 """Where REDIRECT sends a locally generated packet."""
 PASSTHROUGH_V6 = IPv6Address("::6")
@@ -111,6 +112,64 @@ EPHEMERAL_PORT = 40000
 APP_UID = 1000
 LOOPBACK_INTERFACE = "lo"
 POD_INTERFACE = "eth0"
+"""The interface a pod's traffic leaves and arrives on, where nothing says otherwise."""
+
+
+@record
+class Pod:
+    """The pod a flow is traced in, as far as the trace knows it: its addresses, and where they came from.
+
+    A flow's defaults come from it: an outbound flow leaves from the pod's address, and a destination that is
+    one of its addresses (or loopback, or ``::6``) is sent over ``lo``; an inbound flow arrives at the pod's
+    address from a peer. A family with no address given falls back on the test range of DESIGN.md, and the
+    trace says so (``assumption``).
+    """
+
+    addresses: tuple[IPAddress, ...] = ()
+    origin: str = ""
+    """Where the addresses come from (``--pod-ip``, ``the namespace``), for the trace's output."""
+    interfaces: tuple[tuple[IPAddress, str], ...] = ()
+    """The interface holding each address, when known (read from the namespace)."""
+
+    def address(self, family: Family) -> IPAddress:
+        return next((a for a in self.addresses if a.version == family.value), _ASSUMED_ADDRESS[family])
+
+    def knows(self, family: Family) -> bool:
+        return any(address.version == family.value for address in self.addresses)
+
+    def interface(self, address: IPAddress) -> str:
+        return dict(self.interfaces).get(address, POD_INTERFACE)
+
+    def is_local(self, destination: IPAddress) -> bool:
+        """Whether the pod sends to ``destination`` over ``lo``, as the kernel's local routes do."""
+        family = Family.of(destination)
+        own = destination in self.addresses or destination == self.address(family)
+        return own or destination.is_loopback or destination == PASSTHROUGH_V6
+
+    def peer(self, family: Family) -> IPAddress:
+        """An address a default inbound flow comes from: never one of the pod's own."""
+        address = _ASSUMED_PEER[family]
+        while address in self.addresses or address == self.address(family):
+            address += 1
+        return address
+
+    def assumption(self, family: Family) -> str:
+        """What the trace assumed about the pod for a flow of ``family`` ("" when nothing)."""
+        if self.knows(family):
+            return ""
+        return (
+            f"pod address {self.address(family)} (give --pod-ip, or --live in its namespace); "
+            "a destination equal to it is local, sent over lo"
+        )
+
+
+_ASSUMED_ADDRESS: dict[Family, IPAddress] = {
+    Family.V4: IPv4Address("198.18.0.2"),
+    Family.V6: IPv6Address("2001:db8::2"),
+}
+_ASSUMED_PEER: dict[Family, IPAddress] = {Family.V4: IPv4Address("198.18.0.1"), Family.V6: IPv6Address("2001:db8::1")}
+ASSUMED_POD = Pod()
+"""A pod nothing is known of: addresses 198.18.0.2 and 2001:db8::2, peers 198.18.0.1 and 2001:db8::1."""
 
 
 class Direction(enum.Enum):
@@ -179,20 +238,21 @@ class Flow:
         mark: int = 0,
         connmark: int = 0,
         state: CtState | str = CtState.NEW,
+        pod: Pod = ASSUMED_POD,
     ) -> Flow:
-        """A connection opened by a process of the pod.
+        """A connection opened by a process of ``pod``.
 
         Defaults: uid 1000 (an application) and gid equal to the uid (1000:1000 for the app, 1337:1337 for
-        the proxy); source the pod address 198.18.0.2 or 2001:db8::2, port 40000; out interface ``lo`` when
-        the destination is on this host (a loopback address: 127/8, ::1; the passthrough ::6; the pod address
-        or the given source), else ``eth0``; mark and connmark 0; state NEW.
+        the proxy); source the pod's address (198.18.0.2 or 2001:db8::2 when nothing is known of it), port
+        40000; out interface ``lo`` when the destination is on this host (a loopback address: 127/8, ::1; the
+        passthrough ::6; the pod's address or the given source), else ``eth0``; mark and connmark 0; state NEW.
         """
         dst = ip_address(destination) if isinstance(destination, str) else destination
         family = Family.of(dst)
-        src = POD_ADDRESS[family] if source is None else ip_address(source) if isinstance(source, str) else source
+        src = pod.address(family) if source is None else ip_address(source) if isinstance(source, str) else source
         if out_interface is None:
-            local = dst.is_loopback or dst == PASSTHROUGH_V6 or dst in (POD_ADDRESS[family], src)
-            out_interface = LOOPBACK_INTERFACE if local else POD_INTERFACE
+            local = pod.is_local(dst) or dst == src
+            out_interface = LOOPBACK_INTERFACE if local else pod.interface(src)
         return cls(
             direction=Direction.OUTBOUND,
             source=src,
@@ -218,28 +278,33 @@ class Flow:
         protocol: Proto | str = Proto.TCP,
         source: str | IPAddress | None = None,
         source_port: int = EPHEMERAL_PORT,
-        in_interface: str = POD_INTERFACE,
+        in_interface: str | None = None,
         mark: int = 0,
         connmark: int = 0,
         state: CtState | str = CtState.NEW,
+        pod: Pod = ASSUMED_POD,
     ) -> Flow:
-        """A connection arriving at the pod.
+        """A connection arriving at ``pod``.
 
-        Defaults: destination the pod address 198.18.0.2 (2001:db8::2 for ``family=Family.V6`` or an IPv6
-        source); source the peer 198.18.0.1 or 2001:db8::1, port 40000; in interface ``eth0``; mark and
-        connmark 0; state NEW.
+        Defaults: destination the pod's address (198.18.0.2, or 2001:db8::2 for ``family=Family.V6`` or an
+        IPv6 source, when nothing is known of it; else the pod's first address, of the source's family if
+        given); source a peer (198.18.0.1 or 2001:db8::1, or the next address when that is the pod's own),
+        port 40000; in interface the one holding the destination (``eth0`` when not known); mark and connmark
+        0; state NEW.
         """
         dst = ip_address(destination) if isinstance(destination, str) else destination
         src = ip_address(source) if isinstance(source, str) else source
-        chosen = family or next((Family.of(a) for a in (dst, src) if a is not None), Family.V4)
+        known = [Family.of(address) for address in pod.addresses]
+        chosen = family or next((Family.of(a) for a in (dst, src) if a is not None), known[0] if known else Family.V4)
+        dst = pod.address(chosen) if dst is None else dst
         return cls(
             direction=Direction.INBOUND,
-            source=PEER_ADDRESS[chosen] if src is None else src,
+            source=pod.peer(chosen) if src is None else src,
             source_port=source_port,
-            destination=POD_ADDRESS[chosen] if dst is None else dst,
+            destination=dst,
             destination_port=port,
             protocol=Proto(protocol),
-            in_interface=in_interface,
+            in_interface=pod.interface(dst) if in_interface is None else in_interface,
             mark=mark,
             connmark=connmark,
             state=CtState(state),
@@ -365,6 +430,11 @@ class Trace:
     family: Family
     events: tuple[Event, ...]
     verdict: TraceVerdict
+    assumed: tuple[str, ...] = ()
+    """What the trace took for granted about the pod (its address, when not given)."""
+    not_walked: tuple[str, ...] = ()
+    """Rules the packet meets that the trace did not walk (another copy, another table): the verdict is
+    uncertain when there are any."""
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -381,6 +451,9 @@ def trace(
     *,
     groups: Mapping[str, int] | None = None,
     sets: Sequence[AddressSet | PortSet] = (),
+    assumed: Sequence[str] = (),
+    not_walked: Sequence[tuple[str, str]] = (),
+    nft: bool = False,
 ) -> Trace:
     """Walk ``flow`` through ``tables``: a Plan (the ruleset of the flow's family), one RuleSet or its rules
     (in application order, ``-I`` positions applied as the kernel does), or the tables of one family parsed
@@ -389,21 +462,35 @@ def trace(
     ``groups`` gives the ids of owner groups written by name (``--gid-owner java``); a name not in it makes
     the rule "could not interpret" for the flow. ``sets`` gives the members of the sets ``-m set
     --match-set`` looks up (a Plan brings its own); a set not known makes the rule "could not interpret".
+    ``assumed`` is carried to the result (see ``Trace``). ``not_walked`` lists, as (hook, description), rules
+    the trace cannot walk; those at a hook the packet passes are carried to the result and make the verdict
+    uncertain. ``nft``: the rules are native nftables ones, shown in nft's spelling (a plan's are written so).
     """
     if isinstance(tables, Plan):
         sets = (*sets, *tables.sets)
         ruleset = tables.ruleset(flow.family)
         if ruleset is None:
-            return _absent(flow, f"the plan has no {flow.family.label} rules ({flow.family.label} capture is off)")
+            why = f"the plan has no {flow.family.label} rules ({flow.family.label} capture is off)"
+            return replace(unsent(flow, why), assumed=tuple(assumed))
         tables = ruleset
     if isinstance(tables, RuleSet):
         tables = tables.rules
     if not isinstance(tables, Mapping):
-        tables = tables_holding(tables)
-    return _Walk(tables, flow, groups or {}, {each.name: each for each in sets}).run()
+        tables = (
+            tables_holding(tables, partial(nft_rule_text, families=(flow.family,))) if nft else tables_holding(tables)
+        )
+    walk = _Walk(tables, flow, groups or {}, {each.name: each for each in sets}, nft)
+    walked = walk.run()
+    missed = tuple(description for hook, description in not_walked if hook in walk.passed)
+    if missed:
+        verdict = walked.verdict
+        text = f"uncertain: rules the packet meets were not walked (see not walked); through the rest, {verdict.text}"
+        walked = replace(walked, verdict=replace(verdict, text=text, certain=False))
+    return replace(walked, assumed=tuple(assumed), not_walked=missed)
 
 
-def _absent(flow: Flow, why: str) -> Trace:
+def unsent(flow: Flow, why: str) -> Trace:
+    """The trace of a flow no rule sees (the plan has no rules of its family, the pod has no route)."""
     verdict = TraceVerdict(
         text=f"not captured: {why}",
         captured_by=None,
@@ -471,6 +558,8 @@ class _TableRun:
     (the first of several ends reached in a row: the one that let the packet through)."""
     last_failure: dict[str, Step] = field(default_factory=dict)
     """Per chain, the last rule that did not match."""
+    path: tuple[Step, ...] = ()
+    """The jumps that led to ``terminal``, outermost first."""
 
 
 class _Walk:
@@ -480,8 +569,10 @@ class _Walk:
         flow: Flow,
         groups: Mapping[str, int],
         sets: Mapping[str, AddressSet | PortSet],
+        nft: bool = False,
     ) -> None:
         self.flow = flow
+        self.nft = nft
         self.groups = groups
         self.sets = sets
         self.declared = {table: state.chains for table, state in tables.items()}
@@ -490,6 +581,8 @@ class _Walk:
         self.runs: list[_TableRun] = []
         self.uncertain_at: Location | None = None
         self.dropped: Step | Note | None = None
+        self.passed: list[str] = []
+        """The hooks the packet went through, in order."""
         self.packet = _Packet(
             protocol=flow.protocol,
             source=flow.source,
@@ -525,6 +618,8 @@ class _Walk:
     # -- tables ------------------------------------------------------------------------------------------
 
     def hook(self, hook: str, looped_back: bool) -> None:
+        if self.dropped is None:
+            self.passed.append(hook)
         for table in _HOOK_TABLES[hook]:
             if self.dropped is not None or len(self.events) >= MAX_EVENTS:
                 return
@@ -560,6 +655,7 @@ class _Walk:
         chains = self.chains[run.table]
         declared = self.declared[run.table]
         stack: list[tuple[str, int]] = []
+        calls: list[Step] = []  # the jump of each stack entry
         chain, index = run.chain, 0
         unwinding = False
         while len(self.events) < MAX_EVENTS:
@@ -572,6 +668,7 @@ class _Walk:
                     run.decided = chain
                 unwinding = True
                 caller, index = stack.pop()
+                calls.pop()
                 self.note(run, chain, f"end of {chain}: back to {caller}", len(stack) + 1)
                 chain = caller
                 continue
@@ -595,6 +692,7 @@ class _Walk:
                 if target.chain not in chains and target.chain not in declared:
                     self.note(run, chain, f"{target.chain} does not exist in {run.table.value}", len(stack) + 1)
                 stack.append((chain, index))
+                calls.append(step)
                 chain, index = target.chain, 0
             elif target is Verdict.RETURN:
                 run.decided = step
@@ -602,8 +700,9 @@ class _Walk:
                     self.policy(run, declared.get(chain))
                     return
                 chain, index = stack.pop()
+                calls.pop()
             elif isinstance(target, Verdict | Redirect | Tproxy):
-                run.terminal, run.terminal_target = step, target
+                run.terminal, run.terminal_target, run.path = step, target, tuple(calls)
                 if target is Verdict.DROP:
                     self.dropped = step
                 return
@@ -625,9 +724,10 @@ class _Walk:
     def check(self, at: Location, entry: SavedRule, depth: int, caller: str) -> Step:
         """Evaluate one rule, apply its target's effect on the packet, and record the step."""
         rule = entry.rule
+        text = f"{chain_name(at.chain)}: {entry.text}" if self.nft else entry.text
         if rule is None:
             self.uncertain(at)
-            step = Step(at, entry.text, Outcome.UNKNOWN, reason="a rule this model cannot express", depth=depth)
+            step = Step(at, text, Outcome.UNKNOWN, reason="a rule this model cannot express", depth=depth)
             self.events.append(step)
             return step
         failed: Match | None = None
@@ -640,12 +740,13 @@ class _Walk:
                 failed = clause
                 break
         if failed is not None:
-            step = Step(at, entry.text, Outcome.NOT_MATCHED, clause_text(failed), self.failure(failed), depth=depth)
+            failed_text = self.clause_text(failed, rule)
+            step = Step(at, text, Outcome.NOT_MATCHED, failed_text, self.failure(failed), depth=depth)
         elif unknown:
             self.uncertain(at)
-            step = Step(at, entry.text, Outcome.UNKNOWN, reason=unknown, depth=depth)
+            step = Step(at, text, Outcome.UNKNOWN, reason=unknown, depth=depth)
         else:
-            step = Step(at, entry.text, Outcome.MATCHED, effect=self.apply(rule.target, at, caller), depth=depth)
+            step = Step(at, text, Outcome.MATCHED, effect=self.apply(rule.target, at, caller), depth=depth)
         self.events.append(step)
         return step
 
@@ -772,6 +873,9 @@ class _Walk:
                 kind = "REDIRECT"
                 dns = self.flow.destination_port == 53 and by.endswith("_DNS")
                 text = f"captured: {'DNS redirected' if dns else 'redirected'} to {captured_by} by {by}"
+            cause = self.capture_cause(capture)
+            if cause:
+                text = f"captured: {cause}; {text.removeprefix('captured: ').removeprefix('DNS ')}"
         else:
             text, decided_at = self.not_captured()
         if packet.zone is not None:
@@ -795,10 +899,13 @@ class _Walk:
 
     def not_captured(self) -> tuple[str, Location | None]:
         """Why the packet was let go, from the hook where capture is decided (OUTPUT, or PREROUTING for an
-        inbound flow): nat skipped, else nat's decision if it made one, else the last table's that did."""
+        inbound flow): nat skipped, else nat's decision if it made one, else the last table's that did (raw
+        aside: it only sets conntrack zones)."""
         primary = "OUTPUT" if self.flow.direction is Direction.OUTBOUND else "PREROUTING"
         runs = [run for run in self.runs if run.hook == primary and not run.looped_back]
-        deciding = [run for run in runs if run.terminal is not None or run.decided is not None]
+        deciding = [
+            run for run in runs if (run.terminal is not None or run.decided is not None) and run.table is not Table.RAW
+        ]
         nat = [run for run in deciding if run.table is Table.NAT]
         run = (nat or deciding)[-1] if deciding else None
         accepted = run if run is not None and run.terminal is not None else None
@@ -815,23 +922,74 @@ class _Walk:
             if accepted is not None and established:
                 reason = f"an ESTABLISHED packet, {reason}"
             return f"{head}: {reason}", at
+        if self.flow.direction is Direction.INBOUND:
+            cause = causes.no_inbound_cause(self.rules_of, self.flow.protocol)
+            if cause:
+                return f"{head}: {cause}", None
         walked = [run for run in runs if run.steps]
         if walked:
             return f"{head}: no rule in {walked[-1].table.value} {primary} matched", None
         return f"{head}: no rules in {primary}", None
 
     def reason(self, run: _TableRun) -> tuple[str, Location | None]:
+        """Why ``run`` let the packet go: the cause in the flags' words when the deciding rule is one of
+        ours, and where it was decided."""
+        flow = self.flow
         if run.terminal is not None:
             mark = f" with mark {self.packet.mark}" if self.packet.mark else ""
-            return f"accepted by {run.terminal.at.chain}{mark}", run.terminal.at
+            jump = self.rule_at(run.path[-1].at) if run.path else None
+            cause = causes.divert_cause(jump)
+            accepted = f"accepted by {run.terminal.at.chain}{mark}"
+            return (f"{cause} ({accepted})" if cause else accepted), run.terminal.at
         if isinstance(run.decided, Step):
             at = run.decided.at
             rule = self.rule_at(at)
-            condition = " ".join(clause_text(clause) for clause in rule.clauses) if rule is not None else ""
+            if rule is not None:
+                cause = causes.return_cause(
+                    rule,
+                    at.number,
+                    self.rules_of,
+                    destination=flow.destination,
+                    port=flow.destination_port,
+                    gid=flow.gid,
+                )
+                if cause:
+                    return f"{cause} ({at})", at
+            condition = " ".join(self.clause_text(clause, rule) for clause in rule.clauses) if rule is not None else ""
             return f"RETURN at {at} ({condition or 'every packet'})", at
+        walked = {
+            step.at.chain
+            for step in self.events
+            if isinstance(step, Step)
+            and (step.at.hook, step.at.table, step.at.looped_back) == (run.hook, run.table, run.looped_back)
+        }
+        cause = causes.unmatched_cause(
+            run.table,
+            walked,
+            self.rules_of,
+            protocol=flow.protocol,
+            destination=flow.destination,
+            port=flow.destination_port,
+        )
         failure = run.last_failure.get(str(run.decided))
-        last = f" (rule {failure.at.number} needs {failure.failed})" if failure is not None and failure.failed else ""
-        return f"no rule of {run.table.value} {run.decided} matched{last}", None
+        last = f"rule {failure.at.number} needs {failure.failed}" if failure is not None and failure.failed else ""
+        if cause:
+            return cause, None
+        return f"no rule of {run.table.value} {run.decided} matched" + (f" ({last})" if last else ""), None
+
+    def capture_cause(self, capture: _TableRun) -> str:
+        assert capture.terminal is not None
+        terminal = self.rule_at(capture.terminal.at)
+        if terminal is None:
+            return ""
+        jump = self.rule_at(capture.path[-1].at) if capture.path else None
+        return causes.capture_cause(jump, terminal, self.flow.destination, self.flow.destination_port)
+
+    def clause_text(self, clause: Match, rule: Rule) -> str:
+        return nft_match_text(clause, rule) if self.nft else clause_text(clause)
+
+    def rules_of(self, table: Table, chain: str) -> list[Rule]:
+        return [entry.rule for entry in self.chains.get(table, {}).get(chain, []) if entry.rule is not None]
 
     def rule_at(self, at: Location) -> Rule | None:
         entries = self.chains[at.table].get(at.chain, [])

@@ -45,11 +45,13 @@ from istio_iptables.render.restore import render_restore
 from istio_iptables.render.trace import render_trace_json, render_trace_text
 from istio_iptables.state import parse_tables
 from istio_iptables.trace import (
+    ASSUMED_POD,
     Direction,
     Flow,
     Location,
     Note,
     Outcome,
+    Pod,
     Step,
     Trace,
     kernel_chains,
@@ -145,6 +147,68 @@ def test_inbound_defaults() -> None:
     assert Flow.inbound(53, source="2001:db8::53").destination == IPv6Address("2001:db8::2")
 
 
+POD = Pod((IPv4Address("198.19.7.9"), IPv6Address("2001:db8:7::9")), "--pod-ip")
+
+
+@pytest.mark.parametrize(
+    ("destination", "interface"),
+    [
+        ("198.19.7.9", "lo"),  # the pod's own address
+        ("2001:db8:7::9", "lo"),
+        ("198.18.0.2", "eth0"),  # the address assumed when nothing is known: a peer here
+        ("2001:db8::2", "eth0"),
+        ("198.19.7.20", "eth0"),
+        ("127.0.0.1", "lo"),
+        ("::6", "lo"),
+    ],
+)
+def test_a_given_pod_decides_what_is_local(destination: str, interface: str) -> None:
+    flow = Flow.outbound(destination, 80, pod=POD)
+    assert flow.out_interface == interface
+    assert str(flow.source) == ("198.19.7.9" if flow.family is Family.V4 else "2001:db8:7::9")
+
+
+def test_inbound_arrives_at_the_given_pod_from_a_peer_that_is_not_the_pod() -> None:
+    six = Flow.inbound(8080, pod=Pod((IPv6Address("2001:db8:7::9"),), "--pod-ip"))
+    assert (six.destination, six.source, six.in_interface) == (
+        IPv6Address("2001:db8:7::9"),
+        IPv6Address("2001:db8::1"),
+        "eth0",
+    )
+    # A pod at the default peer's address gets another peer, never itself.
+    swapped = Flow.inbound(8080, pod=Pod((IPv4Address("198.18.0.1"),), "--pod-ip"))
+    assert (swapped.destination, swapped.source) == (IPv4Address("198.18.0.1"), IPv4Address("198.18.0.2"))
+    named = Pod((IPv4Address("10.1.0.9"),), "the namespace", ((IPv4Address("10.1.0.9"), "net1"),))
+    assert Flow.inbound(80, pod=named).in_interface == "net1"
+    assert Flow.outbound("10.2.0.1", 80, pod=named).out_interface == "net1"
+
+
+def test_the_assumption_is_said_only_for_what_is_not_known() -> None:
+    assert "pod address 198.18.0.2" in ASSUMED_POD.assumption(Family.V4)
+    assert "local" in ASSUMED_POD.assumption(Family.V4)
+    v4_only = Pod((IPv4Address("198.19.7.9"),), "--pod-ip")
+    assert v4_only.assumption(Family.V4) == ""
+    assert "2001:db8::2" in v4_only.assumption(Family.V6)
+    result = trace(REDIRECT_PLAN, APP_TO_SERVICE, assumed=("x",))
+    assert result.assumed == ("x",)
+    assert render_trace_text(result).splitlines()[1] == "assumed: x"
+
+
+def test_rules_not_walked_make_the_verdict_uncertain() -> None:
+    elsewhere = ("INPUT", "nft table inet fw, chain in (hook input): 2 rules")
+    fw = ("OUTPUT", "nft table inet fw, chain out (hook output): 1 rules")
+    result = trace(REDIRECT_PLAN, APP_TO_SERVICE, not_walked=(elsewhere, fw))
+    assert not result.verdict.certain and result.verdict.captured_by == 15001
+    assert result.verdict.text.startswith("uncertain: rules the packet meets were not walked")
+    # Redirected, the packet comes back in over lo: it meets INPUT too.
+    assert result.not_walked == (elsewhere[1], fw[1])
+    # A packet that never passes INPUT (the proxy's, leaving on eth0) is certain whatever INPUT holds.
+    unaffected = trace(REDIRECT_PLAN, Flow.outbound("10.0.0.5", 443, uid=1337), not_walked=(elsewhere,))
+    assert unaffected.verdict.certain and unaffected.not_walked == ()
+    assert "not walked: nft table inet fw" in render_trace_text(result)
+    assert json.loads(render_trace_json(result))["not_walked"] == list(result.not_walked)
+
+
 def test_flow_rejects_what_cannot_be() -> None:
     with pytest.raises(ValueError, match="different families"):
         Flow.outbound("10.0.0.5", 443, source="2001:db8::2")
@@ -176,7 +240,7 @@ def test_parse_endpoint() -> None:
 def test_app_to_a_service_is_redirected_to_15001() -> None:
     result = trace(REDIRECT_PLAN, APP_TO_SERVICE)
     verdict = result.verdict
-    assert verdict.text == "captured: redirected to 15001 by ISTIO_REDIRECT"
+    assert verdict.text == "captured: outbound TCP to any destination (-i '*'); redirected to 15001 by ISTIO_REDIRECT"
     assert (verdict.captured_by, verdict.capture, verdict.zone, verdict.mark) == (15001, "REDIRECT", None, 0)
     assert verdict.certain and not verdict.dropped
     assert verdict.decided_at == at("nat", "ISTIO_REDIRECT", 1)
@@ -210,37 +274,52 @@ def test_redirected_packet_comes_back_over_lo_without_a_second_nat() -> None:
 
 def test_proxy_traffic_returns_at_its_uid_rule() -> None:
     verdict = trace(REDIRECT_PLAN, PROXY_TO_SERVICE).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 4 (-m owner --uid-owner 1337)"
+    assert (
+        verdict.text
+        == "not captured: the proxy's own traffic (uid 1337, -u) is never captured (nat ISTIO_OUTPUT rule 4)"
+    )
     assert verdict.captured_by is None
     assert verdict.decided_at == at("nat", "ISTIO_OUTPUT", 4)
 
 
 def test_a_process_in_the_proxy_group_returns_at_the_gid_rule() -> None:
     verdict = trace(REDIRECT_PLAN, Flow.outbound("10.0.0.5", 443, uid=1000, gid=1337)).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 7 (-m owner --gid-owner 1337)"
+    assert (
+        verdict.text
+        == "not captured: the proxy's own traffic (gid 1337, -g) is never captured (nat ISTIO_OUTPUT rule 7)"
+    )
 
 
 def test_app_to_localhost_is_not_captured() -> None:
     verdict = trace(REDIRECT_PLAN, Flow.outbound("127.0.0.1", 8080)).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 3 (-o lo -m owner ! --uid-owner 1337)"
+    assert verdict.text == "not captured: the app's traffic over loopback is never captured (nat ISTIO_OUTPUT rule 3)"
 
 
 def test_loopback_destination_not_over_lo_returns_at_the_loopback_rule() -> None:
     flow = Flow.outbound("127.0.0.1", 8080, out_interface="eth0")
     verdict = trace(REDIRECT_PLAN, flow).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 8 (-d 127.0.0.1/32)"
+    assert (
+        verdict.text
+        == "not captured: 127.0.0.1 is a loopback address (127.0.0.1/32): never captured (nat ISTIO_OUTPUT rule 8)"
+    )
 
 
 def test_proxy_to_its_own_pod_address_goes_to_the_inbound_listener() -> None:
     result = trace(REDIRECT_PLAN, Flow.outbound("198.18.0.2", 8080, uid=1337))
-    assert result.verdict.text == "captured: redirected to 15006 by ISTIO_IN_REDIRECT"
+    assert result.verdict.text == (
+        "captured: the proxy (uid 1337, -u) calling the pod's own address over lo goes to the inbound listener; "
+        "redirected to 15006 by ISTIO_IN_REDIRECT"
+    )
     assert result.verdict.captured_by == 15006
     assert step_at(result, at("nat", "ISTIO_OUTPUT", 2)).effect == "jump to ISTIO_IN_REDIRECT"
 
 
 def test_proxy_to_its_own_tunnel_port_is_not_captured() -> None:
     verdict = trace(REDIRECT_PLAN, Flow.outbound("198.18.0.2", 15008, uid=1337)).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 4 (-m owner --uid-owner 1337)"
+    assert (
+        verdict.text
+        == "not captured: the proxy's own traffic (uid 1337, -u) is never captured (nat ISTIO_OUTPUT rule 4)"
+    )
 
 
 def test_app_to_its_own_pod_address_is_not_captured() -> None:
@@ -252,12 +331,15 @@ def test_inbound_passthrough_from_127_0_0_6_reaches_the_app() -> None:
     flow = Flow.outbound("198.18.0.2", 8080, uid=1337, source="127.0.0.6")
     assert flow.out_interface == "lo"
     verdict = trace(REDIRECT_PLAN, flow).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 1 (-o lo -s 127.0.0.6/32)"
+    assert verdict.text == (
+        "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches "
+        "the app uncaptured (nat ISTIO_OUTPUT rule 1)"
+    )
 
 
 def test_inbound_to_an_app_port_goes_to_15006() -> None:
     result = trace(REDIRECT_PLAN, Flow.inbound(8080))
-    assert result.verdict.text == "captured: redirected to 15006 by ISTIO_IN_REDIRECT"
+    assert result.verdict.text == "captured: inbound port 8080 (-b '*'); redirected to 15006 by ISTIO_IN_REDIRECT"
     assert result.verdict.decided_at == at("nat", "ISTIO_IN_REDIRECT", 1, hook="PREROUTING")
     assert [step.at.number for step in result.steps if step.at.chain == "ISTIO_INBOUND"] == [1, 2, 3, 4, 5]
 
@@ -265,18 +347,19 @@ def test_inbound_to_an_app_port_goes_to_15006() -> None:
 @pytest.mark.parametrize(("port", "number"), [(15008, 1), (15090, 2), (15021, 3), (15020, 4)])
 def test_inbound_to_excluded_ports_is_not_captured(port: int, number: int) -> None:
     verdict = trace(REDIRECT_PLAN, Flow.inbound(port)).verdict
-    assert verdict.text == f"not captured: RETURN at nat ISTIO_INBOUND rule {number} (-p tcp --dport {port})"
+    why = "is the HBONE tunnel port (-e), never captured inbound" if port == 15008 else "is excluded by -d"
+    assert verdict.text == f"not captured: port {port} {why} (nat ISTIO_INBOUND rule {number})"
     assert verdict.decided_at == at("nat", "ISTIO_INBOUND", number, hook="PREROUTING")
 
 
 def test_inbound_udp_is_not_captured() -> None:
     verdict = trace(REDIRECT_PLAN, Flow.inbound(5000, protocol="udp")).verdict
-    assert verdict.text == "not captured: no rule in nat PREROUTING matched"
+    assert verdict.text == "not captured: inbound UDP is never captured, only TCP"
 
 
 def test_outbound_udp_is_not_captured_without_dns() -> None:
     verdict = trace(REDIRECT_PLAN, Flow.outbound("10.0.0.5", 5000, protocol="udp")).verdict
-    assert verdict.text == "not captured: no rule of nat ISTIO_REDIRECT matched (rule 1 needs -p tcp)"
+    assert verdict.text == "not captured: UDP is never captured, DNS aside (--redirect-dns)"
 
 
 def test_established_packets_skip_nat() -> None:
@@ -315,7 +398,7 @@ def test_packet_without_a_socket_fails_owner_and_passes_negated_owner() -> None:
 def test_tproxy_inbound_is_marked_and_sent_to_15006() -> None:
     result = trace(TPROXY_PLAN, Flow.inbound(8080))
     verdict = result.verdict
-    assert verdict.text == "captured: TPROXY to 15006 with mark 1337 by ISTIO_TPROXY"
+    assert verdict.text == "captured: inbound port 8080 (-b '*'); TPROXY to 15006 with mark 1337 by ISTIO_TPROXY"
     assert (verdict.captured_by, verdict.capture, verdict.mark) == (15006, "TPROXY", 1337)
     assert verdict.decided_at == at("mangle", "ISTIO_TPROXY", 1, hook="PREROUTING")
     # TPROXY ends the mangle table: the CONNMARK --save-mark rule after the jump is not reached.
@@ -324,7 +407,7 @@ def test_tproxy_inbound_is_marked_and_sent_to_15006() -> None:
 
 def test_tproxy_inserts_come_first_in_the_kernel() -> None:
     verdict = trace(TPROXY_PLAN, Flow.inbound(15090)).verdict
-    assert verdict.text == "not captured: RETURN at mangle ISTIO_INBOUND rule 4 (-p tcp --dport 15090)"
+    assert verdict.text == "not captured: port 15090 is excluded by -d (mangle ISTIO_INBOUND rule 4)"
 
 
 def test_tproxy_does_not_exclude_the_tunnel_port() -> None:
@@ -344,8 +427,8 @@ def test_tproxy_socket_wins_over_a_later_redirect() -> None:
     assert (verdict.captured_by, verdict.capture, verdict.mark) == (15006, "TPROXY", 1337)
     assert verdict.decided_at == at("mangle", "ISTIO_TPROXY", 1, hook="PREROUTING")
     assert verdict.text == (
-        "captured: TPROXY to 15006 with mark 1337 by ISTIO_TPROXY; the REDIRECT by ISTIO_REDIRECT after it "
-        "only rewrote the destination to port 15001, which the TPROXY socket sees as its own"
+        "captured: inbound port 8080 (-b '*'); TPROXY to 15006 with mark 1337 by ISTIO_TPROXY; the REDIRECT by "
+        "ISTIO_REDIRECT after it only rewrote the destination to port 15001, which the TPROXY socket sees as its own"
     )
     assert step_at(result, at("nat", "ISTIO_REDIRECT", 1, hook="PREROUTING")).outcome is Outcome.MATCHED
     # In REDIRECT mode the kube-virt REDIRECT alone decides.
@@ -355,14 +438,20 @@ def test_tproxy_socket_wins_over_a_later_redirect() -> None:
 
 def test_tproxy_established_packets_are_diverted() -> None:
     verdict = trace(TPROXY_PLAN, Flow.inbound(8080, state="ESTABLISHED")).verdict
-    assert verdict.text == "not decided by this packet: an ESTABLISHED packet, accepted by ISTIO_DIVERT with mark 1337"
+    assert verdict.text == (
+        "not decided by this packet: an ESTABLISHED packet, an inbound connection the proxy "
+        "already holds (accepted by ISTIO_DIVERT with mark 1337)"
+    )
     assert (verdict.captured_by, verdict.mark) == (None, 1337)
     assert verdict.decided_at == at("mangle", "ISTIO_DIVERT", 2, hook="PREROUTING")
 
 
 def test_tproxy_proxy_to_own_address_is_marked_1338_and_redirected() -> None:
     result = trace(TPROXY_PLAN, Flow.outbound("198.18.0.2", 8080, uid=1337))
-    assert result.verdict.text == "captured: redirected to 15006 by ISTIO_IN_REDIRECT; mark 1338"
+    assert result.verdict.text == (
+        "captured: the proxy (uid 1337, -u) calling the pod's own address over lo goes to the inbound "
+        "listener; redirected to 15006 by ISTIO_IN_REDIRECT; mark 1338"
+    )
     assert step_at(result, at("mangle", "OUTPUT", 2)).effect == "mark 0 -> 1338"
     # Back in over lo, addressed to 127.0.0.1 by the REDIRECT, so ISTIO_TPROXY's ! -d 127.0.0.1/32 fails.
     tproxy = step_at(result, at("mangle", "ISTIO_TPROXY", 1, hook="PREROUTING", looped_back=True))
@@ -371,7 +460,9 @@ def test_tproxy_proxy_to_own_address_is_marked_1338_and_redirected() -> None:
 
 def test_tproxy_proxy_to_own_tunnel_port_is_tproxied_when_it_comes_back_over_lo() -> None:
     result = trace(TPROXY_PLAN, Flow.outbound("198.18.0.2", 15008, uid=1337))
-    assert result.verdict.text == "captured: TPROXY to 15006 with mark 1337 by ISTIO_TPROXY"
+    assert (
+        result.verdict.text == "captured: inbound port 15008 (-b '*'); TPROXY to 15006 with mark 1337 by ISTIO_TPROXY"
+    )
     assert result.verdict.decided_at == at("mangle", "ISTIO_TPROXY", 1, hook="PREROUTING", looped_back=True)
 
 
@@ -385,7 +476,10 @@ def test_tproxy_app_to_own_address_returns_on_lo_without_mark_1338() -> None:
 def test_tproxy_passthrough_returns_at_the_127_0_0_6_insert() -> None:
     flow = Flow.outbound("198.18.0.2", 8080, uid=1337, source="127.0.0.6")
     result = trace(TPROXY_PLAN, flow)
-    assert result.verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 1 (-o lo -s 127.0.0.6/32); mark 1338"
+    assert result.verdict.text == (
+        "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches the app "
+        "uncaptured (nat ISTIO_OUTPUT rule 1); mark 1338"
+    )
     back = step_at(result, at("mangle", "ISTIO_INBOUND", 2, hook="PREROUTING", looped_back=True))
     assert back.outcome is Outcome.MATCHED
 
@@ -398,7 +492,10 @@ def test_tproxy_reply_restores_the_connection_mark() -> None:
 
 
 def test_tproxy_outbound_is_redirected_like_redirect_mode() -> None:
-    assert trace(TPROXY_PLAN, APP_TO_SERVICE).verdict.text == "captured: redirected to 15001 by ISTIO_REDIRECT"
+    assert (
+        trace(TPROXY_PLAN, APP_TO_SERVICE).verdict.text
+        == "captured: outbound TCP to any destination (-i '*'); redirected to 15001 by ISTIO_REDIRECT"
+    )
     assert trace(TPROXY_PLAN, PROXY_TO_SERVICE).verdict.decided_at == at("nat", "ISTIO_OUTPUT", 4)
 
 
@@ -407,7 +504,10 @@ def test_tproxy_outbound_is_redirected_like_redirect_mode() -> None:
 
 def test_app_dns_query_to_the_server_goes_to_15053_in_zone_2() -> None:
     verdict = trace(DNS_PLAN, Flow.outbound(DNS_SERVER, 53, protocol="udp")).verdict
-    assert verdict.text == "captured: DNS redirected to 15053 by ISTIO_OUTPUT_DNS; conntrack zone 2"
+    assert verdict.text == (
+        "captured: DNS to 10.96.0.10, a DNS server of the pod (resolv.conf, or --dns-servers); "
+        "redirected to 15053 by ISTIO_OUTPUT_DNS; conntrack zone 2"
+    )
     assert (verdict.captured_by, verdict.zone) == (15053, 2)
     assert verdict.decided_at == at("nat", "ISTIO_OUTPUT_DNS", 2)
 
@@ -421,8 +521,9 @@ def test_app_dns_over_tcp_goes_to_15053_without_a_zone() -> None:
 def test_proxy_dns_query_is_not_redirected_and_goes_to_zone_1() -> None:
     result = trace(DNS_PLAN, Flow.outbound(DNS_SERVER, 53, protocol="udp", uid=1337))
     verdict = result.verdict
-    assert (
-        verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 4 (-m owner --uid-owner 1337); conntrack zone 1"
+    assert verdict.text == (
+        "not captured: the proxy's own traffic (uid 1337, -u) is never captured (nat "
+        "ISTIO_OUTPUT rule 4); conntrack zone 1"
     )
     assert (verdict.captured_by, verdict.zone) == (None, 1)
     # The first CT target wins; the later server rule (zone 2) finds a template already there.
@@ -433,7 +534,10 @@ def test_proxy_dns_query_is_not_redirected_and_goes_to_zone_1() -> None:
 
 def test_dns_to_another_server_is_not_captured() -> None:
     verdict = trace(DNS_PLAN, Flow.outbound("8.8.8.8", 53, protocol="udp")).verdict
-    assert verdict.text == "not captured: no rule of nat ISTIO_REDIRECT matched (rule 1 needs -p tcp)"
+    assert verdict.text == (
+        "not captured: UDP 53 to 8.8.8.8 is not a DNS server of the pod (resolv.conf, or --dns-servers; "
+        "--capture-all-dns captures all)"
+    )
     assert verdict.zone is None
     # TCP to another server is ordinary outbound TCP.
     assert trace(DNS_PLAN, Flow.outbound("8.8.8.8", 53)).verdict.captured_by == 15001
@@ -441,7 +545,10 @@ def test_dns_to_another_server_is_not_captured() -> None:
 
 def test_app_dns_to_localhost_returns_at_the_loopback_rule() -> None:
     verdict = trace(DNS_PLAN, Flow.outbound("127.0.0.1", 53)).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 9 (-d 127.0.0.1/32)"
+    assert (
+        verdict.text
+        == "not captured: 127.0.0.1 is a loopback address (127.0.0.1/32): never captured (nat ISTIO_OUTPUT rule 9)"
+    )
 
 
 def test_proxy_tcp_dns_to_own_address_is_not_sent_to_15006() -> None:
@@ -498,7 +605,7 @@ def test_dns_in_tproxy_mode() -> None:
 def test_excluded_cidr() -> None:
     plan = plan_of(service_exclude_cidrs=(IPv4Interface("10.0.0.0/8"),))
     verdict = trace(plan, Flow.outbound("10.1.2.3", 443)).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 9 (-d 10.0.0.0/8)"
+    assert verdict.text == "not captured: 10.0.0.0/8 is excluded by -x (nat ISTIO_OUTPUT rule 9)"
     assert trace(plan, Flow.outbound("8.8.8.8", 443)).verdict.captured_by == 15001
 
 
@@ -511,7 +618,7 @@ def test_included_cidrs_only() -> None:
     plan = plan_of(service_cidrs=(IPv4Interface("10.96.0.0/12"),))
     assert trace(plan, Flow.outbound("10.96.0.1", 443)).verdict.captured_by == 15001
     verdict = trace(plan, Flow.outbound("8.8.8.8", 443)).verdict
-    assert verdict.text == "not captured: no rule of nat ISTIO_OUTPUT matched (rule 9 needs -d 10.96.0.0/12)"
+    assert verdict.text == "not captured: 8.8.8.8 is in none of the CIDRs of -i"
 
 
 def test_no_include_cidrs_captures_nothing_outbound() -> None:
@@ -522,7 +629,7 @@ def test_no_include_cidrs_captures_nothing_outbound() -> None:
 def test_excluded_outbound_ports_tcp_and_udp() -> None:
     plan = plan_of(local_outbound_ports_exclude=(5432,))
     verdict = trace(plan, Flow.outbound("10.0.0.5", 5432)).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 1 (-p tcp --dport 5432)"
+    assert verdict.text == "not captured: port 5432 is excluded by -o (nat ISTIO_OUTPUT rule 1)"
     udp = trace(plan, Flow.outbound("10.0.0.5", 5432, protocol="udp")).verdict
     assert udp.decided_at == at("nat", "ISTIO_OUTPUT", 2)
 
@@ -542,12 +649,12 @@ def test_inbound_port_list() -> None:
     plan = plan_of(inbound_ports=(8080, 9090))
     assert trace(plan, Flow.inbound(9090)).verdict.captured_by == 15006
     verdict = trace(plan, Flow.inbound(15090)).verdict
-    assert verdict.text == "not captured: no rule of nat ISTIO_INBOUND matched (rule 3 needs --dport 9090)"
+    assert verdict.text == "not captured: inbound port 15090 is not listed in -b"
 
 
 def test_no_inbound_ports_captures_nothing_inbound() -> None:
     verdict = trace(plan_of(inbound_ports=()), Flow.inbound(8080)).verdict
-    assert verdict.text == "not captured: no rules in PREROUTING"
+    assert verdict.text == "not captured: -b is empty, so no inbound port is captured"
 
 
 def test_owner_group_include_by_name() -> None:
@@ -555,7 +662,7 @@ def test_owner_group_include_by_name() -> None:
     in_group = trace(plan, APP_TO_SERVICE, groups={"java": 1000}).verdict
     assert in_group.captured_by == 15001 and in_group.certain
     other = trace(plan, APP_TO_SERVICE, groups={"java": 2000}).verdict
-    assert other.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 8 (-m owner ! --gid-owner java)"
+    assert other.text == "not captured: group 1000 is not in --outbound-owner-groups (java) (nat ISTIO_OUTPUT rule 8)"
 
 
 def test_owner_group_name_without_an_id_is_uncertain() -> None:
@@ -569,7 +676,7 @@ def test_owner_group_name_without_an_id_is_uncertain() -> None:
     assert verdict.uncertain_at == at("nat", "ISTIO_OUTPUT", 8)
     assert verdict.text == (
         "uncertain from nat ISTIO_OUTPUT rule 8 on, taken as not matching; "
-        "then captured: redirected to 15001 by ISTIO_REDIRECT"
+        "then captured: outbound TCP to any destination (-i '*'); redirected to 15001 by ISTIO_REDIRECT"
     )
     # A clause that surely fails decides, whatever the unknown one would say.
     known = trace(plan, replace(APP_TO_SERVICE, gid=202))
@@ -582,7 +689,7 @@ def test_owner_group_with_failing_id_is_certain() -> None:
     plan = plan_of(owner_groups_include=(202,))
     assert trace(plan, replace(APP_TO_SERVICE, gid=202)).verdict.captured_by == 15001
     verdict = trace(plan, APP_TO_SERVICE).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 8 (-m owner ! --gid-owner 202)"
+    assert verdict.text == "not captured: group 1000 is not in --outbound-owner-groups (202) (nat ISTIO_OUTPUT rule 8)"
 
 
 def test_owner_group_exclude() -> None:
@@ -593,15 +700,23 @@ def test_owner_group_exclude() -> None:
 
 def test_empty_owner_group_include_turns_off_outbound_capture() -> None:
     verdict = trace(plan_of(owner_groups_include=()), APP_TO_SERVICE).verdict
-    assert verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 8 (every packet)"
+    assert (
+        verdict.text
+        == "not captured: --outbound-owner-groups is empty: no outbound traffic is captured (nat ISTIO_OUTPUT rule 8)"
+    )
 
 
 def test_excluded_interface() -> None:
     plan = plan_of(exclude_interfaces=("eth2",))
     inbound = trace(plan, Flow.inbound(8080, in_interface="eth2")).verdict
-    assert inbound.text == "not captured: RETURN at nat PREROUTING rule 1 (-i eth2)"
+    assert (
+        inbound.text
+        == "not captured: eth2 is excluded by -c: nothing in or out of it is captured (nat PREROUTING rule 1)"
+    )
     outbound = trace(plan, Flow.outbound("10.0.0.5", 443, out_interface="eth2")).verdict
-    assert outbound.text == "not captured: RETURN at nat OUTPUT rule 1 (-o eth2)"
+    assert (
+        outbound.text == "not captured: eth2 is excluded by -c: nothing in or out of it is captured (nat OUTPUT rule 1)"
+    )
     assert trace(plan, Flow.inbound(8080)).verdict.captured_by == 15006
 
 
@@ -616,7 +731,10 @@ def test_excluded_interface_in_tproxy_mode() -> None:
 def test_kube_virt_wildcard_sends_vm_traffic_to_15001() -> None:
     plan = plan_of(kube_virt_interfaces=("eth1",))
     result = trace(plan, Flow.inbound(443, in_interface="eth1", destination="8.8.8.8"))
-    assert result.verdict.text == "captured: redirected to 15001 by ISTIO_REDIRECT"
+    assert result.verdict.text == (
+        "captured: traffic in from eth1, a KubeVirt interface (-k), goes to the outbound listener; "
+        "redirected to 15001 by ISTIO_REDIRECT"
+    )
     # The ISTIO_REDIRECT insert is above the RETURN insert (reference 3.9).
     first = step_at(result, at("nat", "PREROUTING", 1, hook="PREROUTING"))
     assert first.text == "-A PREROUTING -i eth1 -j ISTIO_REDIRECT"
@@ -627,7 +745,10 @@ def test_kube_virt_with_cidrs() -> None:
     inside = trace(plan, Flow.inbound(443, in_interface="eth1", destination="10.96.0.5"))
     assert inside.verdict.captured_by == 15001
     outside = trace(plan, Flow.inbound(443, in_interface="eth1", destination="8.8.8.8")).verdict
-    assert outside.text == "not captured: RETURN at nat PREROUTING rule 2 (-i eth1)"
+    assert (
+        outside.text
+        == "not captured: eth1 is a KubeVirt interface (-k): not captured as inbound (nat PREROUTING rule 2)"
+    )
 
 
 def test_drop_invalid() -> None:
@@ -651,7 +772,10 @@ def test_ipv6() -> None:
     assert trace(plan, Flow.outbound("2001:db8::5", 443)).verdict.captured_by == 15001
     assert trace(plan, Flow.outbound("::1", 8080)).verdict.decided_at == at("nat", "ISTIO_OUTPUT", 3)
     passthrough = Flow.outbound("2001:db8::2", 8080, uid=1337, source="::6")
-    assert trace(plan, passthrough).verdict.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 1 (-o lo -s ::6/128)"
+    assert trace(plan, passthrough).verdict.text == (
+        "not captured: the proxy's inbound passthrough (from 127.0.0.6 over lo) reaches "
+        "the app uncaptured (nat ISTIO_OUTPUT rule 1)"
+    )
     assert trace(plan, Flow.outbound("2001:db8::2", 8080, uid=1337)).verdict.captured_by == 15006
     assert trace(plan, Flow.inbound(8080, family=Family.V6)).verdict.captured_by == 15006
     assert trace(plan, Flow.inbound(15090, family=Family.V6)).verdict.captured_by is None
@@ -683,7 +807,7 @@ def test_custom_ports_and_mark() -> None:
     assert trace(plan, APP_TO_SERVICE).verdict.captured_by == 16001
     verdict = trace(plan, Flow.inbound(8080)).verdict
     assert (verdict.captured_by, verdict.mark) == (16006, 77)
-    assert verdict.text == "captured: TPROXY to 16006 with mark 77 by ISTIO_TPROXY"
+    assert verdict.text == "captured: inbound port 8080 (-b '*'); TPROXY to 16006 with mark 77 by ISTIO_TPROXY"
 
 
 # ---- live state: iptables-save text ----------------------------------------------------------------------
@@ -810,7 +934,7 @@ def test_live_save_and_plan_agree(flow: Flow) -> None:
 
 def test_live_trace_shows_the_save_spelling() -> None:
     result = trace(parse_tables(SAVE), Flow.inbound(8080))
-    assert result.verdict.text == "captured: TPROXY to 15006 with mark 1337 by ISTIO_TPROXY"
+    assert result.verdict.text == "captured: inbound port 8080 (-b '*'); TPROXY to 15006 with mark 1337 by ISTIO_TPROXY"
     texts = [step.text for step in result.steps]
     assert "-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark 0x53a -j RETURN" in texts
     assert texts[-1].endswith("--on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff")
@@ -824,7 +948,7 @@ def test_match_set_looks_up_the_plans_sets() -> None:
     )
     excluded = trace(plan, Flow.outbound("10.1.2.3", 80)).verdict
     assert (
-        excluded.text == "not captured: RETURN at nat ISTIO_OUTPUT rule 11 (-m set --match-set ISTIO_EXCLUDE_CIDR4 dst)"
+        excluded.text == "not captured: 10.1.2.3 is excluded by -x (set ISTIO_EXCLUDE_CIDR4) (nat ISTIO_OUTPUT rule 11)"
     )
     port = trace(plan, Flow.outbound("10.2.0.1", 9090, protocol="udp")).verdict
     assert port.decided_at == at("nat", "ISTIO_OUTPUT", 2)
@@ -861,7 +985,7 @@ def test_unparsable_rule_on_the_path_makes_the_verdict_uncertain() -> None:
     assert not verdict.certain and verdict.uncertain_at == at("nat", "ISTIO_OUTPUT", 9)
     assert verdict.text == (
         "uncertain from nat ISTIO_OUTPUT rule 9 on, taken as not matching; "
-        "then captured: redirected to 15001 by ISTIO_REDIRECT"
+        "then captured: outbound TCP to any destination (-i '*'); redirected to 15001 by ISTIO_REDIRECT"
     )
     # The rules after it are still walked, numbered in the chain as the kernel holds it.
     assert step_at(result, at("nat", "ISTIO_OUTPUT", 11)).outcome is Outcome.MATCHED
@@ -1035,7 +1159,9 @@ def test_text_rendering() -> None:
     text = render_trace_text(trace(REDIRECT_PLAN, APP_TO_SERVICE))
     lines = text.splitlines()
     assert lines[0] == "flow:    outbound tcp 198.18.0.2:40000 -> 10.0.0.5:443 uid 1000 gid 1000 out eth0 NEW (ipv4)"
-    assert lines[1] == "verdict: captured: redirected to 15001 by ISTIO_REDIRECT"
+    assert (
+        lines[1] == "verdict: captured: outbound TCP to any destination (-i '*'); redirected to 15001 by ISTIO_REDIRECT"
+    )
     assert "OUTPUT: nat" in lines
     assert "  + 1  -A OUTPUT -j ISTIO_OUTPUT  [jump to ISTIO_OUTPUT]" in lines
     assert "    - 1  -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN  [no: -o lo]" in lines
@@ -1192,3 +1318,20 @@ def check_trace_invariants(plan: Plan, result: Trace) -> None:
             assert step.effect
     if result.flow.direction is Direction.INBOUND:
         assert all(step.at.hook != "OUTPUT" for step in result.steps)
+
+
+FALLBACKS = ("RETURN at ", "no rule of ", "no rule in ", "captured: redirected", "captured: DNS redirected")
+
+
+@FLOW_SETTINGS
+@given(configs_and_facts(), st.data())
+def test_every_verdict_on_our_rules_names_its_cause(case: Any, data: st.DataObject) -> None:
+    """Whatever the flags and the flow, a verdict reached through the plan's rules says why in the flags'
+    words: no verdict falls back on a bare rule location (causes.py knows every shape plan.py writes)."""
+    plan = build_plan(*case)
+    for _ in range(3):
+        result = trace(plan, data.draw(flows_for(plan)))
+        text = result.verdict.text
+        assert not any(fallback in text for fallback in FALLBACKS), render_trace_text(result)
+        if result.verdict.captured_by is not None:
+            assert "captured: " in text and ";" in text, text

@@ -228,6 +228,14 @@ def _istio_clauses(rule: Rule) -> list[Match]:
     return sorted(clauses, key=lambda clause: _CLAUSE_RANK[type(clause)][column])
 
 
+def match_text(clause: Match, rule: Rule) -> str:
+    """One clause of ``rule`` as nft spells it there (``oifname lo``, ``tcp dport 53``)."""
+    protocol = next((c.protocol for c in rule.clauses if isinstance(c, Protocol) and not c.negated), None)
+    if isinstance(clause, Protocol):
+        return " ".join(["meta", "l4proto", *(["!="] if clause.negated else []), clause.protocol.value])
+    return " ".join(_match(clause, rule, protocol))
+
+
 def _match(clause: Match, rule: Rule, protocol: Proto | None) -> list[str]:
     ne = ["!="] if clause.negated else []
     if isinstance(clause, Protocol):

@@ -23,7 +23,9 @@ def render_trace_text(trace: Trace) -> str:
     """
     lines = [
         f"flow:    {trace.flow.describe()} ({trace.family.label})",
+        *(f"assumed: {assumption}" for assumption in trace.assumed),
         f"verdict: {trace.verdict.text}",
+        *(f"not walked: {rules}" for rules in trace.not_walked),
     ]
     if trace.events:
         lines.append("(+ matched, - not matched, ? could not interpret)")
@@ -57,7 +59,9 @@ def render_trace_json(trace: Trace) -> str:
     document = {
         "flow": _flow(trace.flow),
         "family": trace.family.label,
+        "assumed": list(trace.assumed),
         "verdict": _verdict(trace.verdict),
+        "not_walked": list(trace.not_walked),
         "events": [_event(event) for event in trace.events],
     }
     return json.dumps(document, indent=2) + "\n"

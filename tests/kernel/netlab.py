@@ -6,7 +6,9 @@ tests run in)::
     peer  eth0 198.18.0.1/24 2001:db8::1/64    ── veth ──  eth0 198.18.0.2/24 2001:db8::2/64    pod
     peer2 eth0 198.19.0.1/24 2001:db8:1::1/64  ── veth ──  eth1 198.19.0.2/24 2001:db8:1::2/64  pod
 
-The pod's default routes point at ``peer``, which does not forward: nothing can leave the lab. Processes
+The pod's default routes point at ``peer``, which does not forward: nothing can leave the lab. The pod's
+and the peer's addresses on ``eth0`` are those above unless a test gives others (``Addresses``), and the peer
+may hold more (``peer_extra``), which the pod reaches through its default route. Processes
 run inside a namespace as a given uid/gid (``ip netns exec NS setpriv ...``); all of them, the namespaces
 and the lab's temporary folder are removed by :meth:`Lab.close`, which the ``lab`` fixture always calls.
 
@@ -54,6 +56,21 @@ POD6, PEER6 = "2001:db8::2", "2001:db8::1"
 POD6_B, PEER2_6 = "2001:db8:1::2", "2001:db8:1::1"
 APP_UID = 1000
 PROXY_UID = 1337
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """The pod's and the peer's addresses on the link ``eth0`` (/24 and /64), and extra addresses the peer
+    holds (/32 and /128) beyond it."""
+
+    pod4: str = POD4
+    peer4: str = PEER4
+    pod6: str = POD6
+    peer6: str = PEER6
+    peer_extra: tuple[str, ...] = ()
+
+
+DEFAULT_ADDRESSES = Addresses()
 
 # Every address a test may send to: the lab's documentation/benchmark ranges and the pod's loopback.
 LAB_NETWORKS = tuple(
@@ -121,8 +138,9 @@ class Actor:
 class Lab:
     """Namespaces, links and processes of one test. Use as a context manager or call close()."""
 
-    def __init__(self) -> None:
+    def __init__(self, addresses: Addresses = DEFAULT_ADDRESSES) -> None:
         tag = f"{PREFIX}-{os.getpid()}-{next(_counter)}"
+        self.addresses = addresses
         self.pod = f"{tag}-pod"
         self.peer = f"{tag}-peer"
         self.peer2 = f"{tag}-peer2"
@@ -155,6 +173,7 @@ class Lab:
     # --- building --------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        at = self.addresses
         for ns in (self.pod, self.peer, self.peer2):
             self._ip("netns", "add", ns)
             self.namespaces.append(ns)
@@ -167,19 +186,21 @@ class Lab:
             "link set lo up",
             "link set eth0 up",
             "link set eth1 up",
-            f"addr add {POD4}/24 dev eth0",
-            f"addr add {POD6}/64 dev eth0 nodad",
+            f"addr add {at.pod4}/24 dev eth0",
+            f"addr add {at.pod6}/64 dev eth0 nodad",
             f"addr add {POD4_B}/24 dev eth1",
             f"addr add {POD6_B}/64 dev eth1 nodad",
-            f"route add default via {PEER4} dev eth0",
-            f"route add ::/0 via {PEER6} dev eth0",
+            f"route add default via {at.peer4} dev eth0",
+            f"route add ::/0 via {at.peer6} dev eth0",
         )
         self.batch(
             self.peer,
             "link set lo up",
             "link set eth0 up",
-            f"addr add {PEER4}/24 dev eth0",
-            f"addr add {PEER6}/64 dev eth0 nodad",
+            f"addr add {at.peer4}/24 dev eth0",
+            f"addr add {at.peer6}/64 dev eth0 nodad",
+            *(f"addr add {extra}/128 dev eth0 nodad" for extra in at.peer_extra if ":" in extra),
+            *(f"addr add {extra}/32 dev eth0" for extra in at.peer_extra if ":" not in extra),
         )
         self.batch(
             self.peer2,

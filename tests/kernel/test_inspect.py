@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_cli as run_cli_in_process
 from tests.kernel.namespaces import Pod, iptables_save, needs_root, normalized_save, run_cli
 
 pytestmark = [pytest.mark.kernel, needs_root]
@@ -55,12 +56,12 @@ def test_trace_live_follows_the_rules_as_they_are(pod: Pod, variant: str) -> Non
     assert run_cli(pod, flags).returncode == 0
     live = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"])
     assert live.returncode == 0, live.stderr
-    assert "verdict: captured: redirected to 15001" in live.stdout
+    assert "redirected to 15001 by ISTIO_REDIRECT" in live.stdout
     pod.run([f"iptables-{variant}", "-t", "nat", "-D", "ISTIO_OUTPUT", "-j", "ISTIO_REDIRECT"])
     broken = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"])
     assert "verdict: not captured" in broken.stdout, broken.stdout
     planned = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080"])
-    assert "verdict: captured: redirected to 15001" in planned.stdout
+    assert "redirected to 15001 by ISTIO_REDIRECT" in planned.stdout
 
 
 @pytest.mark.parametrize("variant", ["legacy", "nft"])
@@ -103,19 +104,79 @@ def test_rule_comments_explain_the_save_and_change_nothing_else(pod: Pod, varian
     assert os.path.exists(f"/var/run/netns/{pod.name}")
 
 
-def test_trace_live_reads_native_nftables(pod: Pod) -> None:
-    flags = [*INIT, "--native-nftables"]
-    assert run_cli(pod, flags).returncode == 0
-    live = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"])
+@pytest.mark.parametrize("flags", [[*INIT, "--native-nftables"], INIT], ids=["native-flag", "no-flag"])
+def test_trace_live_reads_native_nftables(pod: Pod, flags: list[str]) -> None:
+    """Whatever the flags say, --live walks the copy that holds our rules (here native nftables), in nft's
+    spelling, and vouches for the verdict only because nothing else is hooked there."""
+    assert run_cli(pod, [*INIT, "--native-nftables"]).returncode == 0
+    live = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live", "--format", "json"])
     assert live.returncode == 0, live.stderr
-    assert "verdict: captured: redirected to 15001" in live.stdout
+    document = json.loads(live.stdout)
+    assert document["verdict"]["captured_by"] == 15001 and document["verdict"]["certain"], document["verdict"]
+    assert document["events"][0]["rule"] == "output: counter jump istio-output"
+    assert document["not_walked"] == []
+
+
+def test_trace_live_is_uncertain_about_rules_it_does_not_walk(pod: Pod) -> None:
+    """Another table hooked where the packet passes, or another copy of rules, is named and makes the
+    verdict uncertain: the trace cannot vouch for what it did not walk."""
+    assert run_cli(pod, [*INIT, "--native-nftables"]).returncode == 0
+    pod.run(
+        ["nft", "-f", "-"],
+        stdin="table inet fw {\n chain out {\n type filter hook output priority 0;\n tcp dport 9 drop\n }\n}\n",
+    )
+    pod.run(["iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "RETURN"])
+    traced = run_cli(pod, [*INIT, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live", "--format", "json"])
+    document = json.loads(traced.stdout)
+    assert document["verdict"]["captured_by"] == 15001 and not document["verdict"]["certain"]
+    assert document["not_walked"] == [
+        "iptables-legacy (ipv4): 1 rules in OUTPUT",
+        "nft table inet fw, chain out (hook output): 1 rules",
+    ]
+    text = run_cli(pod, [*INIT, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"]).stdout
+    assert "verdict: uncertain: rules the packet meets were not walked" in text
+    # An inbound packet never meets those OUTPUT rules: its verdict stays certain.
+    inbound = run_cli(pod, [*INIT, "trace", "inbound", "--port", "8080", "--live", "--format", "json"])
+    assert json.loads(inbound.stdout)["verdict"]["certain"], inbound.stdout
+    assert "not walked: nft table inet fw, chain out (hook output): 1 rules" in text
+
+
+def test_reads_detect_in_the_named_namespace(pod: Pod) -> None:
+    """--dry-run, graph and trace with --network-namespace detect IPv6 in that namespace: here an IPv6-only
+    pod, where this process's own namespace detects IPv4 only."""
+    caller = run_cli_here([*INIT[:-1], "--dry-run"])
+    if "ip6tables-restore" in caller:
+        pytest.skip("this namespace detects IPv6 itself: the test could not tell the two apart")
+    pod.run(["ip", "-4", "addr", "flush", "scope", "global"])
+    flags = INIT[:-1]  # no --no-ipv6: detection decides
+    assert "# ip6tables-restore --noflush" in run_cli(pod, [*flags, "--dry-run"]).stdout
+    assert 'subgraph cluster_ipv6["IPv6"]' in run_cli(pod, [*flags, "graph"]).stdout
+    traced = run_cli(pod, [*flags, "trace", "outbound", "--dst", "[2001:db8::1]:8080", "--format", "json"])
+    assert json.loads(traced.stdout)["verdict"]["captured_by"] == 15001, traced.stdout
 
 
 @pytest.mark.skipif(shutil.which("ipset") is None, reason="ipset is not installed (scripts/test installs it)")
 def test_trace_live_looks_up_the_live_sets(pod: Pod) -> None:
-    flags = [*INIT, "--match-sets", "-x", "198.19.0.0/24"]
+    flags = [*INIT, "--match-sets", "-x", "198.18.0.1/32"]
     assert run_cli(pod, flags).returncode == 0
-    excluded = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.19.0.1:8080", "--live"])
-    assert "verdict: not captured" in excluded.stdout, excluded.stdout
-    captured = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"])
-    assert "verdict: captured: redirected to 15001" in captured.stdout, captured.stdout
+    excluded = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.1:8080", "--live"])
+    assert "verdict: not captured: 198.18.0.1 is excluded by -x (set ISTIO_EXCLUDE_CIDR4)" in excluded.stdout
+    captured = run_cli(pod, [*flags, "trace", "outbound", "--dst", "198.18.0.3:8080", "--live"])
+    assert "redirected to 15001 by ISTIO_REDIRECT" in captured.stdout, captured.stdout
+
+
+def run_cli_here(arguments: list[str]) -> str:
+    """A dry run in this process's own namespace (it enters none): what detection says here."""
+    result = run_cli_in_process(arguments)
+    assert result.code == 0, result.stderr
+    return result.stdout
+
+
+def test_trace_live_says_when_the_pod_has_no_route(pod: Pod) -> None:
+    """The pod here has no default route: a connection elsewhere fails before any rule sees it."""
+    assert run_cli(pod, INIT).returncode == 0
+    traced = run_cli(pod, [*INIT, "trace", "outbound", "--dst", "10.0.0.5:443", "--live"])
+    assert traced.stdout.splitlines()[1] == (
+        "verdict: not captured: the namespace has no route to 10.0.0.5 (Network is unreachable): "
+        "the connection fails before any rule"
+    )

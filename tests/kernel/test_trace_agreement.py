@@ -28,10 +28,12 @@ import json
 import os
 import random
 import shlex
+import subprocess
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Any
@@ -48,6 +50,7 @@ from istio_iptables.plan import build_plan
 from istio_iptables.render.trace import render_trace_text
 from istio_iptables.state import TableState, parse_tables
 from istio_iptables.trace import Flow, Trace, trace
+from tests.helpers import run_cli
 from tests.kernel import netlab
 from tests.kernel.netlab import (
     APP_UID,
@@ -320,7 +323,7 @@ class Observed:
     directly, so silence says nothing certain; it counts only if a trace says it is captured."""
 
 
-def observe(probe: Probe, result: dict[str, Any]) -> Observed:
+def observe(probe: Probe, result: dict[str, Any], owner: dict[str, str] = OWNER) -> Observed:
     if not result.get("ok"):
         if probe.host in ELSEWHERE:
             return Observed(None, str(result.get("error")), silent=True)
@@ -341,8 +344,8 @@ def observe(probe: Probe, result: dict[str, Any]) -> Observed:
     if prefixes:
         return Observed(prefixes[0], detail)
     answerer = response.split(":", 1)[0]
-    if answerer != OWNER[probe.host]:
-        return Observed(None, detail, f"answered by {answerer!r}, not by {OWNER[probe.host]!r}")
+    if answerer != owner[probe.host]:
+        return Observed(None, detail, f"answered by {answerer!r}, not by {owner[probe.host]!r}")
     return Observed(None, detail)
 
 
@@ -524,3 +527,120 @@ def test_drawn_configurations_are_valid_and_varied() -> None:
     assert {each.ipv6 for each in drawn} == {True, False}
     assert any("--redirect-dns" in each.args for each in drawn)
     assert netlab.VARIANTS[:2] == ("legacy", "nft")
+
+
+# ---- the CLI's trace, for pods at addresses of their own -------------------------------------------------
+
+# A pod whose addresses are none of the code's constants; its peer also holds those constants (so the pod
+# reaches them through its default route) and an address -x excludes.
+OWN_ADDRESSES = netlab.Addresses(
+    "198.19.7.9",
+    "198.19.7.20",
+    "2001:db8:7::9",
+    "2001:db8:7::20",
+    peer_extra=("198.18.0.2", "198.18.0.1", "2001:db8::2", "2001:db8::1", "198.18.99.1", "2001:db8:99::1"),
+)
+# The pod and its peer with the default addresses swapped: the pod at 198.18.0.1, its peer at 198.18.0.2.
+SWAPPED_ADDRESSES = netlab.Addresses(PEER4, POD4, PEER6, POD6, peer_extra=("198.18.99.1", "2001:db8:99::1"))
+CLI_FLAGS = (
+    *("-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*"),
+    *("-x", "198.18.99.0/24,2001:db8:99::/64", "-b", "*", "-d", "15090,15021,15020"),
+)
+CLI_PARALLEL = 4
+
+
+def cli_probes(at: netlab.Addresses) -> list[tuple[Probe, int | None]]:
+    """Flows whose fate hangs on which addresses are the pod's, each with the port that should receive it."""
+    probes: list[tuple[Probe, int | None]] = []
+    for pod, peer, loopback, excluded in (
+        (at.pod4, at.peer4, "127.0.0.1", "198.18.99.1"),
+        (at.pod6, at.peer6, "::1", "2001:db8:99::1"),
+    ):
+        others = [extra for extra in at.peer_extra if (":" in extra) == (":" in pod) and extra != excluded]
+        probes += [
+            (Probe("pod", *APP, "tcp", peer, 8080), 15001),
+            (Probe("pod", *APP, "tcp", pod, 8080), None),
+            (Probe("pod", *APP, "tcp", loopback, 8080), None),
+            (Probe("pod", *APP, "tcp", excluded, 8080), None),
+            (Probe("pod", *PROXY, "tcp", pod, 8080), 15006),
+            (Probe("pod", *PROXY, "tcp", peer, 8080), None),
+            *((Probe("pod", *APP, "tcp", other, 8080), 15001) for other in others),
+            (Probe("peer", 0, 0, "tcp", pod, 8080), 15006),
+            (Probe("peer", 0, 0, "tcp", pod, 15020), None),
+        ]
+    return probes
+
+
+def cli_trace(lab: Lab, variant: str, flags: Sequence[str], probe: Probe, *, peer: str, how: str) -> dict[str, Any]:
+    """The CLI's trace of ``probe`` as JSON: ``live`` (--live in the pod's namespace), ``namespace`` (the
+    plan, with the pod read from its namespace) or ``pod-ip`` (the plan, the pod given by --pod-ip, run here
+    without entering any namespace)."""
+    if probe.inbound:
+        what = ["trace", "inbound", "--port", str(probe.port), "--src", peer]
+    else:
+        destination = f"[{probe.host}]" if ":" in probe.host else probe.host
+        what = ["trace", "outbound", "--dst", f"{destination}:{probe.port}", "--uid", str(probe.uid)]
+        what += ["--gid", str(probe.gid)]
+    backend = netlab.BACKEND_FLAGS[variant]
+    if how == "pod-ip":
+        at = lab.addresses
+        result = run_cli(
+            [*backend, *flags, "--ipv6", *what, "--pod-ip", at.pod4, "--pod-ip", at.pod6, "--format", "json"]
+        )
+        assert result.code == 0, result.stderr
+        return dict(json.loads(result.stdout))
+    argv = [str(netlab.ISTIO_IPTABLES), "--network-namespace", lab.pod, *backend, *flags, "--ipv6", *what]
+    argv += ["--format", "json", *(["--live"] if how == "live" else [])]
+    env = {**os.environ, "XTABLES_LOCKFILE": lab.env["XTABLES_LOCKFILE"]}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, check=False)
+    assert done.returncode == 0, f"{shlex.join(argv)}: {done.stderr}"
+    return dict(json.loads(done.stdout))
+
+
+@pytest.mark.parametrize(
+    ("addresses", "match_sets"),
+    [(OWN_ADDRESSES, False), (OWN_ADDRESSES, True), (SWAPPED_ADDRESSES, False)],
+    ids=["own-addresses", "own-addresses-sets", "swapped"],
+)
+def test_cli_trace_knows_the_pod(
+    variant: str, match_sets: bool, addresses: netlab.Addresses, lab_unavailable: str | None
+) -> None:
+    """``trace``, ``trace --live`` and ``trace --pod-ip`` agree with real connections for a pod whose addresses
+    are not the code's defaults, destinations equal to its own address and to its peers' included; with
+    every rule interpreted (native nftables and set members too), so every verdict is certain."""
+    if lab_unavailable:
+        pytest.skip(lab_unavailable)
+    flags = (*CLI_FLAGS, *(["--match-sets"] if match_sets else []))
+    probes = cli_probes(addresses)
+    owner = {
+        **dict.fromkeys((addresses.peer4, addresses.peer6, *addresses.peer_extra), "peer"),
+        **dict.fromkeys((addresses.pod4, addresses.pod6, "127.0.0.1", "::1"), "app"),
+    }
+    with Lab(addresses) as lab:
+        actors = [lab.echo(lab.peer, "peer", PORTS), lab.echo(lab.pod, "app", PORTS, uid=APP_UID), lab.proxy()]
+        apply_capture(lab, flags, variant, ipv6=True)
+        lab.wait_ready(*actors)
+        results = send(lab, [probe for probe, _ in probes])
+        peer_of = {addresses.pod4: addresses.peer4, addresses.pod6: addresses.peer6}
+
+        def traced_as(job: tuple[Probe, int | None, str]) -> dict[str, Any]:
+            return cli_trace(lab, variant, flags, job[0], peer=peer_of.get(job[0].host, ""), how=job[2])
+
+        jobs = [(probe, expected, how) for probe, expected in probes for how in ("live", "namespace")]
+        with ThreadPoolExecutor(CLI_PARALLEL) as pool:
+            traced = list(pool.map(traced_as, jobs))
+        # --pod-ip runs in this process (it enters no namespace): one at a time, as it redirects stdout.
+        jobs += [(probe, expected, "pod-ip") for probe, expected in probes]
+        traced += [traced_as(job) for job in jobs[len(traced) :]]
+        problems = []
+        observed = {probe: observe(probe, result, owner) for (probe, _), result in zip(probes, results, strict=True)}
+        for (probe, expected, how), document in zip(jobs, traced, strict=True):
+            seen = observed[probe]
+            verdict = document["verdict"]
+            if seen.problem or seen.captured_by != expected:
+                problems.append(f"{probe.describe()}: observed {seen} where {expected} was meant")
+            elif verdict["captured_by"] != seen.captured_by or not verdict["certain"] or document["assumed"]:
+                problems.append(f"{probe.describe()} ({how}): observed {seen.captured_by}, traced {document}")
+        if problems:
+            print(lab.report())
+        assert not problems, "\n".join(dict.fromkeys(problems))
