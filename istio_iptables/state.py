@@ -367,12 +367,14 @@ def ownership(state: TableState) -> list[bool]:
     for index, entry in enumerate(entries):
         if entry.chain in BUILTIN_CHAINS:
             chains.setdefault(entry.chain, []).append(index)
+    ours_here = any(chain in OWN_CHAINS for chain in state.chains)
     for chain, indexes in chains.items():
         rules = [entries[index].rule for index in indexes]
         for at, rule in enumerate(rules):
             if rule is not None and _jumps_to_ours(rule):
                 owned[indexes[at]] = True
-        for at in _at_planned_places(rules, state.places.get(chain, [])):
+        # Where no chain of ours is, nothing stands where the plan put it: a rule like ours is someone else's.
+        for at in _at_planned_places(rules, state.places.get(chain, []) if ours_here else []):
             owned[indexes[at]] = True
     if not exact:
         for index in _vouched(state, chains, owned):
@@ -517,9 +519,18 @@ def _vouched(state: TableState, chains: dict[str, list[int]], owned: list[bool])
                     kube_virt |= {clause.name for clause in rule.clauses if isinstance(clause, InInterface)}
     returns = {(entries[index].chain, name) for index in candidates if (name := _interface_return(entries[index]))}
     tproxy_marks = _marks_of_our_chains(state) if "ISTIO_INBOUND" in state.chains else None
+    # A configuration writes each of these rules once: a second copy is someone else's.
+    present = {
+        (entries[index].chain, canonical(rule, _as_stored))
+        for indexes in chains.values()
+        for index in indexes
+        if owned[index] and (rule := entries[index].rule) is not None
+    }
     vouched = []
     for index, rule in candidates.items():
         chain = entries[index].chain
+        if (chain, canonical(rule, _as_stored)) in present:
+            continue
         sides = shapes[_signature(rule)]
         if any(
             (target in sides.after and at < index) or (target in sides.before and at > index)
@@ -535,6 +546,7 @@ def _vouched(state: TableState, chains: dict[str, list[int]], owned: list[bool])
         if rule.table is Table.MANGLE and (tproxy_marks is None or not _marks_of(rule) <= tproxy_marks):
             continue
         vouched.append(index)
+        present.add((chain, canonical(rule, _as_stored)))
     return vouched
 
 
