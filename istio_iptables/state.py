@@ -517,7 +517,17 @@ def _vouched(state: TableState, chains: dict[str, list[int]], owned: list[bool])
                 jumps.setdefault(chain, []).append((index, rule.target.chain))
                 if rule.target.chain == "ISTIO_REDIRECT":
                     kube_virt |= {clause.name for clause in rule.clauses if isinstance(clause, InInterface)}
-    returns = {(entries[index].chain, name) for index in candidates if (name := _interface_return(entries[index]))}
+    # On its side of each of our jumps: the plan puts it before (or after) our jumps to some chains.
+    placed = {
+        index: rule
+        for index, rule in candidates.items()
+        if not any(
+            (target in shapes[_signature(rule)].after and at < index)
+            or (target in shapes[_signature(rule)].before and at > index)
+            for at, target in jumps.get(entries[index].chain, [])
+        )
+    }
+    returns = {(entries[index].chain, name) for index in placed if (name := _interface_return(entries[index]))}
     tproxy_marks = _marks_of_our_chains(state) if "ISTIO_INBOUND" in state.chains else None
     # A configuration writes each of these rules once: a second copy is someone else's.
     present = {
@@ -527,15 +537,9 @@ def _vouched(state: TableState, chains: dict[str, list[int]], owned: list[bool])
         if owned[index] and (rule := entries[index].rule) is not None
     }
     vouched = []
-    for index, rule in candidates.items():
+    for index, rule in placed.items():
         chain = entries[index].chain
         if (chain, canonical(rule, _as_stored)) in present:
-            continue
-        sides = shapes[_signature(rule)]
-        if any(
-            (target in sides.after and at < index) or (target in sides.before and at > index)
-            for at, target in jumps.get(chain, [])
-        ):
             continue
         name = _interface_return(entries[index])
         partner = ("OUTPUT", name) if chain == "PREROUTING" else ("PREROUTING", name)
