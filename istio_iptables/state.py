@@ -347,10 +347,12 @@ def own_entries(state: TableState) -> list[SavedRule]:
 
 
 def foreign_entries(state: TableState) -> list[SavedRule]:
+    """The rules of a table that someone else wrote, in order (what status lists apart and nothing touches)."""
     return [entry for entry, own in zip(state.entries, ownership(state), strict=True) if not own]
 
 
 def holds_own(state: TableState) -> bool:
+    """Whether a table holds a chain or a rule of ours."""
     return any(chain in OWN_CHAINS for chain in state.chains) or any(ownership(state))
 
 

@@ -6,6 +6,7 @@ import json
 
 from . import routes
 from .apply import Observation, group_id, iptables_copies, observe, reference_places, xtables_environment
+from .backends import ipset
 from .backends import nft as native
 from .backends.restore import LEGACY, NFT, available, detect, holds_legacy_tables, holds_nft_tables
 from .config import Config
@@ -67,10 +68,8 @@ def status(config: Config, plan: Plan) -> Status:
     planned_sets = () if config.cleanup_only else plan.sets
     referenced = any("--match-set ISTIO_" in seen.iptables.saved for seen in observations)
     uses_sets = bool(planned_sets) or referenced or (config.cleanup_only and which("ipset") is not None)
-    from .backends import ipset  # noqa: PLC0415 (only --match-sets needs it)
-
     sets = ipset.differences(planned_sets, ipset.read()) if uses_sets else []
-    return Status(families + native_copy_status(), routing, sets, uses_sets or bool(sets))
+    return Status(families + native_copy_status(), routing, sets, uses_sets)
 
 
 def _family_status(seen: Observation, plan: Plan) -> FamilyStatus | None:
