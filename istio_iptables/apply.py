@@ -7,9 +7,10 @@
    meets a half-written table or a gap in the capture (``--no-reconcile`` refuses instead, as Istio does).
 4. Converge TPROXY routing and ``::6``.
 5. Remove the copy a ``--native-nftables`` run left (our nftables tables), now that the new one is in.
-If a step fails, every table already changed is restored whole from its save, and routing changes are
-undone: the namespace ends as it started. A SIGINT or SIGTERM while the lock is held stops the run before
-the first change, or after the last (or after the undo): never in between (``interrupts``).
+If a step fails, our rules in every table already changed are put back as they were (no other rule is
+named, so one another program added meanwhile stays), and routing changes are undone: the namespace ends
+as it started. A SIGINT or SIGTERM while the lock is held stops the run before the first change, or after
+the last (or after the undo): never in between (``interrupts``).
 
 ``apply_native`` is the same for ``--native-nftables``: one ``nft`` transaction, routing, then the removal of
 any iptables copy of our rules (either variant). Switching backends thus never leaves a moment with no
@@ -37,17 +38,24 @@ from .errors import ApplyError
 from .hostfacts import which
 from .logsetup import Log, logs
 from .model import BUILTIN_CHAINS, AddressSet, Family, Plan, PortSet, Rule, RuleSet, SaveMark, Table
-from .records import record, replace
+from .records import field, record, replace
 from .render.nft import TABLE_NAMES
-from .render.restore import render_deletes, render_restore, render_tables, render_transition, table_text
+from .render.restore import render_deletes, render_restore, render_transition, render_undo
 from .state import (
+    Chains,
     Layout,
+    LayoutDiff,
+    Places,
     TableState,
+    compare,
+    differing_chains,
     drift,
     holds_own,
     live_layout,
+    locate,
     own_entries,
     parse_tables,
+    plan_places,
     planned_layout,
     saved_as_planned,
 )
@@ -66,6 +74,8 @@ class Transition:
     iptables: Iptables
     payload: str
     tables: frozenset[Table]
+    places: Places = field(default_factory=dict)
+    """Where the plan puts our rules in built-in chains: what tells ours apart when undoing this."""
 
 
 def apply(config: Config, plan: Plan) -> None:
@@ -88,7 +98,7 @@ def apply(config: Config, plan: Plan) -> None:
         old = native.detect() if marks.rulesets else None
         unmarked = nft_state.render_deletes(old.saved, saves_mark) if old else ""
         finish = [
-            Transition(seen.iptables, render_restore(ruleset), frozenset({Table.MANGLE}))
+            Transition(seen.iptables, render_restore(ruleset), frozenset({Table.MANGLE}), places(seen.live))
             for seen in observations
             if (ruleset := marks.ruleset(seen.target.family))
         ]
@@ -96,6 +106,11 @@ def apply(config: Config, plan: Plan) -> None:
         planned_sets = () if config.cleanup_only else plan.sets
         live_sets = ipset.read() if _sets_concern(config, planned_sets, transitions) else {}
         fill, drop = ipset.fill(planned_sets, live_sets), ipset.drop(planned_sets, live_sets)
+        if live_sets and (fill or drop) and not (config.reconcile or config.cleanup_only):
+            raise DriftError(
+                "live sets differ from the plan and --no-reconcile forbids repairing them:\n"
+                + "\n".join(ipset.differences(planned_sets, live_sets))
+            )
         attempted: list[Transition] = []
         undo: list[routes.Step] = []
         native_changed = False
@@ -182,7 +197,7 @@ def apply_native(config: Config, plan: Plan) -> None:
     environment = xtables_environment(config)
     with namespace_lock(environment), interrupts.held():
         nft = native.detect()
-        copies = iptables_copies(environment, nft.saved.iptables_nft)
+        copies = iptables_copies(environment, nft.saved.iptables_nft, plan)
         switching = bool(copies) and config.reconcile and not config.cleanup_only
         held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
         target = None if config.cleanup_only else held
@@ -198,7 +213,7 @@ def apply_native(config: Config, plan: Plan) -> None:
         # TPROXY switch: the old copy's save-mark out first, the new copy's in last (README, "Switching").
         unmarks = [unmark(iptables, live) if marks.rulesets else (None, live) for iptables, live in copies]
         transitions = [
-            Transition(iptables, payload, frozenset(table for table in Table if f"* {table.value}\n" in payload))
+            Transition(iptables, payload, touched(payload), places(live))
             for (iptables, _), (_, live) in zip(copies, unmarks, strict=True)
             for payload in [render_transition(RuleSet(iptables.family, ()), live)]
         ]
@@ -275,8 +290,8 @@ def unmark(iptables: Iptables, live: dict[Table, TableState]) -> tuple[Transitio
     ]
     if not found:
         return None, live
-    kept = TableState(mangle.chains, [entry for entry in mangle.entries if entry not in found])
-    first = Transition(iptables, render_deletes(Table.MANGLE, found), frozenset({Table.MANGLE}))
+    kept = TableState(mangle.chains, [entry for entry in mangle.entries if entry not in found], mangle.places)
+    first = Transition(iptables, render_deletes(Table.MANGLE, found), frozenset({Table.MANGLE}), places(live))
     return first, {**live, Table.MANGLE: kept}
 
 
@@ -311,10 +326,11 @@ Copy = tuple[Iptables, dict[Table, TableState]]
 """An iptables copy of our rules: the variant of one family holding them, and its parsed tables."""
 
 
-def iptables_copies(environment: dict[str, str], nft_families: Iterable[Family]) -> list[Copy]:
-    """Our rules in iptables, per variant and family: what a switch to native nftables removes. Looked for
-    only where they can be: legacy where the kernel lists a legacy table (no process), nft where the nft
-    listing showed an iptables-nft table with a rule or an ``ISTIO_*`` chain."""
+def iptables_copies(environment: dict[str, str], nft_families: Iterable[Family], plan: Plan) -> list[Copy]:
+    """Our rules in iptables, per variant and family (those an iptables run of the plan's flags would have
+    written included): what a switch to native nftables removes. Looked for only where they can be: legacy
+    where the kernel lists a legacy table (no process), nft where the nft listing showed an iptables-nft
+    table with a rule or an ``ISTIO_*`` chain."""
     copies: list[Copy] = []
     nft_families = set(nft_families)
     for variant in (LEGACY, NFT):
@@ -323,7 +339,7 @@ def iptables_copies(environment: dict[str, str], nft_families: Iterable[Family])
             if not maybe or not available(family, variant):
                 continue
             iptables = detect(family, variant, environment)
-            live = parse_tables(iptables.saved)
+            live = locate(parse_tables(iptables.saved), reference_places(plan, family))
             if any(map(holds_own, live.values())):
                 copies.append((iptables, live))
     return copies
@@ -346,11 +362,25 @@ class Observation:
         return live_layout(self.live, group_id)
 
     @cached_property
+    def differing(self) -> Chains:
+        """Our chains whose rules differ from the plan. The common case costs no parsing: the save's text
+        against the plan spelled as iptables-save prints it. Only chains whose texts differ are parsed and
+        compared as rules."""
+        as_saved = differing_chains(saved_as_planned(self.target.rules, group_id), live_layout(self.live, None))
+        if not as_saved:
+            return as_saved
+        planned = planned_layout(self.target.rules, group_id, as_saved)
+        return differing_chains(planned, live_layout(self.live, group_id, as_saved))
+
+    @cached_property
     def in_sync(self) -> bool:
-        # The common case costs no parsing: the save's text against the plan spelled as iptables-save
-        # prints it. Only when the texts differ are both sides parsed and compared as rules.
-        as_saved = saved_as_planned(self.target.rules, group_id) == live_layout(self.live, None)
-        return as_saved or self.expected == self.actual
+        return not self.differing
+
+    @cached_property
+    def difference(self) -> LayoutDiff:
+        """What differs, by rule (for status): only the differing chains are compared."""
+        only = self.differing
+        return compare(planned_layout(self.target.rules, group_id, only), live_layout(self.live, group_id, only))
 
 
 def observe(config: Config, plan: Plan, environment: dict[str, str]) -> list[Observation]:
@@ -370,8 +400,25 @@ def observe(config: Config, plan: Plan, environment: dict[str, str]) -> list[Obs
                 raise
             log.debug("%s: no usable iptables, so no stale rules to remove", family.label)
             continue
-        observations.append(Observation(iptables, target, parse_tables(iptables.saved)))
+        live = locate(parse_tables(iptables.saved), reference_places(plan, family))
+        observations.append(Observation(iptables, target, live))
     return observations
+
+
+def reference_places(plan: Plan, family: Family) -> Places:
+    """Where the plan of the given flags puts our rules in built-in chains; for a clean-up too, where it
+    tells ours apart as Istio's clean-up does (its flags name what it removes)."""
+    planned = plan.ruleset(family)
+    return plan_places(planned.rules if planned else (), group_id)
+
+
+def places(live: dict[Table, TableState]) -> Places:
+    return {table: state.places for table, state in live.items()}
+
+
+def touched(payload: str) -> frozenset[Table]:
+    """The tables a restore payload changes."""
+    return frozenset(table for table in Table if f"* {table.value}\n" in payload)
 
 
 def plan_transitions(config: Config, observations: list[Observation]) -> list[Transition]:
@@ -389,8 +436,7 @@ def plan_transitions(config: Config, observations: list[Observation]) -> list[Tr
             drifts.append(f"{label}:\n" + "\n".join(drift(seen.expected, seen.actual)))
             continue
         payload = render_transition(seen.target, seen.live)
-        tables = frozenset(table for table in Table if f"* {table.value}\n" in payload)
-        transitions.append(Transition(seen.iptables, payload, tables))
+        transitions.append(Transition(seen.iptables, payload, touched(payload), places(seen.live)))
     if drifts:
         raise DriftError(
             "live rules differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(drifts)
@@ -407,17 +453,20 @@ def _detect(config: Config, family: Family, environment: dict[str, str]) -> Ipta
 
 
 def rollback_notes(attempted: list[Transition]) -> list[str]:
-    """Put every table a restore changed back exactly as saved; one note per family put back."""
+    """Put our rules back as they were in every table a restore changed, naming no other rule (another
+    program may have added one meanwhile: it stays); one note per family put back."""
     notes = []
     for transition in reversed(attempted):
         iptables = transition.iptables
         try:
-            now = iptables.save()
-            changed = {
-                table for table in transition.tables if table_text(now, table) != table_text(iptables.saved, table)
-            }
-            if changed:
-                iptables.restore(render_tables(iptables.saved, changed), flush=True)
+            before = locate(parse_tables(iptables.saved), transition.places)
+            now = locate(parse_tables(iptables.save()), transition.places)
+            payload = "".join(
+                render_undo(table, before.get(table, TableState()), now.get(table, TableState()))
+                for table in sorted(transition.tables, key=lambda table: table.value)
+            )
+            if payload:
+                iptables.restore(payload)
                 notes.append(f"{iptables.family.label} rules restored")
         except ApplyError as error:
             notes.append(f"ROLLBACK FAILED for {iptables.family.label}: {error}")

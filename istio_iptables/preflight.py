@@ -22,7 +22,7 @@ from .plan import usable_ipv6
 from .records import field, mutable_record
 from .render.nft import BASE_CHAINS, TABLE_NAMES, render_nft
 from .render.restore import render_restore
-from .state import own_entries
+from .state import foreign_entries, own_entries
 from .status import NATIVE, backend_label
 
 
@@ -74,11 +74,10 @@ def preflight(config: Config, plan: Plan) -> Preflight:
         check.features = [(feature.label, present) for feature, present in seen.iptables.probe(needed)]
         appended = {(rule.table, rule.chain) for rule in seen.target.rules if rule.position is None}
         for table, state in seen.live.items():
-            ours = own_entries(state)
             check.preceding += [
                 f"{table.value} {entry.chain}: {entry.text}"
-                for entry in state.entries
-                if entry.chain in BUILTIN_CHAINS and (table, entry.chain) in appended and entry not in ours
+                for entry in foreign_entries(state)
+                if entry.chain in BUILTIN_CHAINS and (table, entry.chain) in appended
             ]
     return Preflight(list(checks.values()), _uncaptured_ipv6(plan), _locks(checks, environment))
 
@@ -113,7 +112,7 @@ def native_checks(plan: Plan, environment: dict[str, str]) -> list[FamilyCheck]:
         and any(chain.hook == hook and chain.priority <= priority for hook, priority in ours)
     ]
     checks = [check]
-    for iptables, live in iptables_copies(environment, nft.saved.iptables_nft):
+    for iptables, live in iptables_copies(environment, nft.saved.iptables_nft, plan):
         count = sum(len(own_entries(state)) for state in live.values())
         reason = f"holds {count} rules of ours, which an apply removes after the nftables transaction"
         checks.append(FamilyCheck(iptables.family.label, iptables.variant.value, reason))

@@ -7,6 +7,7 @@ iptables-save prints it (``-m tcp --dport``, ``--mark 0x539``, ``--set-xmark 0x5
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 from collections.abc import Callable, Iterable, Iterator
 from functools import cache
@@ -117,6 +118,8 @@ class TableState:
     """Declared chains in order: built-in ones with their policy, user chains with None."""
     entries: list[SavedRule] = field(default_factory=list)
     """Rule lines in order."""
+    places: dict[str, list[Rule]] = field(default_factory=dict)
+    """Where the plan of this run puts our rules in the built-in chains (``locate``): what tells ours apart."""
 
     @property
     def rules(self) -> list[Rule]:
@@ -284,40 +287,185 @@ def _network(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
 
 def tables_holding(rules: Iterable[Rule], spell: Callable[[Rule], str] = rule_text) -> dict[Table, TableState]:
     """The tables of a namespace holding exactly these rules, in the kernel's order (each insert at its
-    position), each rule written by ``spell`` (Istio's spelling unless told otherwise)."""
+    position), each rule written by ``spell`` (Istio's spelling unless told otherwise); all of them ours."""
     tables: dict[Table, TableState] = {}
     rules = list(rules)
-    for table, chains in declared_chains(rules).items():
-        tables.setdefault(table, TableState()).chains.update(dict.fromkeys(chains))
+    for table, declared in declared_chains(rules).items():
+        tables.setdefault(table, TableState()).chains.update(dict.fromkeys(declared))
+    in_chains: dict[Table, dict[str, list[SavedRule]]] = {}
     for rule in rules:
-        state = tables.setdefault(rule.table, TableState())
+        tables.setdefault(rule.table, TableState())
         saved = replace(rule, position=None)
+        chain = in_chains.setdefault(rule.table, {}).setdefault(rule.chain, [])
         entry = SavedRule(rule.chain, spell(saved), saved)
-        if rule.position is None:
-            state.entries.append(entry)
+        if rule.position is None or rule.position > len(chain):
+            chain.append(entry)
         else:
-            chain_entries = [index for index, entry in enumerate(state.entries) if entry.chain == rule.chain]
-            at = chain_entries[rule.position - 1] if rule.position <= len(chain_entries) else len(state.entries)
-            state.entries.insert(at, entry)
+            chain.insert(rule.position - 1, entry)
+    for table, chains in in_chains.items():
+        state = tables[table]
+        state.entries = [entry for entries in chains.values() for entry in entries]
+        state.places = {
+            chain: [canonical(entry.rule, _as_stored) for entry in entries if entry.rule is not None]
+            for chain, entries in chains.items()
+            if chain in BUILTIN_CHAINS
+        }
     return tables
 
 
 # ---- ownership: which live rules this program wrote ----------------------------------------------------
 
 OWN_CHAINS = frozenset(ISTIO_CHAINS)
+_COMMENT_MARK = f'--comment "{COMMENT_PREFIX}'
+
+Places = dict[Table, dict[str, list[Rule]]]
+"""Where a plan puts our rules in built-in chains: per table and chain, the rules as the kernel keeps them
+(``canonical``, group names as ids), in the kernel's order."""
 
 
-def _signature(rule: Rule) -> tuple[Table, str, tuple[tuple[str, bool], ...], str]:
+def plan_places(rules: Iterable[Rule], group_id: Callable[[int | str], int | str]) -> Places:
+    places: Places = {}
+    for table, state in tables_holding(rule for rule in rules if rule.chain in BUILTIN_CHAINS).items():
+        chains = places.setdefault(table, {})
+        for entry in state.entries:
+            rule = entry.rule
+            assert rule is not None  # tables_holding keeps the rules it is given
+            chains.setdefault(entry.chain, []).append(canonical(rule, group_id))
+    return places
+
+
+def locate(tables: dict[Table, TableState], places: Places) -> dict[Table, TableState]:
+    """The tables, each told where the plan puts our rules in its built-in chains (what ownership needs)."""
+    for table, state in tables.items():
+        state.places = places.get(table, {})
+    return tables
+
+
+def own_entries(state: TableState) -> list[SavedRule]:
+    """The rules of a table that this program wrote, in order (``ownership`` says which)."""
+    return [entry for entry, own in zip(state.entries, ownership(state), strict=True) if own]
+
+
+def foreign_entries(state: TableState) -> list[SavedRule]:
+    """The rules of a table that someone else wrote, in order (what status lists apart and nothing touches)."""
+    return [entry for entry, own in zip(state.entries, ownership(state), strict=True) if not own]
+
+
+def holds_own(state: TableState) -> bool:
+    """Whether a table holds a chain or a rule of ours."""
+    return any(chain in OWN_CHAINS for chain in state.chains) or any(ownership(state))
+
+
+def ownership(state: TableState) -> list[bool]:
+    """Per rule of the table, whether this program wrote it. Ours: every rule in our chains (``ISTIO_*``),
+    every jump to them, every rule with our ``--rule-comments`` comment, and in built-in chains otherwise
+    only rules standing where the plan puts them (``state.places``: the same rule, on the same side of each
+    of our jumps around it). A rule an earlier configuration left there is ours only where our chains and
+    jumps vouch for it (``_vouched``); once the table holds our comments, the comments alone decide."""
+    entries = state.entries
+    owned = [entry.chain in OWN_CHAINS or _COMMENT_MARK in entry.text for entry in entries]
+    exact = any(_COMMENT_MARK in entry.text for entry in entries)
+    chains: dict[str, list[int]] = {}
+    for index, entry in enumerate(entries):
+        if entry.chain in BUILTIN_CHAINS:
+            chains.setdefault(entry.chain, []).append(index)
+    ours_here = any(chain in OWN_CHAINS for chain in state.chains)
+    for chain, indexes in chains.items():
+        rules = [entries[index].rule for index in indexes]
+        for at, rule in enumerate(rules):
+            if rule is not None and _jumps_to_ours(rule):
+                owned[indexes[at]] = True
+        # Where no chain of ours is, nothing stands where the plan put it: a rule like ours is someone else's.
+        for at in _at_planned_places(rules, state.places.get(chain, []) if ours_here else []):
+            owned[indexes[at]] = True
+    if not exact:
+        for index in _vouched(state, chains, owned):
+            owned[index] = True
+    return owned
+
+
+def _jumps_to_ours(rule: Rule) -> bool:
+    return isinstance(rule.target, Jump) and rule.target.chain in OWN_CHAINS
+
+
+def _as_stored(group: int | str) -> int | str:
+    """Live rules hold group ids already (iptables resolved the names when it read them)."""
+    return group
+
+
+def _at_planned_places(rules: list[Rule | None], planned: list[Rule]) -> list[int]:
+    """Which of a built-in chain's live rules (by index) stand where the plan puts a rule: the same rule, after
+    each of our jumps the plan puts before it and before each one it puts after it (among those the chain
+    holds). Each planned rule claims at most one live rule, in order. Linear in the two lengths."""
+    if not planned:
+        return []
+    live = [canonical(rule, _as_stored) if rule is not None else None for rule in rules]
+    first: dict[Rule, int] = {}
+    last: dict[Rule, int] = {}
+    spots: dict[Rule, list[int]] = {}
+    for index, rule in enumerate(live):
+        if rule is None:
+            continue
+        if _jumps_to_ours(rule):
+            first.setdefault(rule, index)
+            last[rule] = index
+        else:
+            spots.setdefault(rule, []).append(index)
+    after = [-1] * len(planned)  # the index a live rule must come after
+    bound = -1
+    for at, rule in enumerate(planned):
+        after[at] = bound
+        bound = max(bound, first.get(rule, -1))
+    before = [len(live)] * len(planned)  # the index it must come before
+    bound = len(live)
+    for at in range(len(planned) - 1, -1, -1):
+        before[at] = bound
+        bound = min(bound, last.get(planned[at], len(live)))
+    claimed: list[int] = []
+    cursor: dict[Rule, int] = {}
+    for at, rule in enumerate(planned):
+        candidates = spots.get(rule)
+        if not candidates:
+            continue
+        next_one = cursor.get(rule, 0)
+        while next_one < len(candidates) and candidates[next_one] <= after[at]:
+            next_one += 1
+        if next_one < len(candidates) and candidates[next_one] < before[at]:
+            claimed.append(candidates[next_one])
+            next_one += 1
+        cursor[rule] = next_one
+    return claimed
+
+
+Signature = tuple[Table, str, tuple[tuple[str, bool], ...], str]
+
+
+def _signature(rule: Rule) -> Signature:
     """A rule's shape without its values: what kind of rule it is, not which port or interface."""
     clauses = tuple(sorted((type(clause).__name__, clause.negated) for clause in rule.clauses))
     target = rule.target.value if isinstance(rule.target, Verdict) else type(rule.target).__name__
     return rule.table, rule.chain, clauses, target
 
 
+@record
+class _Sides:
+    """Where one shape of rule stands in its built-in chain: before or after our jumps to which chains. A chain
+    found on both sides in some configurations constrains nothing."""
+
+    before: frozenset[str] = frozenset()
+    after: frozenset[str] = frozenset()
+
+    def beside(self, before: Iterable[str], after: Iterable[str]) -> _Sides:
+        """These sides joined with those of one more occurrence."""
+        seen_before, seen_after = self.before | set(before), self.after | set(after)
+        return _Sides(seen_before - seen_after, seen_after - seen_before)
+
+
 @cache
-def _builtin_chain_signatures() -> frozenset[tuple[Table, str, tuple[tuple[str, bool], ...], str]]:
-    """The shapes of every rule any configuration of this program puts in a built-in chain, taken from the
-    plan itself with every feature turned on (REDIRECT and TPROXY), so the two can never disagree."""
+def _builtin_shapes() -> dict[Signature, _Sides]:
+    """Every shape of rule (other than a jump to our chains) that any configuration of this program puts in a
+    built-in chain, with its sides among our jumps, taken from the plan itself with every feature turned on
+    (REDIRECT and TPROXY), so the two can never disagree."""
     everything = Config(
         inbound_ports=ALL,
         exclude_interfaces=("eth0",),
@@ -327,40 +475,85 @@ def _builtin_chain_signatures() -> frozenset[tuple[Table, str, tuple[tuple[str, 
         capture_all_dns=True,
         ipv6=True,
     )
-    signatures: set[tuple[Table, str, tuple[tuple[str, bool], ...], str]] = set()
+    shapes: dict[Signature, _Sides] = {}
     for config in (
         replace(everything, service_cidrs=ALL),
         replace(everything, service_cidrs=(ipaddress.ip_interface("10.0.0.0/8"),), mode=Mode.TPROXY),
     ):
         for ruleset in build_plan(config, HostFacts()).rulesets:
-            signatures.update(_signature(rule) for rule in ruleset.rules if rule.chain in BUILTIN_CHAINS)
-    return frozenset(signatures)
+            for chains in plan_places(ruleset.rules, _as_stored).values():
+                for rules in chains.values():
+                    targets = [rule.target.chain if isinstance(rule.target, Jump) else "" for rule in rules]
+                    for at, rule in enumerate(rules):
+                        if not targets[at]:
+                            sides = shapes.get(_signature(rule), _Sides())
+                            shapes[_signature(rule)] = sides.beside(
+                                filter(None, targets[:at]), filter(None, targets[at + 1 :])
+                            )
+    return shapes
 
 
-def own_entries(state: TableState) -> list[SavedRule]:
-    """The rules of a table that this program wrote, in order: everything in our chains, jumps to them, and
-    rules in built-in chains shaped like ours. An interface RETURN (``-i X -j RETURN``) is a common shape, so
-    it counts as ours only beside its partner: excluded interfaces always come as a PREROUTING ``-i X`` and
-    an OUTPUT ``-o X`` pair; a KubeVirt ``-i X`` comes alone, in nat, only where our chains are."""
-    returns = {(entry.chain, name) for entry in state.entries if (name := _interface_return(entry))}
-    ours_here = any(chain in OWN_CHAINS for chain in state.chains)
-
-    def is_own(entry: SavedRule) -> bool:
-        if entry.chain in OWN_CHAINS or f'--comment "{COMMENT_PREFIX}' in entry.text:
-            return True
-        rule = entry.rule
-        if rule is None or entry.chain not in BUILTIN_CHAINS:
-            return False
-        if isinstance(rule.target, Jump):
-            return rule.target.chain in OWN_CHAINS
-        name = _interface_return(entry)
-        if name is None:
-            return _signature(rule) in _builtin_chain_signatures()
-        partner = ("OUTPUT", name) if entry.chain == "PREROUTING" else ("PREROUTING", name)
-        kube_virt = rule.table is Table.NAT and entry.chain == "PREROUTING" and ours_here
-        return partner in returns or kube_virt
-
-    return [entry for entry in state.entries if is_own(entry)]
+def _vouched(state: TableState, chains: dict[str, list[int]], owned: list[bool]) -> list[int]:
+    """Rules in built-in chains that an earlier configuration of this program put there (the plan of this run
+    does not have them), told from foreign rules of the same shape by what our chains and jumps show: a shape
+    some configuration writes, standing on its side of each of our jumps; an interface RETURN only beside its
+    partner (an excluded interface is a PREROUTING ``-i X`` and OUTPUT ``-o X`` pair; a KubeVirt ``-i X`` comes
+    with its jump ``-i X ... -j ISTIO_REDIRECT``); in mangle only where TPROXY's chains are, with their marks."""
+    if not any(chain in OWN_CHAINS for chain in state.chains):
+        return []
+    entries, shapes = state.entries, _builtin_shapes()
+    candidates: dict[int, Rule] = {}
+    for indexes in chains.values():
+        for index in indexes:
+            rule = entries[index].rule
+            if not owned[index] and rule is not None and _signature(rule) in shapes:
+                candidates[index] = rule
+    if not candidates:
+        return []
+    jumps: dict[str, list[tuple[int, str]]] = {}
+    kube_virt = set()
+    for chain, indexes in chains.items():
+        for index in indexes:
+            rule = entries[index].rule
+            if rule is not None and isinstance(rule.target, Jump) and rule.target.chain in OWN_CHAINS:
+                jumps.setdefault(chain, []).append((index, rule.target.chain))
+                if rule.target.chain == "ISTIO_REDIRECT":
+                    kube_virt |= {clause.name for clause in rule.clauses if isinstance(clause, InInterface)}
+    # On its side of each of our jumps: the plan puts it before (or after) our jumps to some chains.
+    placed = {
+        index: rule
+        for index, rule in candidates.items()
+        if not any(
+            (target in shapes[_signature(rule)].after and at < index)
+            or (target in shapes[_signature(rule)].before and at > index)
+            for at, target in jumps.get(entries[index].chain, [])
+        )
+    }
+    returns = {(entries[index].chain, name) for index in placed if (name := _interface_return(entries[index]))}
+    tproxy_marks = _marks_of_our_chains(state) if "ISTIO_INBOUND" in state.chains else None
+    # A configuration writes each of these rules once: a second copy is someone else's.
+    present = {
+        (entries[index].chain, canonical(rule, _as_stored))
+        for indexes in chains.values()
+        for index in indexes
+        if owned[index] and (rule := entries[index].rule) is not None
+    }
+    vouched = []
+    for index, rule in placed.items():
+        chain = entries[index].chain
+        if (chain, canonical(rule, _as_stored)) in present:
+            continue
+        name = _interface_return(entries[index])
+        partner = ("OUTPUT", name) if chain == "PREROUTING" else ("PREROUTING", name)
+        if name is not None and not (
+            partner in returns or (rule.table is Table.NAT and chain == "PREROUTING" and name in kube_virt)
+        ):
+            continue
+        if rule.table is Table.MANGLE and (tproxy_marks is None or not _marks_of(rule) <= tproxy_marks):
+            continue
+        vouched.append(index)
+        present.add((chain, canonical(rule, _as_stored)))
+    return vouched
 
 
 def _interface_return(entry: SavedRule) -> str | None:
@@ -375,8 +568,22 @@ def _interface_return(entry: SavedRule) -> str | None:
     return None
 
 
-def holds_own(state: TableState) -> bool:
-    return any(chain in OWN_CHAINS for chain in state.chains) or bool(own_entries(state))
+_MARK_OPTION = re.compile(r"--(?:mark|set-xmark|set-mark|tproxy-mark) (\S+)")
+
+
+def _marks_of_our_chains(state: TableState) -> set[int]:
+    """The marks our chains of a table match and set (read from the text: they may hold 10,000 rules)."""
+    return {
+        int(value.split("/")[0], 0)
+        for entry in state.entries
+        if entry.chain in OWN_CHAINS
+        for value in _MARK_OPTION.findall(entry.text)
+    }
+
+
+def _marks_of(rule: Rule) -> set[int]:
+    marks = {clause.mark for clause in rule.clauses if isinstance(clause, Mark | Connmark)}
+    return marks | ({rule.target.mark} if isinstance(rule.target, SetMark) else set())
 
 
 # ---- layout: our rules per table and chain, in kernel order, comparable between plan and live ---------
@@ -417,20 +624,31 @@ def canonical(rule: Rule, group_id: Callable[[int | str], int | str]) -> Rule:
     return Rule(rule.table, rule.chain, tuple(sorted(clauses, key=order)), rule.target, comment=rule.comment)
 
 
-def planned_layout(rules: Iterable[Rule], group_id: Callable[[int | str], int | str]) -> Layout:
+Chains = set[tuple[Table, str]]
+
+
+def planned_layout(
+    rules: Iterable[Rule], group_id: Callable[[int | str], int | str], only: Chains | None = None
+) -> Layout:
     """Where the plan's rules end up, in the canonical spelling that live rules are compared in."""
-    return live_layout(tables_holding(rules), group_id)
+    rules = [rule for rule in rules if only is None or (rule.table, rule.chain) in only]
+    return live_layout(tables_holding(rules), group_id, only)
 
 
-def live_layout(tables: dict[Table, TableState], group_id: Callable[[int | str], int | str] | None) -> Layout:
-    """Our chains and our rules per chain, canonically spelled; with ``group_id`` None, as the text reads
-    (for comparing a save with the plan spelled as iptables-save prints it, without parsing)."""
+def live_layout(
+    tables: dict[Table, TableState], group_id: Callable[[int | str], int | str] | None, only: Chains | None = None
+) -> Layout:
+    """Our chains and our rules per chain (``only`` some of them, if given), canonically spelled; with
+    ``group_id`` None, as the text reads (for comparing a save with the plan spelled as iptables-save prints
+    it, without parsing)."""
     layout: Layout = {}
     for table, state in tables.items():
         for chain in state.chains:
-            if chain in OWN_CHAINS:
+            if chain in OWN_CHAINS and (only is None or (table, chain) in only):
                 layout.setdefault(table, {}).setdefault(chain, [])
         for entry in own_entries(state):
+            if only is not None and (table, entry.chain) not in only:
+                continue
             rule = None if group_id is None else entry.rule
             text = entry.text if rule is None or group_id is None else rule_text(canonical(rule, group_id))
             layout.setdefault(table, {}).setdefault(entry.chain, []).append(text)
@@ -440,6 +658,15 @@ def live_layout(tables: dict[Table, TableState], group_id: Callable[[int | str],
 def saved_as_planned(rules: Iterable[Rule], group_id: Callable[[int | str], int | str]) -> Layout:
     """The plan's rules as iptables-save prints them, to compare with a save's text as it reads."""
     return live_layout(tables_holding(rules, lambda rule: save_text(canonical(rule, group_id))), None)
+
+
+def differing_chains(expected: Layout, live: Layout) -> Chains:
+    return {
+        (table, chain)
+        for table in expected.keys() | live.keys()
+        for chain in expected.get(table, {}).keys() | live.get(table, {}).keys()
+        if expected.get(table, {}).get(chain) != live.get(table, {}).get(chain)
+    }
 
 
 def layout_lines(layout: Layout) -> list[str]:
@@ -477,6 +704,8 @@ def compare(expected: Layout, live: Layout) -> LayoutDiff:
         chains = set(expected.get(table, {})) | set(live.get(table, {}))
         for chain in sorted(chains):
             want, have = expected.get(table, {}).get(chain, []), live.get(table, {}).get(chain, [])
+            if want == have:
+                continue
             for operation, w1, w2, h1, h2 in difflib.SequenceMatcher(a=want, b=have, autojunk=False).get_opcodes():
                 wanted = [(table, chain, text) for text in want[w1:w2]]
                 found = [(table, chain, text) for text in have[h1:h2]]

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 
 from . import routes
-from .apply import group_id, iptables_copies, observe, xtables_environment
+from .apply import Observation, group_id, iptables_copies, observe, reference_places, xtables_environment
+from .backends import ipset
 from .backends import nft as native
+from .backends.restore import LEGACY, NFT, available, detect, holds_legacy_tables, holds_nft_tables
 from .config import Config
 from .errors import ApplyError
+from .hostfacts import which
 from .model import Plan, Table
 from .nft_state import planned_layout
-from .records import record
+from .records import field, record
 from .render.nft import TABLE_NAMES
-from .state import Layout, compare, own_entries
+from .state import Layout, compare, foreign_entries, holds_own, live_layout, locate, own_entries, parse_tables
 
 NATIVE = "native"
 """The variant of the native nftables tables (``--native-nftables``), which hold both families."""
@@ -40,42 +43,76 @@ class Status:
     families: list[FamilyStatus]
     routing: list[str]
     """The routing changes an apply would make (TPROXY ip rules and routes, ``::6``)."""
+    sets: list[str] = field(default_factory=list)
+    """How our ipsets (``--match-sets`` with iptables) differ from the plan's; native sets are in the layout."""
+    uses_sets: bool = False
+    """Whether the plan or the live rules use our ipsets (only then is there a sets line)."""
 
     @property
     def in_sync(self) -> bool:
-        return all(family.in_sync for family in self.families) and not self.routing
+        return all(family.in_sync for family in self.families) and not self.routing and not self.sets
 
 
 def status(config: Config, plan: Plan) -> Status:
-    if config.native_nftables:
-        families = native_status(config, plan)
-    else:
-        families = iptables_status(config, plan) + native_copy_status()
     routing = [description for description, _, _ in routes.changes(plan, routes.read(), config.cleanup_only)]
-    return Status(families, routing)
+    if config.native_nftables:
+        return Status(native_status(config, plan), routing)
+    environment = xtables_environment(config)
+    observations = observe(config, plan, environment)
+    families = [
+        report
+        for seen in observations
+        for report in (_family_status(seen, plan), _stray_copy(seen, plan, environment))
+        if report is not None
+    ]
+    planned_sets = () if config.cleanup_only else plan.sets
+    referenced = any("--match-set ISTIO_" in seen.iptables.saved for seen in observations)
+    uses_sets = bool(planned_sets) or referenced or (config.cleanup_only and which("ipset") is not None)
+    sets = ipset.differences(planned_sets, ipset.read()) if uses_sets else []
+    return Status(families + native_copy_status(), routing, sets, uses_sets)
 
 
-def iptables_status(config: Config, plan: Plan) -> list[FamilyStatus]:
-    families = []
-    for seen in observe(config, plan, xtables_environment(config)):
-        difference = compare(seen.expected, seen.actual)
-        foreign = [
-            (table, entry.chain, entry.text)
-            for table, state in seen.live.items()
-            for entry in state.entries
-            if entry not in own_entries(state)
-        ]
-        families.append(
-            FamilyStatus(
-                seen.target.family.label,
-                seen.iptables.variant.value,
-                difference.missing,
-                difference.extra,
-                difference.changed,
-                foreign,
-            )
-        )
-    return families
+def _family_status(seen: Observation, plan: Plan) -> FamilyStatus | None:
+    """One family's rules against the plan; None for a family the flags leave alone (``--no-ipv6``) that
+    holds nothing of ours."""
+    if seen.target.family not in plan.families and not any(map(holds_own, seen.live.values())):
+        return None
+    difference = seen.difference
+    foreign = [
+        (table, entry.chain, entry.text) for table, state in seen.live.items() for entry in foreign_entries(state)
+    ]
+    return FamilyStatus(
+        seen.target.family.label,
+        seen.iptables.variant.value,
+        difference.missing,
+        difference.extra,
+        difference.changed,
+        foreign,
+    )
+
+
+def _stray_copy(seen: Observation, plan: Plan, environment: dict[str, str]) -> FamilyStatus | None:
+    """Our rules in the family's other iptables variant (nft beside legacy, or the reverse): a copy the kernel
+    runs too, which an apply does not look at. None when it holds nothing of ours."""
+    family = seen.target.family
+    other = NFT if seen.iptables.variant is LEGACY else LEGACY
+    maybe = holds_legacy_tables(family) if other is LEGACY else holds_nft_tables(family)
+    if not maybe or not available(family, other):
+        return None
+    try:
+        live = locate(parse_tables(detect(family, other, environment).saved), reference_places(plan, family))
+    except ApplyError:
+        return None
+    layout = live_layout(live, None)
+    if not layout:
+        return None
+    return FamilyStatus(family.label, other.value, [], _every_rule(layout) + _empty_extras({}, layout), [], [])
+
+
+def _every_rule(layout: Layout) -> list[Ref]:
+    return [
+        (table, chain, text) for table, chains in layout.items() for chain, texts in chains.items() for text in texts
+    ]
 
 
 def native_status(config: Config, plan: Plan) -> list[FamilyStatus]:
@@ -94,7 +131,7 @@ def native_status(config: Config, plan: Plan) -> list[FamilyStatus]:
             [],
         )
     ]
-    for iptables, live in iptables_copies(xtables_environment(config), nft.saved.iptables_nft):
+    for iptables, live in iptables_copies(xtables_environment(config), nft.saved.iptables_nft, plan):
         extra = [(table, entry.chain, entry.text) for table, state in live.items() for entry in own_entries(state)]
         families.append(FamilyStatus(iptables.family.label, iptables.variant.value, [], extra, [], []))
     return families
@@ -109,10 +146,7 @@ def native_copy_status() -> list[FamilyStatus]:
         layout = native.detect().saved.layout(group_id)
     except ApplyError:
         layout = {table: {} for table in tables}
-    extra = [
-        (table, chain, text) for table, chains in layout.items() for chain, texts in chains.items() for text in texts
-    ]
-    return [FamilyStatus("inet", NATIVE, [], extra + _empty_extras({}, layout), [], [])]
+    return [FamilyStatus("inet", NATIVE, [], _every_rule(layout) + _empty_extras({}, layout), [], [])]
 
 
 def _empty_extras(expected: Layout, actual: Layout) -> list[Ref]:
@@ -148,6 +182,9 @@ def render_status_text(report: Status) -> str:
             lines += [f"    {table.value} {chain}: {text}" for table, chain, text in family.foreign]
     lines.append("routing: " + ("in sync" if not report.routing else "DRIFT"))
     lines += [f"  would {change}" for change in report.routing]
+    if report.uses_sets:
+        lines.append("sets: " + ("in sync" if not report.sets else "DRIFT"))
+        lines += [f"  {difference}" for difference in report.sets]
     return "\n".join(lines) + "\n"
 
 
@@ -170,5 +207,6 @@ def render_status_json(report: Status) -> str:
             for family in report.families
         ],
         "routing": {"in_sync": not report.routing, "changes": report.routing},
+        "sets": {"in_sync": not report.sets, "changes": report.sets},
     }
     return json.dumps(document, indent=2) + "\n"

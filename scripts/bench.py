@@ -3,9 +3,9 @@ against a baseline measured in the same run. Everything runs in network namespac
 
 Sections: start-up cost; apply latency of the init container's default flags (ours per backend, the bare
 iptables-restore "floor", and "Istio's way" replayed as plain commands); scale with 10 to 10,000 entries
-(time and processes for apply, unchanged re-run and reconcile, and Istio's per-rule checks replayed); new
-connections per second through the capture with 0 and 10,000 exclusions; peak memory; the admission
-webhook's reviews per second and latency.
+(time and processes for apply, unchanged re-run, status and reconcile, and Istio's per-rule checks
+replayed); new connections per second through the capture with 0 and 10,000 exclusions; peak memory; the
+admission webhook's reviews per second and latency.
 """
 
 from __future__ import annotations
@@ -283,6 +283,7 @@ def scale(sizes: Sequence[int], replay_sample: int) -> list[Row]:
             with namespace() as ns:
                 apply_time = timed(inside(ns, [CLI, *flags]))
                 rerun_time = timed(inside(ns, [CLI, *flags]))
+                status_time = timed(inside(ns, [CLI, *flags, "status"]))
                 reconcile_time = timed(inside(ns, [CLI, *changed]))
                 reconcile_processes = count_processes(inside(ns, [CLI, *flags])) - 1
                 rerun_processes = count_processes(inside(ns, [CLI, *flags])) - 1
@@ -292,6 +293,7 @@ def scale(sizes: Sequence[int], replay_sample: int) -> list[Row]:
             rows += [
                 Row(f"{label}: apply", apply_time, apply_processes),
                 Row(f"{label}: unchanged re-run", rerun_time, rerun_processes),
+                Row(f"{label}: status (ratio: to the unchanged re-run)", status_time, None, rerun_time),
                 Row(f"{label}: reconcile (one entry changed)", reconcile_time, reconcile_processes),
             ]
             if not backend:

@@ -80,6 +80,7 @@ NOT_OURS = {
     "--wait": "iptables-legacy's, which the apply passes",
     "--flag": "Istio's --flag=true|false form, in general",
     "--no-": "the --no-… form of switches, in general",
+    "--restore-mark": "iptables' CONNMARK option, in a rule's shape",
 }
 
 

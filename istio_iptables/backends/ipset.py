@@ -101,6 +101,22 @@ def destroyed(drop_payload: str) -> list[str]:
     return [line.split()[1] for line in drop_payload.splitlines()]
 
 
+def differences(sets: tuple[AddressSet | PortSet, ...], live: dict[str, LiveSet]) -> list[str]:
+    """How our live sets differ from the planned ones, one line per set or member; empty when as planned."""
+    lines = []
+    for ipset in sets:
+        current = live.get(ipset.name)
+        if current is None:
+            lines.append(f"missing set {ipset.name}")
+            continue
+        wanted = wanted_members(ipset)
+        lines += [f"{ipset.name}: missing member {member}" for member in sorted(wanted - current.members)]
+        lines += [f"{ipset.name}: extra member {member}" for member in sorted(current.members - wanted)]
+    planned = {ipset.name for ipset in sets}
+    lines += [f"extra set {name} ({len(found.members)} members)" for name, found in live.items() if name not in planned]
+    return lines
+
+
 def restore_as_read(live: dict[str, LiveSet], sets: tuple[AddressSet | PortSet, ...]) -> str:
     """The restore input that undoes ``fill``: sets it created destroyed, sets it changed refilled as read."""
     lines = []

@@ -93,11 +93,11 @@ class Libiptc(Iptables):
         if self.variant is not LEGACY:
             raise ValueError("the libiptc backend writes legacy tables only")
 
-    def restore(self, payload: str, flush: bool = False) -> None:
-        """Apply an iptables-restore payload (``--noflush`` semantics unless ``flush``), one commit per table.
-        Tables before a refused one stay committed, as with iptables-restore; the refused one is unchanged."""
+    def restore(self, payload: str) -> None:
+        """Apply an iptables-restore payload (``--noflush`` semantics), one commit per table. Tables before a
+        refused one stay committed, as with iptables-restore; the refused one is unchanged."""
         with _xtables_lock(self.environment):
-            _in_worker(self.family, lambda: _restore(self.family, payload, flush))
+            _in_worker(self.family, lambda: _restore(self.family, payload))
 
     def save(self) -> str:
         return _save(self.family, LEGACY, self.environment)
@@ -141,9 +141,9 @@ def detect(family: Family, environment: dict[str, str]) -> Libiptc:
 # ---- applying a payload -------------------------------------------------------------------------------
 
 
-def _restore(family: Family, payload: str, flush: bool) -> str:
+def _restore(family: Family, payload: str) -> str:
     try:
-        _apply(family, payload, flush)
+        _apply(family, payload)
     except _LineRefusedError as refused:
         raise ApplyError(_explain(family, refused)) from None
     return ""
@@ -173,17 +173,16 @@ def _probe(family: Family, features: list[Feature]) -> list[bool]:
             f"*{feature.table.value}\n:{PROBE_CHAIN} - [0:0]\n-X {PROBE_CHAIN}\nCOMMIT\n"
         )
         try:
-            _apply(family, payload, flush=False)
+            _apply(family, payload)
             present.append(True)
         except _LineRefusedError:
             present.append(False)
     return present
 
 
-def _apply(family: Family, payload: str, flush: bool) -> None:
-    """Each ``*table`` opens a handle (emptied first when flushing, as iptables-restore without --noflush
-    does), its lines change it, its ``COMMIT`` commits it. The first refused line raises _LineRefusedError; its
-    table's handle is dropped uncommitted and nothing after it is applied."""
+def _apply(family: Family, payload: str) -> None:
+    """Each ``*table`` opens a handle, its lines change it, its ``COMMIT`` commits it. The first refused line
+    raises _LineRefusedError; its table's handle is dropped uncommitted and nothing after it is applied."""
     iptc = _iptc()
     table: Any = None
     name = ""
@@ -200,8 +199,6 @@ def _apply(family: Family, payload: str, flush: bool) -> None:
                 name = line[1:].strip()
                 rules = []
                 table = _open(iptc, family, name)
-                if flush:
-                    table.flush()
             elif table is None:
                 raise _RefusedError("a line outside a table (no '*table' line before it)")
             elif line == "COMMIT":

@@ -66,8 +66,8 @@ class Iptables:
     reason: str = ""
     """Why detection chose this variant."""
 
-    def restore(self, payload: str, flush: bool = False) -> None:
-        arguments = self._restore_command(flush)
+    def restore(self, payload: str) -> None:
+        arguments = self._restore_command()
         result = _run(arguments, payload, self.environment)
         if result.returncode != 0:
             raise ApplyError(self._refusal(arguments, payload, result.stderr))
@@ -75,10 +75,8 @@ class Iptables:
     def save(self) -> str:
         return _save(self.family, self.variant, self.environment)
 
-    def _restore_command(self, flush: bool = False) -> list[str]:
-        arguments = [command(self.family, self.variant, "restore")]
-        if not flush:
-            arguments.append("--noflush")
+    def _restore_command(self) -> list[str]:
+        arguments = [command(self.family, self.variant, "restore"), "--noflush"]
         if self.variant is LEGACY:
             # nft takes no lock; legacy waits for it rather than failing when another writer holds it.
             arguments.append("--wait")
@@ -199,6 +197,11 @@ def holds_legacy_tables(family: Family) -> bool:
         return True
     except OSError:
         return False
+
+
+def holds_nft_tables(family: Family) -> bool:
+    """Whether nf_tables may hold an iptables-nft table for this family (when the kernel cannot say: maybe)."""
+    return _nft_tables_in_use(family) is not False
 
 
 _IPTABLES_NFT_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})

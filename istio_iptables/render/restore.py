@@ -3,10 +3,8 @@ that move live tables to a plan."""
 
 from __future__ import annotations
 
-import re
-
 from ..model import BUILTIN_CHAINS, RuleSet, Table, declared_chains
-from ..state import OWN_CHAINS, SavedRule, TableState, holds_own, own_entries
+from ..state import OWN_CHAINS, SavedRule, TableState, holds_own, own_entries, ownership
 from .iptables import rule_text
 
 
@@ -44,6 +42,47 @@ def render_transition(ruleset: RuleSet, live: dict[Table, TableState]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def render_undo(table: Table, before: TableState, now: TableState) -> str:
+    """One iptables-restore --noflush payload (one COMMIT) that puts our rules of a table back as they were
+    (``before``), naming no other rule, so what another program wrote meanwhile stays: our chains are
+    declared (flushed) and refilled as before, chains of ours only ``now`` has deleted, our rules in built-in
+    chains deleted and put back where they stood among the foreign rules around them. Empty when ours are
+    as they were."""
+    was, is_now = own_entries(before), own_entries(now)
+    kept = [chain for chain in before.chains if chain in OWN_CHAINS]
+    added = [chain for chain in now.chains if chain in OWN_CHAINS and chain not in before.chains]
+    if was == is_now and not added and kept == [chain for chain in now.chains if chain in OWN_CHAINS]:
+        return ""
+    lines = [f"* {table.value}", *(f":{chain} - [0:0]" for chain in [*kept, *added])]
+    lines += [delete_line(entry) for entry in is_now if entry.chain in BUILTIN_CHAINS]
+    lines += [entry.text for entry in was if entry.chain in OWN_CHAINS]
+    lines += [f"-X {chain}" for chain in added]
+    lines += _reinserts(before, now)
+    return "".join(line + "\n" for line in [*lines, "COMMIT"])
+
+
+def _reinserts(before: TableState, now: TableState) -> list[str]:
+    """``-I CHAIN N`` for each of our rules ``before`` held in a built-in chain, placed right after the foreign
+    rule that preceded it then (found again among the chain's foreign rules now)."""
+    foreign_now: dict[str, list[str]] = {}
+    for entry, own in zip(now.entries, ownership(now), strict=True):
+        if entry.chain in BUILTIN_CHAINS and not own:
+            foreign_now.setdefault(entry.chain, []).append(entry.text)
+    lines, cursors = [], dict.fromkeys(foreign_now, 0)
+    for entry, own in zip(before.entries, ownership(before), strict=True):
+        if entry.chain not in BUILTIN_CHAINS:
+            continue
+        chain, cursor = foreign_now.setdefault(entry.chain, []), cursors.get(entry.chain, 0)
+        if own:
+            chain.insert(cursor, entry.text)
+            lines.append(f"-I {entry.chain} {cursor + 1} {entry.text.split(' ', 2)[2]}")
+            cursor += 1
+        elif entry.text in chain[cursor:]:
+            cursor = chain.index(entry.text, cursor) + 1
+        cursors[entry.chain] = cursor
+    return lines
+
+
 def render_deletes(table: Table, entries: list[SavedRule]) -> str:
     """One iptables-restore --noflush payload deleting some saved rules of one table, in one COMMIT."""
     return f"* {table.value}\n" + "".join(delete_line(entry) + "\n" for entry in entries) + "COMMIT\n"
@@ -52,24 +91,3 @@ def render_deletes(table: Table, entries: list[SavedRule]) -> str:
 def delete_line(entry: SavedRule) -> str:
     """Saved rules read "-A CHAIN args": the same args after -D delete exactly that rule."""
     return "-D " + entry.text.split(" ", 1)[1]
-
-
-def table_text(saved: str, table: Table) -> str:
-    """One table of a save, without comments and counters: what a comparison of rules needs."""
-    lines, keep = [], False
-    for line in saved.splitlines():
-        if line.startswith("*"):
-            keep = line[1:].strip() == table.value
-        if keep and not line.startswith("#"):
-            lines.append(re.sub(r"\[\d+:\d+\]$", "[0:0]", line))
-        if line.strip() == "COMMIT":
-            keep = False
-    return "".join(line + "\n" for line in lines)
-
-
-def render_tables(saved: str, tables: set[Table]) -> str:
-    """The given tables of a save, whole, for a flushing restore that puts them back exactly as saved; a
-    table the save did not have is restored empty."""
-    return "".join(
-        table_text(saved, table) or f"*{table.value}\nCOMMIT\n" for table in sorted(tables, key=lambda t: t.value)
-    )

@@ -193,14 +193,14 @@ def test_istio_clean_iptables_script_cleans(pod: Pod) -> None:
 # ---- failures leave no trace ------------------------------------------------------------------------
 
 
-def wrapper(directory: Path, name: str, script: str) -> dict[str, str]:
-    """A stand-in for a restore binary, first on PATH: ``script`` (with the real binary as $REAL) handles the
-    --noflush payloads, the rollback's flushing restores go to the real binary."""
+def wrapper(directory: Path, name: str, script: str, *, once: bool = False) -> dict[str, str]:
+    """A stand-in for a restore binary, first on PATH: ``script`` (with the real binary as $REAL) handles every
+    payload, or with ``once`` only the first (the apply's; the rollback's and the feature probes' then go to the
+    real binary)."""
     real = shutil.which(name)
-    path = directory / name
-    path.write_text(
-        f'#!/bin/sh\nREAL={real}\ncase " $* " in *" --noflush "*) ;; *) exec "$REAL" "$@";; esac\n{script}\n'
-    )
+    path, used = directory / name, directory / f"{name}.used"
+    first = f'[ -e {used} ] && exec "$REAL" "$@"\ntouch {used}\n' if once else ""
+    path.write_text(f"#!/bin/sh\nREAL={real}\n{first}{script}\n")
     path.chmod(0o755)
     return {"PATH": f"{directory}:{os.environ['PATH']}"}
 
@@ -227,7 +227,8 @@ def test_refused_ipv6_restore_rolls_back_ipv4(pod: Pod, variant: str, tmp_path: 
         env, failed = {}, REFUSED_BY_LIBIPTC
         before_v6 = iptables_save(pod, "legacy", 6)
     else:
-        env = wrapper(tmp_path, f"ip6tables-{variant}-restore", 'echo "ip6tables-restore: line 1 failed" >&2; exit 1')
+        refusal = 'echo "ip6tables-restore: line 1 failed" >&2; exit 1'
+        env = wrapper(tmp_path, f"ip6tables-{variant}-restore", refusal, once=True)
         failed = "line 1 failed"
     result = run_cli(pod, [*INIT_FLAGS, "--ipv6", *backend_flags(variant)], env=env)
     assert result.returncode == 1
@@ -248,7 +249,7 @@ def test_a_table_refused_mid_payload_rolls_back_the_tables_before_it(pod: Pod, v
     else:
         # The last table of the IPv4 payload (nat) gets a rule the kernel refuses, after mangle and raw committed.
         bad = '{ sed "$ d"; echo "-A ISTIO_OUTPUT -j NO_SUCH_CHAIN_X"; echo COMMIT; } | "$REAL" "$@"'
-        env, refused = wrapper(tmp_path, f"iptables-{variant}-restore", bad), "NO_SUCH_CHAIN_X"
+        env, refused = wrapper(tmp_path, f"iptables-{variant}-restore", bad, once=True), "NO_SUCH_CHAIN_X"
     before = {family: iptables_save(pod, tool(variant), family) for family in (4, 6)}
     result = run_cli(pod, [*EVERYTHING, *backend_flags(variant)], env=env)
     assert result.returncode == 1
@@ -265,7 +266,8 @@ def test_reconcile_failure_keeps_the_old_configuration(pod: Pod, variant: str, t
         refuse_table(pod, 4, "nat")  # after mangle committed
         env = {}
     else:
-        env = wrapper(tmp_path, f"iptables-{variant}-restore", 'echo "iptables-restore: line 3 failed" >&2; exit 1')
+        refusal = 'echo "iptables-restore: line 3 failed" >&2; exit 1'
+        env = wrapper(tmp_path, f"iptables-{variant}-restore", refusal, once=True)
     old = iptables_save(pod, tool(variant), 4)
     result = run_cli(pod, [*EVERYTHING[:-1], "--no-ipv6", *backend_flags(variant)], env=env)
     assert result.returncode == 1

@@ -31,11 +31,11 @@ from istio_iptables.config import IptablesVariant
 from istio_iptables.errors import ApplyError
 from istio_iptables.model import Family
 
-family, flush, lock = Family(int(sys.argv[1])), sys.argv[2] == "flush", sys.argv[3]
+family, lock = Family(int(sys.argv[1])), sys.argv[2]
 backend = Libiptc(family, IptablesVariant.LEGACY, "", {"XTABLES_LOCKFILE": lock})
 for payload in sys.stdin.read().split("\\n---\\n"):
     try:
-        backend.restore(payload, flush=flush)
+        backend.restore(payload)
     except ApplyError as error:
         print(error, file=sys.stderr)
         sys.exit(1)
@@ -48,11 +48,9 @@ def pod() -> Iterator[Pod]:
         yield created
 
 
-def restore(
-    pod: Pod, payload: str, tmp_path: Path, family: int = 4, flush: bool = False
-) -> subprocess.CompletedProcess[str]:
+def restore(pod: Pod, payload: str, tmp_path: Path, family: int = 4) -> subprocess.CompletedProcess[str]:
     """Payloads separated by a ``---`` line are restored one after the other by one process."""
-    arguments = [sys.executable, "-c", RESTORE, str(family), "flush" if flush else "noflush"]
+    arguments = [sys.executable, "-c", RESTORE, str(family)]
     return pod.run([*arguments, str(tmp_path / "xtables.lock")], stdin=payload, check=False)
 
 
@@ -137,29 +135,22 @@ def test_delete_removes_the_first_rule_equal_to_the_spec(pod: Pod, tmp_path: Pat
     assert [line for line in rules(pod, "mangle") if line.startswith("-A ISTIO_X")] == ["-A ISTIO_X -j RETURN"]
 
 
-def test_flush_empties_the_table_and_sets_the_policies(pod: Pod, tmp_path: Path) -> None:
-    pod.run(["iptables-legacy", "-N", "FOREIGN_CHAIN"])
-    pod.run(["iptables-legacy", "-A", "FOREIGN_CHAIN", "-j", "RETURN"])
+def test_a_builtin_chain_line_sets_its_policy_and_keeps_its_rules(pod: Pod, tmp_path: Path) -> None:
+    """As iptables-restore --noflush: a built-in chain's line sets its policy and keeps its rules."""
     pod.run(["iptables-legacy", "-A", "OUTPUT", "-p", "udp", "--dport", "9999", "-j", "ACCEPT"])
-    whole = (
-        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_X - [0:0]\n"
-        "-A ISTIO_X -j RETURN\nCOMMIT\n"
+    kept = (
+        "*filter\n:ISTIO_X - [0:0]\n:FORWARD DROP [3:4]\n-A FORWARD -j ISTIO_X\nCOMMIT\n"
+        "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"
     )
-    assert restore(pod, whole, tmp_path, flush=True).returncode == 0
+    assert restore(pod, kept, tmp_path).returncode == 0
     assert rules(pod, "filter") == [
         ":INPUT ACCEPT [0:0]",
-        ":FORWARD DROP [0:0]",
+        ":FORWARD ACCEPT [0:0]",
         ":OUTPUT ACCEPT [0:0]",
         ":ISTIO_X - [0:0]",
-        "-A ISTIO_X -j RETURN",
+        "-A FORWARD -j ISTIO_X",
+        "-A OUTPUT -p udp -m udp --dport 9999 -j ACCEPT",
     ]
-    # Without flushing, a built-in chain's line sets its policy and keeps its rules (iptables-restore --noflush).
-    kept = "*filter\n:FORWARD ACCEPT [3:4]\n-A FORWARD -j ISTIO_X\nCOMMIT\n*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"
-    assert restore(pod, kept, tmp_path).returncode == 0
-    assert ":FORWARD ACCEPT [0:0]" in rules(pod, "filter") and "-A FORWARD -j ISTIO_X" in rules(pod, "filter")
-    # An empty table in a flushing restore (rollback of a table the save did not have) leaves it empty.
-    assert restore(pod, "*filter\nCOMMIT\n", tmp_path, flush=True).returncode == 0
-    assert rules(pod, "filter") == [":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
 
 
 @pytest.mark.parametrize(
@@ -266,8 +257,10 @@ def test_foreign_rules_round_trip(pod: Pod, tmp_path: Path, family: int) -> None
     written = _rules_only(iptables_save(pod, "legacy", family))
     assert written.count("-A ") == FOREIGN[family].count("-A ")
 
-    # The save, through libiptc, is the save again.
-    assert restore(pod, written, tmp_path, family, flush=True).returncode == 0
+    # The save, through libiptc into emptied tables, is the save again.
+    emptied = "".join(line + "\n" for line in written.splitlines() if line.startswith("*") or line == "COMMIT")
+    pod.run([restore_binary], stdin=emptied)
+    assert restore(pod, written, tmp_path, family).returncode == 0
     assert _rules_only(iptables_save(pod, "legacy", family)) == written
 
     # Every rule deleted by the spec its save prints: libiptc's entries equal iptables' ones ...
@@ -280,7 +273,8 @@ def test_foreign_rules_round_trip(pod: Pod, tmp_path: Path, family: int) -> None
     assert restore(pod, deletions, tmp_path, family).returncode == 0
     assert "-A " not in iptables_save(pod, "legacy", family)
     # ... and the other way round.
-    assert restore(pod, written, tmp_path, family, flush=True).returncode == 0
+    pod.run([restore_binary], stdin=emptied)
+    assert restore(pod, written, tmp_path, family).returncode == 0
     pod.run([restore_binary, "--noflush"], stdin=deletions)
     assert "-A " not in iptables_save(pod, "legacy", family)
 
