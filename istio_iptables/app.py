@@ -241,7 +241,7 @@ def _live_rules(config: configuration.Config, plan: Plan, family: Family) -> tup
         return state.family_tables(family), state.sets
     from .apply import observe, xtables_environment  # noqa: PLC0415
 
-    seen = next((s for s in observe(config, plan, xtables_environment(config)) if s.target.family is family), None)
+    seen = next((s for s in observe(config, plan, xtables_environment()) if s.target.family is family), None)
     if seen is None:
         raise ConfigError(f"--live: no {family.label} rules can be read here")
     uses_sets = any("--match-set ISTIO_" in entry.text for state in seen.live.values() for entry in state.entries)

@@ -67,8 +67,8 @@ class Transition:
 
 def apply(config: Config, plan: Plan) -> None:
     """Make this namespace hold exactly the plan (or, with ``--cleanup-only``, nothing of ours)."""
-    environment = xtables_environment(config)
-    with namespace_lock(environment):
+    environment = xtables_environment()
+    with namespace_lock():
         native_copy = native.own_tables()
         switching = bool(native_copy) and config.reconcile and not config.cleanup_only and which("nft") is not None
         held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
@@ -136,8 +136,8 @@ def _sets_concern(config: Config, planned: tuple[AddressSet | PortSet, ...], tra
 def apply_native(config: Config, plan: Plan) -> None:
     """``--native-nftables``: make our three ``inet`` tables hold exactly the plan (or, with ``--cleanup-only``,
     delete them) in one nft transaction, converge routing, then remove any iptables copy of our rules."""
-    environment = xtables_environment(config)
-    with namespace_lock(environment):
+    environment = xtables_environment()
+    with namespace_lock():
         nft = native.detect()
         copies = iptables_copies(environment, nft.saved.iptables_nft)
         switching = bool(copies) and config.reconcile and not config.cleanup_only
@@ -392,32 +392,52 @@ def group_id(group: int | str) -> int | str:
         return group
 
 
-def xtables_environment(config: Config) -> dict[str, str]:
-    """Working in another namespace, legacy iptables gets a lock of its own instead of the host's
-    /run/xtables.lock, so it neither waits for nor blocks the host's writers (kube-proxy, ...)."""
-    if not config.network_namespace or "XTABLES_LOCKFILE" in os.environ:
+SYSTEM_XTABLES_LOCK = "/run/xtables.lock"
+
+
+def xtables_environment() -> dict[str, str]:
+    """Legacy iptables takes the system's xtables lock (``XTABLES_LOCKFILE``, else /run/xtables.lock), as
+    every other writer of legacy tables does (``iptables -w``): a legacy write replaces a whole table, so
+    two writers in one namespace under different locks lose each other's rules. Only where that lock
+    cannot be opened at all (not root, no ``XTABLES_LOCKFILE``) does legacy get one in our lock directory."""
+    if "XTABLES_LOCKFILE" in os.environ or _can_open(SYSTEM_XTABLES_LOCK):
         return {}
-    return {"XTABLES_LOCKFILE": os.path.join(_lock_directory(), f"xtables-netns-{netns.current_id()}.lock")}
+    return {"XTABLES_LOCKFILE": os.path.join(_lock_directory(), "xtables.lock")}
 
 
-def namespace_lock_path(environment: dict[str, str]) -> str:
-    """Beside the xtables lock when there is one (the emptyDir of the image), else one per namespace."""
-    xtables_lock = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE")
+def namespace_lock_path() -> str:
+    """One file for every namespace (each run locks the byte of its own namespace): in /run, else beside
+    the xtables lock (the image's emptyDir), else in the temporary directory."""
+    if os.access("/run", os.W_OK):
+        return RUN_LOCK
+    xtables_lock = os.environ.get("XTABLES_LOCKFILE")
     if xtables_lock:
         return f"{xtables_lock}.istio-iptables"
-    return os.path.join(_lock_directory(), f"istio-iptables-netns-{netns.current_id()}.lock")
+    return os.path.join(_lock_directory(), os.path.basename(RUN_LOCK))
+
+
+RUN_LOCK = "/run/istio-iptables.lock"
 
 
 @contextmanager
-def namespace_lock(environment: dict[str, str]) -> Iterator[None]:
-    """Serialise runs in one namespace: read state, decide and write must not interleave with another run."""
+def namespace_lock() -> Iterator[None]:
+    """Serialise runs in one namespace, however each entered it: read state, decide and write must not
+    interleave with another run. Keyed by the namespace's identity, not by a name or a path to it."""
     with locks.held(
-        namespace_lock_path(environment),
+        namespace_lock_path(),
         LOCK_TIMEOUT,
         "the lock file",
         "; point XTABLES_LOCKFILE at a writable directory",
+        byte=netns.identity(),
     ):
         yield
+
+
+def _can_open(path: str) -> bool:
+    """Whether iptables could open (or create) the lock file, without creating it."""
+    if os.path.exists(path):
+        return os.access(path, os.R_OK)
+    return os.access(os.path.dirname(path), os.W_OK | os.X_OK)
 
 
 def _lock_directory() -> str:

@@ -40,6 +40,13 @@ def current_id() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
 
+def identity() -> int:
+    """This process's network namespace as one number, the same for every process working in it however it
+    got there (``ip netns exec``, ``--network-namespace``, a pod): device and inode of its nsfs file."""
+    here = os.stat("/proc/self/ns/net")
+    return here.st_dev << 32 | here.st_ino
+
+
 def may_be_pid1_namespace() -> bool:
     """Whether this process may be working in PID 1's network namespace: on a host (not a pod, not
     ``ip netns exec``), that is the host's own network. When PID 1 cannot be read, the answer is yes:

@@ -57,7 +57,7 @@ def status(config: Config, plan: Plan) -> Status:
 
 def iptables_status(config: Config, plan: Plan) -> list[FamilyStatus]:
     families = []
-    for seen in observe(config, plan, xtables_environment(config)):
+    for seen in observe(config, plan, xtables_environment()):
         difference = compare(seen.expected, seen.actual)
         foreign = [
             (table, entry.chain, entry.text)
@@ -94,7 +94,7 @@ def native_status(config: Config, plan: Plan) -> list[FamilyStatus]:
             [],
         )
     ]
-    for iptables, live in iptables_copies(xtables_environment(config), nft.saved.iptables_nft):
+    for iptables, live in iptables_copies(xtables_environment(), nft.saved.iptables_nft):
         extra = [(table, entry.chain, entry.text) for table, state in live.items() for entry in own_entries(state)]
         families.append(FamilyStatus(iptables.family.label, iptables.variant.value, [], extra, [], []))
     return families
