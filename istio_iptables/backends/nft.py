@@ -27,6 +27,7 @@ from ..model import Table
 from ..nft_state import FAMILY, OWN_TABLES, NftState, parse_ruleset, restore_document
 from ..records import record
 from ..render.nft import TABLE_NAMES
+from .restore import LOSSLESS
 
 log = Log(__name__)
 
@@ -198,7 +199,9 @@ def _first_lines(stderr: str, count: int = 6) -> str:
 
 def _run(arguments: list[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(arguments, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+        return subprocess.run(
+            arguments, input=stdin, capture_output=True, text=True, errors=LOSSLESS, timeout=_TIMEOUT, check=False
+        )
     except FileNotFoundError:
         raise ApplyError(f"{arguments[0]} not found: install nftables") from None
     except OSError as error:

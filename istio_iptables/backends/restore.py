@@ -26,6 +26,9 @@ LEGACY, NFT = IptablesVariant.LEGACY, IptablesVariant.NFT
 _LEGACY_TABLES = {Family.V4: "/proc/net/ip_tables_names", Family.V6: "/proc/net/ip6_tables_names"}
 _FAILED_LINE = re.compile(r"line (\d+) failed|Error occurred at line: (\d+)")
 _TIMEOUT = 60.0
+LOSSLESS = "surrogateescape"
+"""How the kernel's text is read and written back: its bytes need not be UTF-8 (a foreign rule's comment
+may hold any), and every byte must survive a save read and restored."""
 
 # What a rule needs from the kernel, by the spelling of its match or target, with the module providing it.
 _FEATURE_PROBES: dict[str, tuple[Table, str, str]] = {
@@ -163,11 +166,14 @@ def detect(family: Family, forced: IptablesVariant | None, environment: dict[str
         return Iptables(family, forced, saved, environment, "forced with --force-iptables-binary")
     errors = []
     saves: dict[IptablesVariant, str] = {}
+    unreadable: IncompatibleTableError | None = None
     for variant in (LEGACY, NFT):
         if variant is LEGACY and not holds_legacy_tables(family):
             continue
         try:
             saves[variant] = _save(family, variant, environment)
+        except IncompatibleTableError as error:
+            unreadable = error
         except ApplyError as error:
             errors.append(str(error))
     for variant in (LEGACY, NFT):
@@ -175,6 +181,9 @@ def detect(family: Family, forced: IptablesVariant | None, environment: dict[str
             reason = "it holds this namespace's rules"
             log.info("%s: using %s: %s", family.label, command(family, variant), reason)
             return Iptables(family, variant, saves[variant], environment, reason)
+    if unreadable:
+        # Not a reason to fall back to legacy: the nft table may hold our rules, unseen.
+        raise unreadable
     if NFT in saves:
         return Iptables(family, NFT, saves[NFT], environment, "no variant holds rules here; nft is preferred")
     if LEGACY not in saves and which(command(family, LEGACY, "save")):
@@ -230,7 +239,22 @@ def _save(family: Family, variant: IptablesVariant, environment: dict[str, str])
             return "".join(table.stdout for table in tables)
     if result.returncode != 0:
         raise ApplyError(f"{arguments[0]} failed: {result.stderr.strip()}")
+    incompatible = _INCOMPATIBLE.findall(result.stdout)
+    if incompatible:
+        raise IncompatibleTableError(
+            f"{family.label}: nf_tables table {', '.join(incompatible)} holds rules {arguments[0]} cannot read "
+            f'(it prints "Table `{incompatible[0]}\' is incompatible": written with nft, not iptables); our rules '
+            "cannot be read or changed safely beside them, so nothing was changed: move those rules to an nft "
+            "table of another name (iptables-nft owns the ip and ip6 tables filter, nat, mangle, raw and security)"
+        )
     return result.stdout
+
+
+class IncompatibleTableError(ApplyError):
+    """iptables-nft cannot read a table written with ``nft``: its rules (ours among them, maybe) are unknown."""
+
+
+_INCOMPATIBLE = re.compile(r"^# Table `(\w+)' is incompatible", re.MULTILINE)
 
 
 def _run(arguments: list[str], stdin: str | None, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -240,6 +264,7 @@ def _run(arguments: list[str], stdin: str | None, environment: dict[str, str]) -
             input=stdin,
             capture_output=True,
             text=True,
+            errors=LOSSLESS,
             env={**os.environ, **environment},
             timeout=_TIMEOUT,
             check=False,

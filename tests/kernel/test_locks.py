@@ -55,7 +55,9 @@ def test_ip_netns_exec_and_network_namespace_runs_never_mix(pod: Pod, variant: s
                 text=True,
                 env={**os.environ, "KUBERNETES_SERVICE_HOST": "198.18.255.1"},  # the host guard: this is a pod
             ),
-            subprocess.Popen([CLI, "--network-namespace", pod.name, *second, *forced], stderr=subprocess.PIPE, text=True),
+            subprocess.Popen(
+                [CLI, "--network-namespace", pod.name, *second, *forced], stderr=subprocess.PIPE, text=True
+            ),
         ]
         errors = [process.communicate(timeout=120)[1] for process in processes]
         assert [process.returncode for process in processes] == [0, 0], (round_, errors)
@@ -68,7 +70,7 @@ def test_legacy_writes_lose_no_concurrent_iptables_w_append(pod: Pod) -> None:
     appends = 400
     script = (
         f"i=0; while [ $i -lt {appends} ]; do "
-        'iptables-legacy -w -t nat -A FOREIGN_APPENDS -s 198.19.$((i / 250)).$((i % 250))/32 -j RETURN || exit 1; '
+        "iptables-legacy -w -t nat -A FOREIGN_APPENDS -s 198.19.$((i / 250)).$((i % 250))/32 -j RETURN || exit 1; "
         "i=$((i + 1)); done"
     )
     appender = subprocess.Popen(["ip", "netns", "exec", pod.name, "sh", "-c", script], stderr=subprocess.PIPE)
@@ -95,8 +97,8 @@ def test_no_lock_file_per_namespace(tmp_path: Path) -> None:
         with Pod.create() as first, Pod.create() as second, Pod.create() as third:
             names = " ".join(pod.name for pod in (first, second, third))
             script = (
-                "set -e; mkdir \"$RUN/netns\"; mount --rbind /run/netns \"$RUN/netns\"; mount --rbind \"$RUN\" /run; "
-                f'for ns in {names}; do for variant in nft legacy; do '
+                'set -e; mkdir "$RUN/netns"; mount --rbind /run/netns "$RUN/netns"; mount --rbind "$RUN" /run; '
+                f"for ns in {names}; do for variant in nft legacy; do "
                 f'"$CLI" --network-namespace "$ns" {shlex.join(REDIRECT)} --force-iptables-binary $variant; '
                 '"$CLI" --network-namespace "$ns" --cleanup-only; done; done; umount -R /run/netns'
             )
