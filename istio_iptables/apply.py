@@ -28,7 +28,7 @@ from functools import cached_property
 from . import locks, netns, nft_state, routes
 from .backends import ipset
 from .backends import nft as native
-from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
+from .backends.restore import LEGACY, NFT, WRITTEN, Iptables, available, detect, holds_legacy_tables, nft_tables_in_use
 from .config import Backend, Config
 from .errors import ApplyError
 from .hostfacts import which
@@ -63,6 +63,8 @@ class Transition:
     iptables: Iptables
     payload: str
     tables: frozenset[Table]
+    emptying: frozenset[Table] = frozenset()
+    """Tables it changes that the target holds no rule in: on nf_tables, deleted afterwards if left empty."""
 
 
 def apply(config: Config, plan: Plan) -> None:
@@ -73,6 +75,8 @@ def apply(config: Config, plan: Plan) -> None:
         switching = bool(native_copy) and config.reconcile and not config.cleanup_only and which("nft") is not None
         held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
         observations = observe(config, held, environment)
+        if config.cleanup_only:
+            observations += stray_copies(observations, environment)
         transitions = plan_transitions(config, observations)
         if native_copy and not (config.reconcile or config.cleanup_only):
             names = ", ".join(TABLE_NAMES[table] for table in native_copy)
@@ -122,6 +126,7 @@ def apply(config: Config, plan: Plan) -> None:
             except ApplyError as failure:
                 notes.append(f"ROLLBACK FAILED for the sets: {failure}")
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
+        delete_emptied_tables(attempted)
     if not transitions and not native_copy and not fill and not drop:
         log.info("rules already as planned; nothing to change")
 
@@ -155,9 +160,10 @@ def apply_native(config: Config, plan: Plan) -> None:
         # TPROXY switch: the old copy's save-mark out first, the new copy's in last (README, "Switching").
         unmarks = [unmark(iptables, live) if marks.rulesets else (None, live) for iptables, live in copies]
         transitions = [
-            Transition(iptables, payload, frozenset(table for table in Table if f"* {table.value}\n" in payload))
+            Transition(iptables, payload, tables, emptying=tables)
             for (iptables, _), (_, live) in zip(copies, unmarks, strict=True)
             for payload in [render_transition(RuleSet(iptables.family, ()), live)]
+            for tables in [frozenset(table for table in Table if f"* {table.value}\n" in payload)]
         ]
         routing = routes.read()
         committed, attempted, undo = False, list[Transition](), []
@@ -191,6 +197,7 @@ def apply_native(config: Config, plan: Plan) -> None:
             if committed:
                 notes.append(restore_native(nft))
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
+        delete_emptied_tables(attempted)
     if not script and not transitions:
         log.info("rules already as planned; nothing to change")
 
@@ -287,6 +294,32 @@ def iptables_copies(environment: dict[str, str], nft_families: Iterable[Family])
     return copies
 
 
+def stray_copies(observations: list[Observation], environment: dict[str, str]) -> list[Observation]:
+    """Our rules in the iptables variant the observations did not choose (a run forced to the other variant
+    left them): a clean-up removes them in the same run."""
+    chosen = {(seen.target.family, seen.iptables.variant) for seen in observations}
+    nft_families = [family for family in Family if nft_tables_in_use(family) is not False]
+    return [
+        Observation(iptables, RuleSet(iptables.family, ()), live)
+        for iptables, live in iptables_copies(environment, nft_families)
+        if (iptables.family, iptables.variant) not in chosen
+    ]
+
+
+def delete_emptied_tables(transitions: list[Transition]) -> None:
+    """On nf_tables, the chains and tables our rules needed are deleted again once they hold nothing, so the
+    ruleset is as before us (legacy x_tables cannot unload a table). Only a warning when this fails: they
+    are empty, packets pass them untouched."""
+    for transition in transitions:
+        if transition.iptables.variant is NFT and transition.emptying:
+            try:
+                native.delete_emptied(
+                    transition.iptables.family, sorted(transition.emptying, key=lambda table: table.value)
+                )
+            except (ApplyError, ValueError) as error:
+                log.warning("%s: tables left empty stay: %s", transition.iptables.family.label, error)
+
+
 @record
 class Observation:
     """One family: its iptables, the rules it should hold, and what it holds."""
@@ -321,8 +354,11 @@ def observe(config: Config, plan: Plan, environment: dict[str, str]) -> list[Obs
     for family in families:
         planned = plan.ruleset(family)
         target = RuleSet(family, ()) if config.cleanup_only or planned is None else planned
+        # Without root, reading a legacy table creates it: read those the plan writes, or for a clean-up,
+        # every table ours can be in.
+        tables = WRITTEN if config.cleanup_only else frozenset(rule.table for rule in target.rules)
         try:
-            iptables = _detect(config, family, environment)
+            iptables = _detect(config, family, environment, tables)
         except ApplyError:
             if family in plan.families:
                 raise
@@ -348,7 +384,8 @@ def plan_transitions(config: Config, observations: list[Observation]) -> list[Tr
             continue
         payload = render_transition(seen.target, seen.live)
         tables = frozenset(table for table in Table if f"* {table.value}\n" in payload)
-        transitions.append(Transition(seen.iptables, payload, tables))
+        emptying = tables - {rule.table for rule in seen.target.rules}
+        transitions.append(Transition(seen.iptables, payload, tables, emptying))
     if drifts:
         raise DriftError(
             "live rules differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(drifts)
@@ -356,12 +393,12 @@ def plan_transitions(config: Config, observations: list[Observation]) -> list[Tr
     return transitions
 
 
-def _detect(config: Config, family: Family, environment: dict[str, str]) -> Iptables:
+def _detect(config: Config, family: Family, environment: dict[str, str], tables: frozenset[Table]) -> Iptables:
     if config.backend is Backend.LIBIPTC:
         from .backends import libiptc  # noqa: PLC0415 (python-iptables is an optional extra)
 
         return libiptc.detect(family, environment)
-    return detect(family, config.force_iptables_binary, environment)
+    return detect(family, config.force_iptables_binary, environment, tables)
 
 
 def rollback_notes(attempted: list[Transition]) -> list[str]:
