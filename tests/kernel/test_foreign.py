@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 
@@ -30,9 +31,11 @@ def raw(pod: Pod, *command: str | bytes) -> bytes:
 
 
 def run_cli_lossless(pod: Pod, arguments: list[str]) -> subprocess.CompletedProcess[str]:
-    """The program, its output read as it wrote it: a foreign comment's bytes included."""
+    """The program, its output read as it wrote it (a foreign comment's bytes included), in a locale whose
+    streams refuse what is not UTF-8 (as a UTF-8 locale other than C.UTF-8 has them)."""
     return subprocess.run(
         [CLI, "--network-namespace", pod.name, *arguments],
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
         capture_output=True,
         text=True,
         errors="surrogateescape",
