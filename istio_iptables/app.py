@@ -433,7 +433,7 @@ def _trace_live(config: configuration.Config, plan: Plan, flow: Flow, assumed: t
     from .apply import xtables_environment  # noqa: PLC0415
     from .trace import trace  # noqa: PLC0415
 
-    found = live.read(flow.family, xtables_environment(config))
+    found = live.read(flow.family, xtables_environment())
     tables = found.walked.tables if found.walked is not None else {}
     sets = found.walked.sets if found.walked is not None else ()
     nft = found.walked is not None and found.walked.nft

@@ -31,7 +31,7 @@ from functools import cached_property
 from . import interrupts, locks, netns, nft_state, routes
 from .backends import ipset
 from .backends import nft as native
-from .backends.restore import LEGACY, NFT, Iptables, available, detect, holds_legacy_tables
+from .backends.restore import LEGACY, NFT, WRITTEN, Iptables, available, detect, holds_legacy_tables, nft_tables_in_use
 from .changes import table_changes
 from .config import Backend, Config, LogLevel
 from .errors import ApplyError
@@ -76,17 +76,21 @@ class Transition:
     tables: frozenset[Table]
     places: Places = field(default_factory=dict)
     """Where the plan puts our rules in built-in chains: what tells ours apart when undoing this."""
+    emptying: frozenset[Table] = frozenset()
+    """Tables it changes that the target holds no rule in: on nf_tables, deleted afterwards if left empty."""
 
 
 def apply(config: Config, plan: Plan) -> None:
     """Make this namespace hold exactly the plan (or, with ``--cleanup-only``, nothing of ours)."""
     started = time.monotonic()
-    environment = xtables_environment(config)
-    with namespace_lock(environment), interrupts.held():
+    environment = xtables_environment()
+    with namespace_lock(), interrupts.held():
         native_copy = native.own_tables()
         switching = bool(native_copy) and config.reconcile and not config.cleanup_only and which("nft") is not None
         held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
         observations = observe(config, held, environment)
+        if config.cleanup_only:
+            observations += stray_copies(observations, environment, held)
         transitions = plan_transitions(config, observations)
         if native_copy and not (config.reconcile or config.cleanup_only):
             names = ", ".join(TABLE_NAMES[table] for table in native_copy)
@@ -142,6 +146,7 @@ def apply(config: Config, plan: Plan) -> None:
             except ApplyError as failure:
                 notes.append(f"ROLLBACK FAILED for the sets: {failure}")
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
+        delete_emptied_tables(attempted)
     if logs(LogLevel.INFO):
         changed = {transition.iptables.family for transition in transitions}
         lines = [
@@ -194,8 +199,8 @@ def apply_native(config: Config, plan: Plan) -> None:
     """``--native-nftables``: make our three ``inet`` tables hold exactly the plan (or, with ``--cleanup-only``,
     delete them) in one nft transaction, converge routing, then remove any iptables copy of our rules."""
     started = time.monotonic()
-    environment = xtables_environment(config)
-    with namespace_lock(environment), interrupts.held():
+    environment = xtables_environment()
+    with namespace_lock(), interrupts.held():
         nft = native.detect()
         copies = iptables_copies(environment, nft.saved.iptables_nft, plan)
         switching = bool(copies) and config.reconcile and not config.cleanup_only
@@ -213,9 +218,10 @@ def apply_native(config: Config, plan: Plan) -> None:
         # TPROXY switch: the old copy's save-mark out first, the new copy's in last (README, "Switching").
         unmarks = [unmark(iptables, live) if marks.rulesets else (None, live) for iptables, live in copies]
         transitions = [
-            Transition(iptables, payload, touched(payload), places(live))
+            Transition(iptables, payload, tables, places(live), emptying=tables)
             for (iptables, _), (_, live) in zip(copies, unmarks, strict=True)
             for payload in [render_transition(RuleSet(iptables.family, ()), live)]
+            for tables in [touched(payload)]
         ]
         routing = routes.read()
         committed, attempted, undo = False, list[Transition](), []
@@ -245,6 +251,7 @@ def apply_native(config: Config, plan: Plan) -> None:
             if committed:
                 notes.append(restore_native(nft))
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
+        delete_emptied_tables(attempted)
     if logs(LogLevel.INFO):
         lines = _changed_tables(expected, actual, _nft_label) if script else []
         for iptables, live in copies:
@@ -345,6 +352,32 @@ def iptables_copies(environment: dict[str, str], nft_families: Iterable[Family],
     return copies
 
 
+def stray_copies(observations: list[Observation], environment: dict[str, str], plan: Plan) -> list[Observation]:
+    """Our rules in the iptables variant the observations did not choose (a run forced to the other variant
+    left them): a clean-up removes them in the same run."""
+    chosen = {(seen.target.family, seen.iptables.variant) for seen in observations}
+    nft_families = [family for family in Family if nft_tables_in_use(family) is not False]
+    return [
+        Observation(iptables, RuleSet(iptables.family, ()), live)
+        for iptables, live in iptables_copies(environment, nft_families, plan)
+        if (iptables.family, iptables.variant) not in chosen
+    ]
+
+
+def delete_emptied_tables(transitions: list[Transition]) -> None:
+    """On nf_tables, the chains and tables our rules needed are deleted again once they hold nothing, so the
+    ruleset is as before us (legacy x_tables cannot unload a table). Only a warning when this fails: they
+    are empty, packets pass them untouched."""
+    for transition in transitions:
+        if transition.iptables.variant is NFT and transition.emptying:
+            try:
+                native.delete_emptied(
+                    transition.iptables.family, sorted(transition.emptying, key=lambda table: table.value)
+                )
+            except (ApplyError, ValueError) as error:
+                log.warning("%s: tables left empty stay: %s", transition.iptables.family.label, error)
+
+
 @record
 class Observation:
     """One family: its iptables, the rules it should hold, and what it holds."""
@@ -393,8 +426,11 @@ def observe(config: Config, plan: Plan, environment: dict[str, str]) -> list[Obs
     for family in families:
         planned = plan.ruleset(family)
         target = RuleSet(family, ()) if config.cleanup_only or planned is None else planned
+        # Without root, reading a legacy table creates it: read those the plan writes, or for a clean-up,
+        # every table ours can be in.
+        tables = WRITTEN if config.cleanup_only else frozenset(rule.table for rule in target.rules)
         try:
-            iptables = _detect(config, family, environment)
+            iptables = _detect(config, family, environment, tables)
         except ApplyError:
             if family in plan.families:
                 raise
@@ -436,7 +472,9 @@ def plan_transitions(config: Config, observations: list[Observation]) -> list[Tr
             drifts.append(f"{label}:\n" + "\n".join(drift(seen.expected, seen.actual)))
             continue
         payload = render_transition(seen.target, seen.live)
-        transitions.append(Transition(seen.iptables, payload, touched(payload), places(seen.live)))
+        tables = touched(payload)
+        emptying = tables - {rule.table for rule in seen.target.rules}
+        transitions.append(Transition(seen.iptables, payload, tables, places(seen.live), emptying))
     if drifts:
         raise DriftError(
             "live rules differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(drifts)
@@ -444,12 +482,12 @@ def plan_transitions(config: Config, observations: list[Observation]) -> list[Tr
     return transitions
 
 
-def _detect(config: Config, family: Family, environment: dict[str, str]) -> Iptables:
+def _detect(config: Config, family: Family, environment: dict[str, str], tables: frozenset[Table]) -> Iptables:
     if config.backend is Backend.LIBIPTC:
         from .backends import libiptc  # noqa: PLC0415 (python-iptables is an optional extra)
 
         return libiptc.detect(family, environment)
-    return detect(family, config.force_iptables_binary, environment)
+    return detect(family, config.force_iptables_binary, environment, tables)
 
 
 def rollback_notes(attempted: list[Transition]) -> list[str]:
@@ -483,32 +521,52 @@ def group_id(group: int | str) -> int | str:
         return group
 
 
-def xtables_environment(config: Config) -> dict[str, str]:
-    """Working in another namespace, legacy iptables gets a lock of its own instead of the host's
-    /run/xtables.lock, so it neither waits for nor blocks the host's writers (kube-proxy, ...)."""
-    if not config.network_namespace or "XTABLES_LOCKFILE" in os.environ:
+SYSTEM_XTABLES_LOCK = "/run/xtables.lock"
+
+
+def xtables_environment() -> dict[str, str]:
+    """Legacy iptables takes the system's xtables lock (``XTABLES_LOCKFILE``, else /run/xtables.lock), as
+    every other writer of legacy tables does (``iptables -w``): a legacy write replaces a whole table, so
+    two writers in one namespace under different locks lose each other's rules. Only where that lock
+    cannot be opened at all (not root, no ``XTABLES_LOCKFILE``) does legacy get one in our lock directory."""
+    if "XTABLES_LOCKFILE" in os.environ or _can_open(SYSTEM_XTABLES_LOCK):
         return {}
-    return {"XTABLES_LOCKFILE": os.path.join(_lock_directory(), f"xtables-netns-{netns.current_id()}.lock")}
+    return {"XTABLES_LOCKFILE": os.path.join(_lock_directory(), "xtables.lock")}
 
 
-def namespace_lock_path(environment: dict[str, str]) -> str:
-    """Beside the xtables lock when there is one (the emptyDir of the image), else one per namespace."""
-    xtables_lock = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE")
+def namespace_lock_path() -> str:
+    """One file for every namespace (each run locks the byte of its own namespace): in /run, else beside
+    the xtables lock (the image's emptyDir), else in the temporary directory."""
+    if os.access("/run", os.W_OK):
+        return RUN_LOCK
+    xtables_lock = os.environ.get("XTABLES_LOCKFILE")
     if xtables_lock:
         return f"{xtables_lock}.istio-iptables"
-    return os.path.join(_lock_directory(), f"istio-iptables-netns-{netns.current_id()}.lock")
+    return os.path.join(_lock_directory(), os.path.basename(RUN_LOCK))
+
+
+RUN_LOCK = "/run/istio-iptables.lock"
 
 
 @contextmanager
-def namespace_lock(environment: dict[str, str]) -> Iterator[None]:
-    """Serialise runs in one namespace: read state, decide and write must not interleave with another run."""
+def namespace_lock() -> Iterator[None]:
+    """Serialise runs in one namespace, however each entered it: read state, decide and write must not
+    interleave with another run. Keyed by the namespace's identity, not by a name or a path to it."""
     with locks.held(
-        namespace_lock_path(environment),
+        namespace_lock_path(),
         LOCK_TIMEOUT,
         "the lock file",
         "; point XTABLES_LOCKFILE at a writable directory",
+        byte=netns.identity(),
     ):
         yield
+
+
+def _can_open(path: str) -> bool:
+    """Whether iptables could open (or create) the lock file, without creating it."""
+    if os.path.exists(path):
+        return os.access(path, os.R_OK)
+    return os.access(os.path.dirname(path), os.W_OK | os.X_OK)
 
 
 def _lock_directory() -> str:

@@ -21,6 +21,7 @@ from .hostfacts import HostFacts, gather
 from .logsetup import Log, configure
 from .model import Plan
 from .plan import build_plan, proxy_identity, usable_ipv6
+from .records import replace
 
 log = Log(__name__)
 CLEAN_PROG = "istio-clean-iptables"
@@ -127,6 +128,10 @@ def run(config: configuration.Config) -> None:
                 ) from None
         sys.stdout.write(_dry_run_text(config, plan))
     else:
+        if config.cleanup_only and config.ipv6 is None:
+            # A clean-up removes ours from every family it finds them in: it needs no IPv6 detection (which
+            # fails in a namespace with only loopback), and a plan with both families routes both.
+            config = replace(config, ipv6=True)
         facts, plan = enter(config, changes_system=not config.skip_rule_apply)
         if not config.skip_rule_apply:
             from .apply import apply, apply_native  # noqa: PLC0415

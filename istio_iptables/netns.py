@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from .errors import ApplyError, ConfigError
 
@@ -43,6 +44,38 @@ def enter(name_or_path: str) -> None:
 def current_id() -> int:
     """The inode of this process's network namespace: the same for every process working in it."""
     return os.stat("/proc/self/ns/net").st_ino
+
+
+CAP_SYS_ADMIN = 21
+
+
+def scratch_entry() -> Callable[[], None] | None:
+    """Something that moves the process calling it (a child about to probe the kernel) into a new, empty
+    network namespace, which goes when that process ends: probes of kernel features leave no table behind
+    there, and the answer is the same (modules are the kernel's, not a namespace's). None when this process
+    may not create a namespace (no CAP_SYS_ADMIN): then probes run in place."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            effective = next(line.split()[1] for line in status if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return None
+    if not int(effective, 16) >> CAP_SYS_ADMIN & 1:
+        return None
+    import ctypes  # noqa: PLC0415 (only probes need it)
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def enter_scratch() -> None:
+        libc.unshare(CLONE_NEWNET)  # refused (a seccomp filter), the probe runs in place: no worse than without
+
+    return enter_scratch
+
+
+def identity() -> int:
+    """This process's network namespace as one number, the same for every process working in it however it
+    got there (``ip netns exec``, ``--network-namespace``, a pod): device and inode of its nsfs file."""
+    here = os.stat("/proc/self/ns/net")
+    return here.st_dev << 32 | here.st_ino
 
 
 INITIAL_NET_NAMESPACE = 0xEFFFFFF9

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from . import netns
 from .apply import iptables_copies, namespace_lock_path, observe, xtables_environment
 from .backends import nft as native
 from .backends.restore import payload_features
@@ -53,7 +54,7 @@ class Preflight:
 
 
 def preflight(config: Config, plan: Plan) -> Preflight:
-    environment = xtables_environment(config)
+    environment = xtables_environment()
     if config.native_nftables:
         checks = {check.family: check for check in native_checks(plan, environment)}
         return Preflight(list(checks.values()), _uncaptured_ipv6(plan), _locks(checks, environment))
@@ -125,7 +126,7 @@ def _uncaptured_ipv6(plan: Plan) -> list[str]:
 
 
 def _locks(checks: dict[str, FamilyCheck], environment: dict[str, str]) -> list[str]:
-    locks = [namespace_lock_path(environment)]
+    locks = [f"{namespace_lock_path()} (the byte of this namespace, {netns.identity()})"]
     xtables_lock = environment.get("XTABLES_LOCKFILE") or os.environ.get("XTABLES_LOCKFILE") or "/run/xtables.lock"
     if any(check.variant == "legacy" for check in checks.values()):
         locks.append(f"{xtables_lock} (legacy iptables, --wait)")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from . import routes
-from .apply import Observation, group_id, iptables_copies, observe, reference_places, xtables_environment
+from .apply import Observation, group_id, iptables_copies, observe, stray_copies, xtables_environment
 from .backends import ipset
 from .backends import nft as native
-from .backends.restore import LEGACY, NFT, available, detect, holds_legacy_tables, holds_nft_tables
 from .config import Config
 from .errors import ApplyError
 from .hostfacts import which
@@ -16,7 +16,7 @@ from .model import Plan, Table
 from .nft_state import planned_layout
 from .records import field, record
 from .render.nft import TABLE_NAMES
-from .state import Layout, compare, foreign_entries, holds_own, live_layout, locate, own_entries, parse_tables
+from .state import Layout, compare, foreign_entries, holds_own, live_layout, own_entries
 
 NATIVE = "native"
 """The variant of the native nftables tables (``--native-nftables``), which hold both families."""
@@ -57,12 +57,14 @@ def status(config: Config, plan: Plan) -> Status:
     routing = [description for description, _, _ in routes.changes(plan, routes.read(), config.cleanup_only)]
     if config.native_nftables:
         return Status(native_status(config, plan), routing)
-    environment = xtables_environment(config)
+    environment = xtables_environment()
     observations = observe(config, plan, environment)
     families = [
         report
-        for seen in observations
-        for report in (_family_status(seen, plan), _stray_copy(seen, plan, environment))
+        for report in (
+            *map(partial(_family_status, plan=plan), observations),
+            *map(_stray_copy, stray_copies(observations, environment, plan)),
+        )
         if report is not None
     ]
     planned_sets = () if config.cleanup_only else plan.sets
@@ -72,7 +74,7 @@ def status(config: Config, plan: Plan) -> Status:
     return Status(families + native_copy_status(), routing, sets, uses_sets)
 
 
-def _family_status(seen: Observation, plan: Plan) -> FamilyStatus | None:
+def _family_status(seen: Observation, *, plan: Plan) -> FamilyStatus | None:
     """One family's rules against the plan; None for a family the flags leave alone (``--no-ipv6``) that
     holds nothing of ours."""
     if seen.target.family not in plan.families and not any(map(holds_own, seen.live.values())):
@@ -91,22 +93,14 @@ def _family_status(seen: Observation, plan: Plan) -> FamilyStatus | None:
     )
 
 
-def _stray_copy(seen: Observation, plan: Plan, environment: dict[str, str]) -> FamilyStatus | None:
-    """Our rules in the family's other iptables variant (nft beside legacy, or the reverse): a copy the kernel
-    runs too, which an apply does not look at. None when it holds nothing of ours."""
-    family = seen.target.family
-    other = NFT if seen.iptables.variant is LEGACY else LEGACY
-    maybe = holds_legacy_tables(family) if other is LEGACY else holds_nft_tables(family)
-    if not maybe or not available(family, other):
-        return None
-    try:
-        live = locate(parse_tables(detect(family, other, environment).saved), reference_places(plan, family))
-    except ApplyError:
-        return None
-    layout = live_layout(live, None)
+def _stray_copy(seen: Observation) -> FamilyStatus | None:
+    """Our rules in a family's other iptables variant (nft beside legacy, or the reverse): a copy the kernel
+    runs too, which an apply does not look at (a clean-up removes it). None when it holds nothing of ours."""
+    layout = live_layout(seen.live, None)
     if not layout:
         return None
-    return FamilyStatus(family.label, other.value, [], _every_rule(layout) + _empty_extras({}, layout), [], [])
+    family, variant = seen.target.family.label, seen.iptables.variant.value
+    return FamilyStatus(family, variant, [], _every_rule(layout) + _empty_extras({}, layout), [], [])
 
 
 def _every_rule(layout: Layout) -> list[Ref]:
@@ -131,7 +125,7 @@ def native_status(config: Config, plan: Plan) -> list[FamilyStatus]:
             [],
         )
     ]
-    for iptables, live in iptables_copies(xtables_environment(config), nft.saved.iptables_nft, plan):
+    for iptables, live in iptables_copies(xtables_environment(), nft.saved.iptables_nft, plan):
         extra = [(table, entry.chain, entry.text) for table, state in live.items() for entry in own_entries(state)]
         families.append(FamilyStatus(iptables.family.label, iptables.variant.value, [], extra, [], []))
     return families

@@ -112,6 +112,7 @@ EXTERNAL_NAMES = {
     "XTABLES_LOCKFILE": "iptables' own variable",
     "NET_ADMIN": "a capability",
     "NET_RAW": "a capability",
+    "CAP_SYS_ADMIN": "a capability",
     "SO_MARK": "a socket option",
     "SO_ORIGINAL_DST": "a socket option",
     "CA_BUNDLE_BASE64": "the placeholder deploy/webhook.yaml holds for the webhook's caBundle",

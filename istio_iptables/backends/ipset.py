@@ -14,6 +14,7 @@ from ..errors import ApplyError
 from ..model import ISTIO_SETS, AddressSet, Family, PortSet
 from ..records import record
 from ..render.iptables import ipset_payload
+from .restore import LOSSLESS
 
 TIMEOUT = 60.0
 SWAP_SUFFIX = ".n"
@@ -139,7 +140,9 @@ def apply(payload: str) -> None:
 
 def _run(arguments: list[str], stdin: str | None) -> str:
     try:
-        result = subprocess.run(arguments, input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        result = subprocess.run(
+            arguments, input=stdin, capture_output=True, text=True, errors=LOSSLESS, timeout=TIMEOUT, check=False
+        )
     except FileNotFoundError:
         raise ApplyError("ipset not found: --match-sets with iptables needs the ipset tool") from None
     except subprocess.TimeoutExpired:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
-from .. import locks
+from .. import locks, netns
 from ..config import IptablesVariant
 from ..errors import ApplyError
 from ..hostfacts import which
@@ -106,6 +106,9 @@ class Libiptc(Iptables):
         """Whether the kernel takes each feature, tried in-process as a restore would use it."""
 
         def work() -> str:
+            enter_scratch = netns.scratch_entry()  # as Iptables.probe: leave no table behind
+            if enter_scratch:
+                enter_scratch()
             return "".join("+" if present else "-" for present in _probe(self.family, features))
 
         with _xtables_lock(self.environment):

@@ -18,15 +18,17 @@ import errno
 import os
 import re
 import subprocess
+from collections.abc import Iterable
 
 from .. import netlink
 from ..errors import ApplyError, HostError
 from ..hostfacts import which
 from ..logsetup import Log
-from ..model import Table
+from ..model import Family, Table
 from ..nft_state import FAMILY, OWN_TABLES, NftState, parse_ruleset, restore_document
 from ..records import record
 from ..render.nft import TABLE_NAMES
+from .restore import LOSSLESS
 
 log = Log(__name__)
 
@@ -191,6 +193,38 @@ def delete_tables(tables: list[Table]) -> bool:
     return True
 
 
+def delete_emptied(family: Family, tables: Iterable[Table]) -> None:
+    """In these iptables-nft tables, delete the hooked chains that hold no rule and accept, and each table
+    left with nothing else: iptables-nft creates them as rules need them, and recreates them so. One
+    transaction deletes each chain by name before its table; the kernel refuses to delete a chain that
+    holds a rule, so a rule another program added meanwhile makes it change nothing."""
+    binary = which("nft")
+    if binary is None:
+        log.info("%s: emptied tables stay (no nft binary to delete them with)", family.label)
+        return
+    where = {Family.V4: "ip", Family.V6: "ip6"}[family]
+    script = ""
+    for table in tables:
+        listed = _run([binary, "-j", "list", "table", where, table.value], None)
+        if listed.returncode != 0:
+            continue  # no such table (any more)
+        import json  # noqa: PLC0415 (only this step of a clean-up reads nft's JSON here)
+
+        objects = [item for item in json.loads(listed.stdout).get("nftables", []) if "metainfo" not in item]
+        used = {item["rule"]["chain"] for item in objects if "rule" in item}
+        chains = [item["chain"] for item in objects if "chain" in item]
+        empty = [c["name"] for c in chains if "hook" in c and c.get("policy") == "accept" and c["name"] not in used]
+        script += "".join(f"delete chain {where} {table.value} {name}\n" for name in empty)
+        if len(objects) == 1 + len(empty):  # the table and its empty chains: nothing else
+            script += f"delete table {where} {table.value}\n"
+    if not script:
+        return
+    result = _run([binary, "-f", "-"], script)
+    if result.returncode != 0:
+        raise ApplyError(f"nft -f - failed: {_first_lines(result.stderr)}")
+    log.info("%s: deleted what our rules left empty: %s", family.label, script.replace("\n", "; ").strip("; "))
+
+
 def _first_lines(stderr: str, count: int = 6) -> str:
     lines = [line.rstrip() for line in stderr.strip().splitlines()]
     return "\n".join(lines[:count]) or "no error message"
@@ -198,7 +232,9 @@ def _first_lines(stderr: str, count: int = 6) -> str:
 
 def _run(arguments: list[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(arguments, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+        return subprocess.run(
+            arguments, input=stdin, capture_output=True, text=True, errors=LOSSLESS, timeout=_TIMEOUT, check=False
+        )
     except FileNotFoundError:
         raise ApplyError(f"{arguments[0]} not found: install nftables") from None
     except OSError as error:

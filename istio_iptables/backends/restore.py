@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Callable
 
-from .. import interrupts, netlink
+from .. import interrupts, netlink, netns
 from ..config import IptablesVariant
 from ..errors import ApplyError, HostError
 from ..hostfacts import which
@@ -26,6 +27,9 @@ LEGACY, NFT = IptablesVariant.LEGACY, IptablesVariant.NFT
 _LEGACY_TABLES = {Family.V4: "/proc/net/ip_tables_names", Family.V6: "/proc/net/ip6_tables_names"}
 _FAILED_LINE = re.compile(r"line (\d+) failed|Error occurred at line: (\d+)")
 _TIMEOUT = 60.0
+LOSSLESS = "surrogateescape"
+"""How the kernel's text is read and written back: its bytes need not be UTF-8 (a foreign rule's comment
+may hold any), and every byte must survive a save read and restored."""
 
 # What a rule needs from the kernel, by the spelling of its match or target, with the module providing it.
 _FEATURE_PROBES: dict[str, tuple[Table, str, str]] = {
@@ -47,6 +51,8 @@ _TABLE_MODULES = {
     Table.FILTER: "iptable_filter",
 }
 PROBE_CHAIN = "ISTIO_PROBE"
+WRITTEN = frozenset({Table.MANGLE, Table.NAT, Table.RAW})
+"""The tables rules of ours can be in."""
 
 
 def command(family: Family, variant: IptablesVariant, tool: str = "") -> str:
@@ -62,9 +68,12 @@ class Iptables:
     variant: IptablesVariant
     saved: str
     environment: dict[str, str]
-    """The environment of every command: a private xtables lock file when working in another namespace."""
+    """The environment of every command: XTABLES_LOCKFILE where the system's xtables lock cannot be opened."""
     reason: str = ""
     """Why detection chose this variant."""
+    tables: frozenset[Table] = WRITTEN
+    """The tables to read one by one where legacy's list of tables cannot be read (not root): reading a
+    legacy table creates it, so only those the run needs are read."""
 
     def restore(self, payload: str) -> None:
         arguments = self._restore_command()
@@ -73,7 +82,7 @@ class Iptables:
             raise ApplyError(self._refusal(arguments, payload, result.stderr))
 
     def save(self) -> str:
-        return _save(self.family, self.variant, self.environment)
+        return _save(self.family, self.variant, self.environment, self.tables)
 
     def _restore_command(self) -> list[str]:
         arguments = [command(self.family, self.variant, "restore"), "--noflush"]
@@ -102,7 +111,10 @@ class Iptables:
 
     def probe(self, features: list[Feature]) -> list[tuple[Feature, bool]]:
         """Whether the kernel takes each feature: a rule using it is added to a scratch chain, which is
-        deleted again in a second commit of the same restore (a refused rule commits nothing)."""
+        deleted again in a second commit of the same restore (a refused rule commits nothing). Each probe
+        runs in a namespace of its own where this process may create one, so that not even the table it
+        needed stays behind (a legacy table, once there, stays for the namespace's life)."""
+        enter_scratch = netns.scratch_entry()
         results = []
         for feature in features:
             payload = (
@@ -110,7 +122,8 @@ class Iptables:
                 f"*{feature.table.value}\n:{PROBE_CHAIN} - [0:0]\n-X {PROBE_CHAIN}\nCOMMIT\n"
             )
             with interrupts.held():  # legacy commits the two separately: never stop between them
-                results.append((feature, _run(self._restore_command(), payload, self.environment).returncode == 0))
+                taken = _run(self._restore_command(), payload, self.environment, enter_scratch).returncode == 0
+            results.append((feature, taken))
         return results
 
 
@@ -150,35 +163,44 @@ def payload_features(payload: str) -> list[Feature]:
     return found
 
 
-def detect(family: Family, forced: IptablesVariant | None, environment: dict[str, str]) -> Iptables:
-    """The iptables to use for one family, and its current state."""
-    fresh = not holds_legacy_tables(family) and _nft_tables_in_use(family) is False
+def detect(
+    family: Family, forced: IptablesVariant | None, environment: dict[str, str], tables: frozenset[Table] = WRITTEN
+) -> Iptables:
+    """The iptables to use for one family, and its current state (``tables``: see ``Iptables.tables``)."""
+    fresh = not holds_legacy_tables(family) and nft_tables_in_use(family) is False
     if fresh and which(command(family, forced or NFT, "restore")):
         # Nothing holds a rule here yet: the state is known without running a -save.
         reason = "forced with --force-iptables-binary" if forced else "no rules here yet; nft is preferred"
-        return Iptables(family, forced or NFT, "", environment, reason)
+        return Iptables(family, forced or NFT, "", environment, reason, tables)
     if forced is not None:
-        saved = _save(family, forced, environment)
-        return Iptables(family, forced, saved, environment, "forced with --force-iptables-binary")
+        saved = _save(family, forced, environment, tables)
+        return Iptables(family, forced, saved, environment, "forced with --force-iptables-binary", tables)
     errors = []
     saves: dict[IptablesVariant, str] = {}
+    unreadable: IncompatibleTableError | None = None
     for variant in (LEGACY, NFT):
         if variant is LEGACY and not holds_legacy_tables(family):
             continue
         try:
-            saves[variant] = _save(family, variant, environment)
+            saves[variant] = _save(family, variant, environment, tables)
+        except IncompatibleTableError as error:
+            unreadable = error
         except ApplyError as error:
             errors.append(str(error))
     for variant in (LEGACY, NFT):
         if _holds_rules(saves.get(variant, "")):
             reason = "it holds this namespace's rules"
             log.info("%s: using %s: %s", family.label, command(family, variant), reason)
-            return Iptables(family, variant, saves[variant], environment, reason)
+            return Iptables(family, variant, saves[variant], environment, reason, tables)
+    if unreadable:
+        # Not a reason to fall back to legacy: the nft table may hold our rules, unseen.
+        raise unreadable
     if NFT in saves:
-        return Iptables(family, NFT, saves[NFT], environment, "no variant holds rules here; nft is preferred")
+        reason = "no variant holds rules here; nft is preferred"
+        return Iptables(family, NFT, saves[NFT], environment, reason, tables)
     if LEGACY not in saves and which(command(family, LEGACY, "save")):
         reason = "nft is unusable here: " + ("; ".join(errors) or "not installed")
-        return Iptables(family, LEGACY, _save(family, LEGACY, environment), environment, reason)
+        return Iptables(family, LEGACY, _save(family, LEGACY, environment, tables), environment, reason, tables)
     raise ApplyError(f"no usable iptables for {family.label}: " + ("; ".join(errors) or "no iptables binary found"))
 
 
@@ -199,16 +221,11 @@ def holds_legacy_tables(family: Family) -> bool:
         return False
 
 
-def holds_nft_tables(family: Family) -> bool:
-    """Whether nf_tables may hold an iptables-nft table for this family (when the kernel cannot say: maybe)."""
-    return _nft_tables_in_use(family) is not False
-
-
 _IPTABLES_NFT_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
 _NFPROTO = {Family.V4: 2, Family.V6: 10}
 
 
-def _nft_tables_in_use(family: Family) -> bool | None:
+def nft_tables_in_use(family: Family) -> bool | None:
     """Whether nf_tables holds a table iptables-nft would show for this family; None when the kernel
     cannot say (no nf_tables, no permission), which sends detection the long way, through the saves."""
     try:
@@ -224,27 +241,52 @@ def _holds_rules(saved: str) -> bool:
     )
 
 
-def _save(family: Family, variant: IptablesVariant, environment: dict[str, str]) -> str:
+def _save(
+    family: Family, variant: IptablesVariant, environment: dict[str, str], tables: frozenset[Table] = WRITTEN
+) -> str:
     arguments = [command(family, variant, "save")]
     result = _run(arguments, None, environment)
     if result.returncode != 0 and variant is LEGACY and "Permission denied" in result.stderr:
-        # Legacy save lists tables from a root-only /proc file; without root, name each table we use.
-        tables = [_run([*arguments, "-t", table.value], None, environment) for table in Table]
-        if all(table.returncode == 0 for table in tables):
-            return "".join(table.stdout for table in tables)
+        # Legacy save lists tables from a root-only /proc file; without root, name each table the run needs
+        # (naming one creates it: the others are left alone).
+        named = [_run([*arguments, "-t", table.value], None, environment) for table in Table if table in tables]
+        if all(table.returncode == 0 for table in named):
+            return "".join(table.stdout for table in named)
     if result.returncode != 0:
         raise ApplyError(f"{arguments[0]} failed: {result.stderr.strip()}")
+    incompatible = _INCOMPATIBLE.findall(result.stdout)
+    if incompatible:
+        raise IncompatibleTableError(
+            f"{family.label}: nf_tables table {', '.join(incompatible)} holds rules {arguments[0]} cannot read "
+            f'(it prints "Table `{incompatible[0]}\' is incompatible": written with nft, not iptables); our rules '
+            "cannot be read or changed safely beside them, so nothing was changed: move those rules to an nft "
+            "table of another name (iptables-nft owns the ip and ip6 tables filter, nat, mangle, raw and security)"
+        )
     return result.stdout
 
 
-def _run(arguments: list[str], stdin: str | None, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+class IncompatibleTableError(ApplyError):
+    """iptables-nft cannot read a table written with ``nft``: its rules (ours among them, maybe) are unknown."""
+
+
+_INCOMPATIBLE = re.compile(r"^# Table `(\w+)' is incompatible", re.MULTILINE)
+
+
+def _run(
+    arguments: list[str],
+    stdin: str | None,
+    environment: dict[str, str],
+    before_exec: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
             arguments,
             input=stdin,
             capture_output=True,
             text=True,
+            errors=LOSSLESS,
             env={**os.environ, **environment},
+            preexec_fn=before_exec,
             timeout=_TIMEOUT,
             check=False,
         )
