@@ -63,7 +63,13 @@ def _option(setting: configuration.Setting) -> inspect.Parameter:
     )
 
 
+STANDALONE_COMMANDS = {"inject"}
+"""Subcommands that take none of the capture's flags or environment: no Config is made for them."""
+
+
 def capture(ctx: typer.Context, **given: Any) -> None:
+    if ctx.invoked_subcommand in STANDALONE_COMMANDS:
+        return
     ctx.obj = cli.configured(given)
     if ctx.invoked_subcommand is None:
         cli.run(ctx.obj)
@@ -215,6 +221,31 @@ def graph_command(
     chosen = families.get(family)
     plan = build_plan(config, gather(config))
     sys.stdout.write(render_graph(plan, fmt, family=chosen))  # type: ignore[arg-type]
+
+
+@app.command("inject")
+def inject_command(
+    *,
+    filename: str = typer.Option(..., "-f", "--filename", metavar="FILE|-", help="Manifests to inject (- for stdin)."),
+    output: str = typer.Option("", "-o", "--output", metavar="FILE", help="Write here instead of stdout."),
+    sets: list[str] = typer.Option(  # noqa: B008 (Typer's way of declaring a repeatable option)
+        [], "--set", metavar="PATH=VALUE", help="An Istio setting (values.…, meshConfig.…, components.cni.enabled)."
+    ),
+    values: str = typer.Option(
+        "", "--values", metavar="FILE", help="Istio's values tree (YAML/JSON, or the ConfigMap)."
+    ),
+    mesh_config: str = typer.Option(
+        "", "--mesh-config", metavar="FILE", help="Istio's mesh config (or its ConfigMap)."
+    ),
+    image: str = typer.Option("", "--image", help="The init container's image (default: this project's image)."),
+    hardened: bool = typer.Option(False, "--hardened", help="Non-root, read-only init container (see README)."),
+) -> None:
+    """Add the capture's init container and annotations to every workload, as Istio's injector does."""
+    from .kube.manifests import run_inject  # noqa: PLC0415
+
+    run_inject(
+        filename, output=output, sets=sets, values_file=values, mesh_file=mesh_config, image=image, hardened=hardened
+    )
 
 
 def _group_ids(plan: Plan) -> dict[str, int]:

@@ -27,7 +27,7 @@ PROG = "istio-iptables"
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures end with one line on stderr and their exit code."""
     try:
-        arguments = go_switches(sys.argv[1:] if argv is None else argv)
+        arguments = go_switches(without_leading_word(sys.argv[1:] if argv is None else argv))
         given = plain_run(arguments)
         if given is None:
             from .app import main as typer_main  # noqa: PLC0415
@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     sys.exit(code)
+
+
+def without_leading_word(arguments: list[str]) -> list[str]:
+    """Istio's injector writes ``istio-iptables`` as the first argument, for its image runs ``pilot-agent``,
+    whose subcommand that is; this image runs us directly, so the word is dropped and the rest runs as is."""
+    return arguments[1:] if arguments[:1] == [PROG] else arguments
 
 
 def plain_run(arguments: list[str]) -> dict[str, str | bool | None] | None:

@@ -1,0 +1,115 @@
+"""The ``inject`` command's files: manifests, values and mesh config read as YAML (or JSON), the injected
+manifests written only once every workload has been injected, so a refused one leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from .inject import DEFAULT_IMAGE, Injector, inject_documents
+from .settings import Settings
+
+
+def run_inject(
+    source: str,
+    *,
+    output: str,
+    sets: Sequence[str],
+    values_file: str,
+    mesh_file: str,
+    image: str,
+    hardened: bool,
+) -> None:
+    """``istio-iptables inject``: ``source`` (``-`` for stdin) injected to ``output`` (empty for stdout)."""
+    settings = Settings.from_sources(
+        sets,
+        values=read_tree(values_file, "--values", configmap_key="values") if values_file else None,
+        mesh_config=read_tree(mesh_file, "--mesh-config", configmap_key="mesh") if mesh_file else None,
+    )
+    if image and (not image.strip() or any(character.isspace() for character in image)):
+        raise ConfigError(f"invalid value for --image: '{image}': must be an image reference without blanks")
+    text = _read(source, "-f/--filename")
+    documents = load_documents(text, "standard input" if source == "-" else source)
+    injected = inject_documents(documents, Injector(settings=settings, image=image or DEFAULT_IMAGE, hardened=hardened))
+    rendered = dump_documents(injected)
+    if output:
+        _write_whole(output, rendered)
+    else:
+        sys.stdout.write(rendered)
+
+
+def load_documents(text: str, source: str) -> list[Any]:
+    """The documents of a multi-document YAML (or JSON) text; empty documents dropped."""
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {_where(error)}") from None
+    return [document for document in documents if document is not None]
+
+
+def dump_documents(documents: Sequence[Any]) -> str:
+    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def read_tree(path: str, flag: str, *, configmap_key: str) -> Mapping[str, Any]:
+    """A settings tree from a YAML or JSON file: the tree itself, or an Istio ConfigMap holding it under
+    ``data.<configmap_key>`` (``istio-sidecar-injector``'s ``values``, ``istio``'s ``mesh``)."""
+    text = _read(path, flag)
+    documents = load_documents(text, path)
+    if len(documents) != 1 or not isinstance(documents[0], Mapping):
+        raise ConfigError(f"invalid value for {flag}: '{path}': must hold one map of settings")
+    tree: Mapping[str, Any] = documents[0]
+    if tree.get("kind") == "ConfigMap":
+        held = (tree.get("data") or {}).get(configmap_key)
+        if not isinstance(held, str):
+            raise ConfigError(f"invalid value for {flag}: '{path}': a ConfigMap without data.{configmap_key}")
+        inner = load_documents(held, f"{path} (data.{configmap_key})")
+        if len(inner) != 1 or not isinstance(inner[0], Mapping):
+            raise ConfigError(f"invalid value for {flag}: '{path}': data.{configmap_key} must hold one map")
+        tree = inner[0]
+    plain: Mapping[str, Any] = json.loads(json.dumps(tree, default=str))  # no dates or other YAML-only types
+    return plain
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as error:
+        raise ConfigError(f"invalid value for {flag}: '{path}': {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"invalid value for {flag}: '{path}': not UTF-8 text") from None
+
+
+def _write_whole(path: str, text: str) -> None:
+    """``text`` in ``path`` all at once: written beside it, then renamed over it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".inject-")
+    except OSError as error:
+        raise ConfigError(f"invalid value for -o/--output: '{path}': {error.strerror}") from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
+        os.replace(temporary, path)
+    except OSError as error:
+        os.unlink(temporary)
+        raise ConfigError(f"invalid value for -o/--output: '{path}': {error.strerror}") from None
+
+
+def _where(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem

@@ -1,0 +1,236 @@
+"""The injector's settings as Istio names them: the Helm values tree (``values.…``), the mesh config
+(``meshConfig.…``) and the operator's components (``components.cni.enabled``).
+
+They come from ``--set PATH=VALUE`` (istioctl's syntax), a values tree as the ``istio-sidecar-injector``
+ConfigMap holds it, and a mesh config, and are laid over the chart's defaults. Settings that do not concern the
+capture are kept and ignored. Pure: the caller reads the files.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import ConfigError
+from ..records import record
+
+DEFAULT_VALUES: Mapping[str, Any] = {
+    "global": {
+        "proxy": {
+            "includeIPRanges": "*",
+            "excludeIPRanges": "",
+            "includeInboundPorts": "*",
+            "excludeInboundPorts": "",
+            "includeOutboundPorts": "",
+            "excludeOutboundPorts": "",
+            "statusPort": 15020,
+            "privileged": False,
+            "holdApplicationUntilProxyStarts": False,
+            "resources": {
+                "requests": {"cpu": "100m", "memory": "128Mi"},
+                "limits": {"cpu": "2000m", "memory": "1024Mi"},
+            },
+        },
+        "proxy_init": {"image": "proxyv2", "forceApplyIptables": False},
+        "logging": {"level": "default:info"},
+        "logAsJson": False,
+        "imagePullPolicy": "",
+        "nativeNftables": False,
+    },
+    "pilot": {"cni": {"enabled": False, "provider": "default"}},
+    "sidecarInjectorWebhook": {"defaultTemplates": [], "templates": {}},
+}
+"""Istio's chart defaults (``manifests/charts/istio-control/istio-discovery/values.yaml``) for what the
+capture reads."""
+
+DEFAULT_MESH: Mapping[str, Any] = {
+    "proxyListenPort": 15001,
+    "proxyInboundListenPort": 15006,
+    "defaultConfig": {"interceptionMode": "REDIRECT", "proxyMetadata": {}},
+}
+
+_OPERATOR_FIELDS = frozenset(
+    {"profile", "installPackagePath", "hub", "tag", "namespace", "revision", "compatibilityVersion", "components"}
+)
+"""The other top-level fields of an IstioOperator spec, which istioctl's --set also takes: accepted, and
+(but for components.cni.enabled) of no concern to the capture."""
+
+_BOOLEANS = (
+    "values.global.logAsJson",
+    "values.global.nativeNftables",
+    "values.global.proxy_init.forceApplyIptables",
+    "values.global.proxy.privileged",
+    "values.global.proxy.holdApplicationUntilProxyStarts",
+    "values.pilot.cni.enabled",
+    "values.istio_cni.enabled",
+    "components.cni.enabled",
+)
+_PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
+_INTERCEPTION_MODES = ("REDIRECT", "TPROXY", "NONE")
+
+
+@record
+class Settings:
+    values: Mapping[str, Any]
+    """The Helm values tree, chart defaults filled in (``global.proxy.includeIPRanges``, ...)."""
+    mesh: Mapping[str, Any]
+    """The mesh config, defaults filled in (``defaultConfig.interceptionMode``, ...)."""
+    cni: bool = False
+    """Istio's CNI plugin does the capture (``components.cni.enabled``, ``values.pilot.cni.enabled``)."""
+
+    @classmethod
+    def from_sources(
+        cls,
+        sets: Sequence[str] = (),
+        values: Mapping[str, Any] | None = None,
+        mesh_config: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """The chart defaults, overlaid by ``values`` and ``mesh_config`` (trees), then by each ``--set``.
+        Raises ConfigError naming the setting when one is malformed or of the wrong type."""
+        tree: dict[str, Any] = {"values": _merged(DEFAULT_VALUES, _tree(values, "--values")), "components": {}}
+        tree["meshConfig"] = _merged(DEFAULT_MESH, _tree(mesh_config, "--mesh-config"))
+        for assignment in sets:
+            path, value = _parse_set(assignment)
+            _put(tree, path, value, assignment)
+        for boolean in _BOOLEANS:
+            _check(tree, boolean, lambda value: isinstance(value, bool), "must be true or false")
+        _check(
+            tree, "values.global.imagePullPolicy", lambda value: value in _PULL_POLICIES, "Always|IfNotPresent|Never"
+        )
+        _check(tree, "meshConfig.defaultConfig.interceptionMode", _is_mode, "must be REDIRECT, TPROXY or NONE")
+        _check(tree, "meshConfig.defaultConfig.proxyMetadata", _is_string_map, "must map names to strings")
+        _check(tree, "values.global.proxy.resources", _is_resources, "must hold requests and limits maps")
+        for port in (
+            "meshConfig.proxyListenPort",
+            "meshConfig.proxyInboundListenPort",
+            "values.global.proxy.statusPort",
+        ):
+            _check(tree, port, _is_port_or_zero, "must be a port number (0-65535)")
+        values_tree, components = tree["values"], tree["components"]
+        cni = any(
+            _lookup(root, path) is True
+            for root, path in (
+                (components, ("cni", "enabled")),
+                (values_tree, ("pilot", "cni", "enabled")),
+                (values_tree, ("istio_cni", "enabled")),
+            )
+        )
+        settings = cls(values=values_tree, mesh=tree["meshConfig"], cni=cni)
+        from .capture import check_settings  # noqa: PLC0415 (capture builds on this module)
+
+        check_settings(settings)
+        return settings
+
+    def value(self, path: str) -> Any:
+        """The value at a dotted path of the values tree (``global.proxy.statusPort``), None if absent."""
+        return _lookup(self.values, tuple(path.split(".")))
+
+    def text(self, path: str) -> str:
+        """The value as Istio's template prints it into an argument (Go's ``fmt.Sprint``)."""
+        return go_text(self.value(path))
+
+    def mesh_value(self, path: str) -> Any:
+        return _lookup(self.mesh, tuple(path.split(".")))
+
+
+def go_text(value: Any) -> str:
+    """Go's ``fmt.Sprint`` of a scalar from a YAML or JSON tree (``true``, ``15020``, ``<nil>`` aside)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def go_truthy(value: Any) -> bool:
+    """A Go template's ``if``: false, 0, "", nil and empty maps and lists are false."""
+    return bool(value) and value != "false"
+
+
+def parse_set_value(text: str) -> Any:
+    """istioctl's --set value: true/false and integers typed, anything else a string."""
+    if text in ("true", "false"):
+        return text == "true"
+    if re.fullmatch(r"-?[0-9]+", text):
+        return int(text)
+    return text
+
+
+def _parse_set(assignment: str) -> tuple[tuple[str, ...], Any]:
+    path, equals, text = assignment.partition("=")
+    keys = tuple(path.split("."))
+    if not equals or not path or "" in keys:
+        raise ConfigError(f"invalid value for --set: '{assignment}': must be PATH=VALUE (e.g. values.global.x=y)")
+    if keys[0] not in ("values", "meshConfig") and keys[0] not in _OPERATOR_FIELDS:
+        raise ConfigError(
+            f"invalid value for --set: '{assignment}': unknown setting '{keys[0]}' "
+            "(values.…, meshConfig.…, components.… or another IstioOperator field)"
+        )
+    return keys, parse_set_value(text)
+
+
+def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any, assignment: str) -> None:
+    node = tree
+    for depth, key in enumerate(path[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"invalid value for --set: '{assignment}': {'.'.join(path[: depth + 1])} is not a map")
+        node = child
+    node[path[-1]] = value
+
+
+def _tree(document: Mapping[str, Any] | None, what: str) -> Mapping[str, Any]:
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"invalid value for {what}: must be a map of settings, got {type(document).__name__}")
+    return document
+
+
+def _merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``overlay`` laid over a copy of ``base``, maps merged key by key (as Helm merges values)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def _check(tree: Mapping[str, Any], path: str, valid: Any, expected: str) -> None:
+    value = _lookup(tree, tuple(path.split(".")))
+    if value is not None and not valid(value):
+        raise ConfigError(f"invalid value for setting {path}: '{go_text(value)}': {expected}")
+
+
+def _is_mode(value: Any) -> bool:
+    return value in _INTERCEPTION_MODES
+
+
+def _is_string_map(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(key, str) and isinstance(item, (str, int, float, bool)) for key, item in value.items()
+    )
+
+
+def _is_resources(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(
+        key in ("requests", "limits") and isinstance(item, Mapping) for key, item in value.items()
+    )
+
+
+def _is_port_or_zero(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535
