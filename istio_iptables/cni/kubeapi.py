@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from ..errors import IstioIptablesError
 from ..records import record
@@ -67,7 +68,8 @@ def pod_of(document: object) -> Pod:
         raise KubeError("the answer is not a Pod")
     metadata = _map(document.get("metadata"))
     spec = _map(document.get("spec"))
-    containers = [_map(item) for item in spec.get("containers") or () if isinstance(item, Mapping)]
+    listed = spec.get("containers")
+    containers = [_map(item) for item in listed if isinstance(item, Mapping)] if isinstance(listed, list) else []
     proxy = next((container for container in containers if container.get("name") == "istio-proxy"), {})
     uid = _map(proxy.get("securityContext")).get("runAsUser")
     return Pod(
@@ -89,10 +91,8 @@ def read_kubeconfig(path: str) -> Credentials:
     current = document.get("current-context")
     context = _named(document, "contexts", "context", current, path) if current else {}
     cluster_name, user_name = context.get("cluster"), context.get("user")
-    if not current:
-        clusters, users = document.get("clusters") or [], document.get("users") or []
-        cluster_name = clusters[0].get("name") if len(clusters) == 1 and isinstance(clusters[0], Mapping) else None
-        user_name = users[0].get("name") if len(users) == 1 and isinstance(users[0], Mapping) else None
+    if not current:  # no context: the only cluster and the only user, as kubectl takes them
+        cluster_name, user_name = _only_name(document, "clusters"), _only_name(document, "users")
     cluster = _named(document, "clusters", "cluster", cluster_name, path)
     user = _named(document, "users", "user", user_name, path) if user_name else {}
     server = cluster.get("server")
@@ -111,7 +111,14 @@ def read_kubeconfig(path: str) -> Credentials:
     )
 
 
-def _load(text: str, path: str) -> Mapping[str, object]:
+def _only_name(document: Mapping[str, Any], section: str) -> object:
+    entries = document.get(section)
+    if isinstance(entries, list) and len(entries) == 1 and isinstance(entries[0], Mapping):
+        return entries[0].get("name")
+    return None
+
+
+def _load(text: str, path: str) -> Mapping[str, Any]:
     try:
         document = json.loads(text)
     except ValueError:
@@ -126,14 +133,15 @@ def _load(text: str, path: str) -> Mapping[str, object]:
     return document
 
 
-def _named(document: Mapping[str, object], section: str, key: str, name: object, path: str) -> Mapping[str, object]:
-    for entry in document.get(section) or ():  # type: ignore[attr-defined]
+def _named(document: Mapping[str, Any], section: str, key: str, name: object, path: str) -> Mapping[str, Any]:
+    entries = document.get(section)
+    for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, Mapping) and entry.get("name") == name:
             return _map(entry.get(key))
     raise KubeError(f"kubeconfig {path}: no {key} named '{name}' in {section}")
 
 
-def _pem(section: Mapping[str, object], key: str, path: str) -> str | None:
+def _pem(section: Mapping[str, Any], key: str, path: str) -> str | None:
     data = section.get(f"{key}-data")
     if data:
         try:
@@ -160,16 +168,17 @@ def _get(credentials: Credentials, path: str, timeout: float) -> object:
     from urllib.parse import urlsplit  # noqa: PLC0415
 
     url = urlsplit(credentials.server)
-    context = ssl.create_default_context(cadata=credentials.ca_pem) if credentials.ca_pem else ssl.create_default_context()
-    if credentials.insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
     headers = {"Accept": "application/json", "User-Agent": "istio-iptables-cni"}
     if credentials.token:
         headers["Authorization"] = f"Bearer {credentials.token}"
     try:
+        context = ssl.create_default_context(cadata=credentials.ca_pem)
+        if credentials.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         with _client_certificate(context, credentials):
-            connection = http.client.HTTPSConnection(url.hostname or "", url.port or 443, context=context, timeout=timeout)
+            host, port = url.hostname or "", url.port or 443
+            connection = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
             try:
                 connection.request("GET", url.path.rstrip("/") + path, headers=headers)
                 response = connection.getresponse()
@@ -211,5 +220,5 @@ def _segment(text: str) -> str:
     return text
 
 
-def _map(value: object) -> Mapping[str, object]:
+def _map(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}

@@ -167,6 +167,8 @@ def handle(request: Request) -> str:
         config = pod_capture(request, plugin)
         if config is not None:
             (add if request.command == "ADD" else check)(config)
+    except ConfigError as error:  # a pod annotation (InjectionError names it), or its proxyMetadata
+        raise CniError(CniError.POD_SETTINGS, str(error)) from None
     except (ApplyError, HostError) as error:
         raise CniError(CniError.APPLY_FAILED, str(error)) from None
     return result_json(request) if request.command == "ADD" else ""
@@ -225,16 +227,9 @@ def capture_config(pod: PodInfo, settings: Settings, netns_path: str, plugin: Pl
     from ..kube import capture  # noqa: PLC0415
     from ..kube.settings import go_text  # noqa: PLC0415
 
-    try:
-        flags = capture.capture_args(pod.annotations, settings, proxy_uid=pod.proxy_uid)
-        metadata = capture.proxy_config(pod.annotations, settings).get("proxyMetadata") or {}
-        environ = {str(key): go_text(value) for key, value in metadata.items()}
-        given = cli.plain_run(flags)
-        if given is None:
-            raise ConfigError(f"the capture arguments {flags} are not a plain istio-iptables command line")
-        config = configuration.load(given, environ)
-    except ConfigError as error:
-        raise CniError(CniError.POD_SETTINGS, str(error)) from None
+    flags = capture.capture_args(pod.annotations, settings, proxy_uid=pod.proxy_uid)
+    metadata = capture.proxy_config(pod.annotations, settings).get("proxyMetadata") or {}
+    config = capture.parse_capture_args(flags, {str(key): go_text(value) for key, value in metadata.items()})
     return replace(config, network_namespace=netns_path, force_iptables_binary=plugin.iptables, cni_mode=True)
 
 

@@ -36,6 +36,7 @@ CONSOLE_PLUGIN = Path(sys.prefix, "bin", PLUGIN_NAME)
 """The plugin as pip installs it (the console script); the frozen build is tested on its own."""
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 SUBNET = "198.18.64.0/24"
+SUBNET6 = "2001:db8:64::/64"
 GATEWAY = "198.18.64.1"
 CNI_VERSION = "1.0.0"
 _pods = itertools.count(1)
@@ -60,7 +61,7 @@ def missing_prerequisites() -> str | None:
         return reason
     missing = [name for name in ("bridge", "host-local", "loopback") if not (REFERENCE_PLUGINS / name).exists()]
     if missing:
-        return f"the reference CNI plugins {', '.join(missing)} are not in {REFERENCE_PLUGINS} (containernetworking-plugins)"
+        return f"no reference CNI plugins {', '.join(missing)} in {REFERENCE_PLUGINS} (containernetworking-plugins)"
     if not CONSOLE_PLUGIN.exists():
         return f"{CONSOLE_PLUGIN} is not installed (pip install -e .)"
     return None
@@ -104,7 +105,7 @@ class Invocation:
         return parsed
 
 
-class CniFailure(AssertionError):
+class CniError(AssertionError):
     def __init__(self, invocation: Invocation) -> None:
         super().__init__(
             f"{invocation.plugin} {invocation.command} exited {invocation.returncode}\n"
@@ -122,6 +123,10 @@ class Runtime:
     """Our plugin's object in the conflist (``type`` and the capability are added)."""
     pass_annotations: bool = True
     """Whether this runtime passes the pod-annotations capability (CRI-O and containerd do)."""
+    dual_stack: bool = False
+    """Pods get an IPv6 address too (2001:db8:64::/64), so the capture covers both families."""
+    path: str = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    """The PATH plugins run with (where ours finds iptables and nft)."""
     log: list[Invocation] = field(default_factory=list)
 
     @property
@@ -134,8 +139,8 @@ class Runtime:
             "ipMasq": False,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{"subnet": SUBNET}]],
-                "routes": [{"dst": "0.0.0.0/0"}],
+                "ranges": [[{"subnet": SUBNET}]] + ([[{"subnet": SUBNET6}]] if self.dual_stack else []),
+                "routes": [{"dst": "0.0.0.0/0"}] + ([{"dst": "::/0"}] if self.dual_stack else []),
                 "dataDir": str(self.lab.tmp / "host-local"),
             },
         }
@@ -158,15 +163,18 @@ class Runtime:
 
     # --- the three operations, as libcni runs a list --------------------------------------------------
 
-    def add(self, pod: PodSandbox) -> dict[str, object]:
+    def add(self, pod: PodSandbox, *, delete_on_failure: bool = True) -> dict[str, object]:
+        """The list's ADD; when a plugin fails, the runtime's DEL follows (unless a test wants to see the
+        state the failure itself left)."""
         loopback = {"cniVersion": CNI_VERSION, "name": "cni-loopback", "type": "loopback"}
         self._checked(self.invoke(loopback, "ADD", pod, None, ifname="lo"))
         result: dict[str, object] | None = None
         for plugin in self._plugins():
             invocation = self.invoke(plugin, "ADD", pod, result)
             if invocation.returncode != 0:
-                self.delete(pod, check=False)
-                raise CniFailure(invocation)
+                if delete_on_failure:
+                    self.delete(pod, check=False)
+                raise CniError(invocation)
             result = invocation.json()
         assert result is not None
         pod.result = result
@@ -209,13 +217,13 @@ class Runtime:
             stdin["prevResult"] = previous
         runtime_config: dict[str, object] = {}
         capabilities = plugin.get("capabilities")
-        if isinstance(capabilities, Mapping) and capabilities.get(ANNOTATIONS_CAPABILITY):
-            if self.pass_annotations and pod.annotations is not None:
-                runtime_config[ANNOTATIONS_CAPABILITY] = dict(pod.annotations)
+        declared = isinstance(capabilities, Mapping) and capabilities.get(ANNOTATIONS_CAPABILITY)
+        if declared and self.pass_annotations and pod.annotations is not None:
+            runtime_config[ANNOTATIONS_CAPABILITY] = dict(pod.annotations)
         if runtime_config:
             stdin["runtimeConfig"] = runtime_config
         environment = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PATH": self.path,
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": pod.container_id,
             "CNI_NETNS": pod.netns_path,
@@ -243,7 +251,7 @@ class Runtime:
     @staticmethod
     def _checked(invocation: Invocation) -> Invocation:
         if invocation.returncode != 0:
-            raise CniFailure(invocation)
+            raise CniError(invocation)
         return invocation
 
 

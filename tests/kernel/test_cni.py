@@ -1,0 +1,222 @@
+"""The CNI plugin run as a runtime runs it, with the reference plugins, on a node namespace of the test's own
+(cnilab.py): real pods get real rules, and real traffic through a real proxy (uid 1337) shows the capture.
+
+Each test names the iptables variant through the plugin's configuration (``iptables``, or
+``values.global.nativeNftables`` for native nftables), as an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from istio_iptables.kube.capture import init_args
+from istio_iptables.kube.settings import Settings
+from tests.kernel import cnilab, netlab
+from tests.kernel.cnilab import GATEWAY, INJECTED, CniError, CniLab, PodSandbox, Runtime
+
+pytestmark = pytest.mark.kernel
+
+NODE_PORT = 8080
+APP_PORT = 8080
+
+
+def plugin_config(variant: str, **extra: object) -> dict[str, object]:
+    if variant == "native":
+        return {"values": {"global": {"nativeNftables": True}}, **extra}
+    return {"iptables": variant, **extra}
+
+
+@pytest.fixture
+def cni_lab(lab_unavailable: str | None) -> Iterator[CniLab]:
+    reason = lab_unavailable or cnilab.missing_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    with CniLab() as built:
+        yield built
+
+
+@pytest.fixture
+def runtime(cni_lab: CniLab, variant: str) -> Runtime:
+    return cnilab.make_runtime(cni_lab, cnilab.CONSOLE_PLUGIN, plugin_config(variant))
+
+
+def our_rules(runtime: Runtime, pod: PodSandbox) -> str:
+    """Every rule of ours in the pod, from every backend (empty when there are none)."""
+    lines = []
+    for tool in ("iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save"):
+        saved = runtime.lab.sh(pod.netns, [tool])
+        lines += [f"{tool}: {line}" for line in saved.splitlines() if "ISTIO" in line]
+    ruleset = runtime.lab.sh(pod.netns, ["nft", "list", "ruleset"])
+    lines += [f"nft: {line}" for line in ruleset.splitlines() if "istio" in line.lower()]
+    return "\n".join(lines)
+
+
+def error_of(failure: CniError) -> dict[str, object]:
+    """The CNI error object our plugin printed (and its exit was non-zero)."""
+    assert failure.invocation.plugin == cnilab.PLUGIN_NAME, failure
+    assert failure.invocation.returncode != 0
+    return failure.invocation.json()
+
+
+def start(runtime: Runtime, pod: PodSandbox) -> netlab.Actor:
+    """An echo server on the node (the rest of the cluster), the app (uid 1000), the proxy (uid 1337)."""
+    lab = runtime.lab
+    actors = [
+        lab.echo(runtime.node, "node", [NODE_PORT]),
+        lab.echo(pod.netns, "app", [APP_PORT], uid=netlab.APP_UID),
+        proxy := lab.proxy(ns=pod.netns),
+    ]
+    lab.wait_ready(*actors)
+    return proxy
+
+
+def test_add_captures_outbound_and_inbound_through_the_proxy(runtime: Runtime) -> None:
+    lab = runtime.lab
+    pod = runtime.new_pod(INJECTED)
+    result = runtime.add(pod)
+    proxy = start(runtime, pod)
+
+    # Outbound: the app's connection to the node goes through the proxy's 15001 and on, as uid 1337, direct.
+    answer = lab.client(GATEWAY, NODE_PORT, ns=pod.netns, data="out")
+    assert answer == f"PROXY15001|node:{pod.address}:{GATEWAY}:{NODE_PORT}:out"
+    # Inbound: the node's connection to the app arrives through the proxy's 15006, from 127.0.0.6.
+    answer = lab.client(pod.address, APP_PORT, ns=runtime.node, uid=0, data="in")
+    assert answer == f"PROXY15006|app:127.0.0.6:{pod.address}:{APP_PORT}:in"
+    events = lab.events(proxy)
+    assert [event["listener"] for event in events] == [15001, 15006]
+    assert events[0]["original_dst"] == [GATEWAY, NODE_PORT]
+    # The bridge plugin's result reached the runtime unchanged.
+    assert result["ips"][0]["address"].startswith("198.18.64.")  # type: ignore[index]
+
+
+def test_an_excluded_cidr_annotation_bypasses_the_proxy(runtime: Runtime) -> None:
+    lab = runtime.lab
+    captured = runtime.new_pod(INJECTED)
+    bypassing = runtime.new_pod({**INJECTED, "traffic.sidecar.istio.io/excludeOutboundIPRanges": f"{GATEWAY}/32"})
+    runtime.add(captured)
+    runtime.add(bypassing)
+    start(runtime, bypassing)
+    assert lab.client(GATEWAY, NODE_PORT, ns=bypassing.netns) == f"node:{bypassing.address}:{GATEWAY}:{NODE_PORT}:hello"
+    # The other pod, same node, default annotations: captured (its proxy is not running, so it is refused).
+    assert lab.try_client(GATEWAY, NODE_PORT, ns=captured.netns).returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("namespace", "annotations"),
+    [
+        ("default", {}),
+        ("default", {**INJECTED, "sidecar.istio.io/inject": "false"}),
+        ("kube-system", INJECTED),
+        ("default", {**INJECTED, "sidecar.istio.io/status": json.dumps({"initContainers": ["istio-init"]})}),
+        ("default", {**INJECTED, "sidecar.istio.io/interceptionMode": "NONE"}),
+    ],
+    ids=["uninjected", "opted-out", "excluded-namespace", "init-container-mode", "mode-none"],
+)
+def test_pods_left_alone_keep_no_rules_and_get_the_result(
+    runtime: Runtime, namespace: str, annotations: dict[str, str]
+) -> None:
+    pod = runtime.new_pod(annotations, namespace=namespace)
+    result = runtime.add(pod)
+    assert our_rules(runtime, pod) == ""
+    bridge_result = next(i for i in runtime.log if i.plugin == "bridge" and i.command == "ADD").json()
+    assert result == bridge_result
+    assert all(i.returncode == 0 for i in runtime.check(pod))
+
+
+def test_a_bad_annotation_fails_the_add_naming_it_and_leaves_no_rules(runtime: Runtime) -> None:
+    pod = runtime.new_pod({**INJECTED, "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/33"})
+    with pytest.raises(CniError) as failure:
+        runtime.add(pod, delete_on_failure=False)
+    error = error_of(failure.value)
+    assert error["code"] == 100
+    assert "traffic.sidecar.istio.io/excludeOutboundIPRanges" in str(error["msg"])
+    assert "10.0.0.0/33" in str(error["msg"])
+    assert our_rules(runtime, pod) == ""
+
+
+def test_a_failed_apply_leaves_no_rule_of_ours(cni_lab: CniLab, tmp_path: Path) -> None:
+    """IPv4 goes in first; the IPv6 restore is refused; the IPv4 rules must be rolled back. (IPv6 is captured
+    for a dual-stack pod when the proxy's metadata says ISTIO_DUAL_STACK, as in the init container.)"""
+    refusing = tmp_path / "bin"
+    refusing.mkdir()
+    script = refusing / "ip6tables-legacy-restore"
+    script.write_text("#!/bin/sh\necho 'ip6tables-restore: simulated refusal' >&2\nexit 1\n")
+    script.chmod(0o755)
+    dual_stack = {"defaultConfig": {"proxyMetadata": {"ISTIO_DUAL_STACK": "true"}}}
+    runtime = cnilab.make_runtime(cni_lab, cnilab.CONSOLE_PLUGIN, plugin_config("legacy", mesh_config=dual_stack))
+    runtime.dual_stack = True
+    runtime.path = f"{refusing}:{runtime.path}"
+    pod = runtime.new_pod(INJECTED)
+    with pytest.raises(CniError) as failure:
+        runtime.add(pod, delete_on_failure=False)  # what the failed ADD itself left
+    error = error_of(failure.value)
+    assert error["code"] == 101
+    assert "simulated refusal" in str(error["msg"])
+    assert "ipv4 rules restored" in str(error["msg"])
+    assert our_rules(runtime, pod) == ""
+
+
+def test_check_passes_then_reports_drift_and_a_repeated_add_repairs(runtime: Runtime, variant: str) -> None:
+    pod = runtime.new_pod(INJECTED)
+    runtime.add(pod)
+    before = our_rules(runtime, pod)
+    assert before
+    assert [i.returncode for i in runtime.check(pod)] == [0, 0]
+    if variant == "native":
+        runtime.lab.sh(pod.netns, ["nft", "flush", "chain", "inet", "istio-proxy-nat", "istio-output"])
+    else:
+        runtime.lab.sh(pod.netns, [f"iptables-{variant}", "-t", "nat", "-F", "ISTIO_OUTPUT"])
+    drifted = runtime.ours(pod, "CHECK")
+    assert drifted.returncode != 0
+    assert drifted.json()["code"] == 102
+    assert "differ from its plan" in str(drifted.json()["msg"])
+    again = runtime.ours(pod, "ADD")  # a runtime may repeat an ADD: ours converges (the bridge's refuses)
+    assert again.returncode == 0, again.stderr
+    assert again.json() == pod.result
+    assert our_rules(runtime, pod) == before
+    assert runtime.ours(pod, "CHECK").returncode == 0
+
+
+def test_del_removes_everything_and_succeeds_repeated_and_after_the_netns_is_gone(runtime: Runtime) -> None:
+    pod = runtime.new_pod({**INJECTED, "sidecar.istio.io/interceptionMode": "TPROXY"})
+    runtime.add(pod)
+    assert our_rules(runtime, pod)
+    assert "lookup 133" in runtime.lab.sh(pod.netns, ["ip", "rule"])
+    runtime.delete(pod)
+    assert our_rules(runtime, pod) == ""
+    assert "lookup 133" not in runtime.lab.sh(pod.netns, ["ip", "rule"])
+    assert runtime.ours(pod, "DEL").returncode == 0
+    runtime.remove_netns(pod)
+    gone = runtime.ours(pod, "DEL")
+    assert (gone.returncode, gone.stdout) == (0, "")
+    runtime.delete(pod)  # the whole list, as a runtime retries it
+
+
+def test_ten_pods_added_at_once_each_get_their_rules(runtime: Runtime) -> None:
+    pods = [runtime.new_pod(INJECTED) for _ in range(10)]
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(runtime.add, pods))
+    assert len({pod.address for pod in pods}) == 10
+    assert all(result["ips"] for result in results)
+    for pod in pods:
+        assert runtime.ours(pod, "CHECK").returncode == 0, runtime.ours(pod, "CHECK").stdout
+    reference = our_rules(runtime, pods[0])
+    assert all(our_rules(runtime, pod) == reference for pod in pods[1:])
+
+
+def test_the_validation_container_passes_in_a_pod_the_plugin_set_up_and_fails_elsewhere(runtime: Runtime) -> None:
+    settings = Settings.from_sources(sets=["components.cni.enabled=true"])
+    captured, uninjected = runtime.new_pod(INJECTED), runtime.new_pod({})
+    runtime.add(captured)
+    runtime.add(uninjected)
+    argv = [str(netlab.ISTIO_IPTABLES), *init_args(INJECTED, settings)[1:], "--probe-timeout", "2s"]
+    assert "--run-validation" in argv and "--skip-rule-apply" in argv
+    passed = runtime.lab.run(captured.netns, argv, uid=netlab.PROXY_UID)
+    assert passed.returncode == 0, passed.stderr
+    failed = runtime.lab.run(uninjected.netns, argv, uid=netlab.PROXY_UID)
+    assert failed.returncode == 126, failed.stderr
