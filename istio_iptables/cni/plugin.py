@@ -25,6 +25,8 @@ from .protocol import POD_ANNOTATIONS, CniError, Request, error_json, read_reque
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import NoReturn
+
     from ..kube.settings import Settings
 
 log = Log(__name__)
@@ -142,16 +144,37 @@ def _init_containers(status: str) -> list[str]:
 
 def main() -> None:
     """The executable a runtime runs: the request from the environment and stdin, the answer on stdout."""
+    _node_libraries()
     version = ""
     try:
         request = read_request(os.environ, sys.stdin.buffer.read())
         version = request.version
         output = handle(request)
     except CniError as error:
-        print(f"{PROG}: {error.message}{': ' + error.details if error.details else ''}", file=sys.stderr)
-        sys.stdout.write(error_json(error, version))
-        sys.exit(1)
+        fail(error, version)
+    except Exception as error:  # a defect: the runtime still gets an error object, the log the traceback
+        import traceback  # noqa: PLC0415
+
+        traceback.print_exc()
+        fail(CniError(CniError.INTERNAL, f"internal error: {type(error).__name__}: {error}"), version)
     sys.stdout.write(output)
+
+
+def fail(error: CniError, version: str) -> NoReturn:
+    print(f"{PROG}: {error.message}{': ' + error.details if error.details else ''}", file=sys.stderr)
+    sys.stdout.write(error_json(error, version))
+    sys.exit(1)
+
+
+def _node_libraries() -> None:
+    """The self-contained build's loader points LD_LIBRARY_PATH at the bundle's libraries (its libssl,
+    libz...); iptables and nft, run from here, must load the node's own."""
+    if getattr(sys, "frozen", False):
+        original = os.environ.pop("LD_LIBRARY_PATH_ORIG", None)
+        if original is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = original
 
 
 def handle(request: Request) -> str:

@@ -40,6 +40,8 @@ class CniError(Exception):
     """CHECK: the pod's rules differ from its plan."""
     POD_UNKNOWN = 103
     """The pod's annotations could not be had (no capability value, and the Kubernetes API failed)."""
+    INTERNAL = 199
+    """A defect of this plugin (its traceback is in the log)."""
 
     def __init__(self, code: int, message: str, details: str = "") -> None:
         super().__init__(message)

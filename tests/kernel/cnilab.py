@@ -19,12 +19,15 @@ What a runtime does, and :class:`Runtime` does the same:
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +131,8 @@ class Runtime:
     path: str = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     """The PATH plugins run with (where ours finds iptables and nft)."""
     log: list[Invocation] = field(default_factory=list)
+    wrapper: Sequence[str] = ()
+    """A command prefix for every plugin run (e.g. :func:`without_python`)."""
 
     @property
     def conflist(self) -> dict[str, object]:
@@ -236,7 +241,7 @@ class Runtime:
         }
         executable = self.bin_dir / str(plugin["type"])
         result = subprocess.run(
-            ["ip", "netns", "exec", self.node, str(executable)],
+            [*self.wrapper, "ip", "netns", "exec", self.node, str(executable)],
             input=json.dumps(stdin),
             capture_output=True,
             text=True,
@@ -267,6 +272,36 @@ def make_runtime(lab: netlab.Lab, plugin: Path, plugin_config: dict[str, object]
         (bin_dir / name).symlink_to(REFERENCE_PLUGINS / name)
     (bin_dir / PLUGIN_NAME).symlink_to(plugin)
     return Runtime(lab, node, bin_dir, plugin_config)
+
+
+def without_python() -> list[str]:
+    """A command prefix that runs its command in a private mount namespace where no Python is left: every
+    interpreter on PATH is /dev/null, and the standard libraries, the interpreters' installations, the
+    virtualenv and this project's source are empty folders. (A node, as far as the plugin can tell.)"""
+    folders = {sys.base_prefix, sys.prefix, str(netlab.ROOT)}
+    folders |= {*glob.glob("/usr/lib/python3*"), *glob.glob("/usr/local/lib/python3*")}
+    folders = {folder for folder in folders if os.path.isdir(folder)}
+    # A folder inside another hidden one is hidden with it (and cannot be mounted on once that is).
+    outer = sorted(folder for folder in folders if not any(folder.startswith(other + "/") for other in folders))
+    interpreters = set()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        for path in glob.glob(os.path.join(directory, "python*")):
+            real = os.path.realpath(path)
+            if os.path.isfile(real) and not any(real.startswith(folder + "/") for folder in outer):
+                interpreters.add(real)
+    script = ["set -e"]
+    script += [f"mount -t tmpfs -o size=1m none {shlex.quote(folder)}" for folder in outer]
+    script += [f"mount --bind /dev/null {shlex.quote(path)}" for path in sorted(interpreters)]
+    script.append('exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "sh"]
+
+
+def copy_frozen_plugin(build: Path, folder: Path) -> Path:
+    """The self-contained build (executable and its folder) copied where ``without_python`` leaves it
+    visible, as an installer copies it onto a node; the executable's path."""
+    target = folder / "frozen"
+    shutil.copytree(build, target, symlinks=True)
+    return target / PLUGIN_NAME
 
 
 class CniLab(netlab.Lab):

@@ -8,6 +8,9 @@ Each test names the iptables variant through the plugin's configuration (``iptab
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +19,7 @@ import pytest
 
 from istio_iptables.kube.capture import init_args
 from istio_iptables.kube.settings import Settings
+from tests import fake_kube_api
 from tests.kernel import cnilab, netlab
 from tests.kernel.cnilab import GATEWAY, INJECTED, CniError, CniLab, PodSandbox, Runtime
 
@@ -38,6 +42,26 @@ def cni_lab(lab_unavailable: str | None) -> Iterator[CniLab]:
         pytest.skip(reason)
     with CniLab() as built:
         yield built
+
+
+@pytest.fixture(scope="session")
+def frozen_build() -> Path:
+    """The self-contained plugin as ``scripts/build-cni-plugin`` makes it (scripts/test runs it first), built
+    again here when any source file is newer than the build."""
+    build = netlab.ROOT / "dist" / cnilab.PLUGIN_NAME
+    executable = build / cnilab.PLUGIN_NAME
+    sources = [*netlab.ROOT.joinpath("istio_iptables").rglob("*.py"), netlab.ROOT / "scripts" / "build-cni-plugin"]
+    if not executable.exists() or executable.stat().st_mtime < max(path.stat().st_mtime for path in sources):
+        built = subprocess.run(
+            [str(netlab.ROOT / "scripts" / "build-cni-plugin")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={**os.environ, "PYTHON": sys.executable},
+        )
+        assert built.returncode == 0, built.stderr[-3000:]
+    return build
 
 
 @pytest.fixture
@@ -220,3 +244,70 @@ def test_the_validation_container_passes_in_a_pod_the_plugin_set_up_and_fails_el
     assert passed.returncode == 0, passed.stderr
     failed = runtime.lab.run(uninjected.netns, argv, uid=netlab.PROXY_UID)
     assert failed.returncode == 126, failed.stderr
+
+
+# --- the self-contained build, on a "node" without Python --------------------------------------------------
+
+
+def frozen_runtime(cni_lab: CniLab, frozen_build: Path, config: dict[str, object]) -> Runtime:
+    executable = cnilab.copy_frozen_plugin(frozen_build, cni_lab.tmp)
+    runtime = cnilab.make_runtime(cni_lab, executable, config)
+    runtime.wrapper = cnilab.without_python()
+    # The hiding is real: no interpreter runs, no standard library or project file is there.
+    probe = "python3 -c pass || python -c pass || exit 0; exit 1"
+    hidden = subprocess.run([*runtime.wrapper, "sh", "-c", probe], capture_output=True, timeout=30, check=False)
+    assert hidden.returncode == 0, "a Python interpreter still runs under without_python()"
+    for path in (Path(sys.base_prefix, "lib"), netlab.ROOT / "istio_iptables", Path(sys.prefix, "bin")):
+        listed = subprocess.run([*runtime.wrapper, "ls", "-A", str(path)], capture_output=True, timeout=30, check=False)
+        assert listed.stdout == b"", f"{path} is still visible under without_python()"
+    return runtime
+
+
+def test_the_self_contained_plugin_captures_on_a_node_without_python(
+    cni_lab: CniLab, frozen_build: Path, variant: str
+) -> None:
+    runtime = frozen_runtime(cni_lab, frozen_build, plugin_config(variant))
+    version = runtime.invoke({"type": cnilab.PLUGIN_NAME}, "VERSION", runtime.new_pod(), None)
+    assert json.loads(version.stdout)["supportedVersions"] == ["0.3.1", "0.4.0", "1.0.0"], version.stderr
+    pod = runtime.new_pod(INJECTED)
+    runtime.add(pod)
+    start(runtime, pod)
+    answer = runtime.lab.client(GATEWAY, NODE_PORT, ns=pod.netns, data="frozen")
+    assert answer == f"PROXY15001|node:{pod.address}:{GATEWAY}:{NODE_PORT}:frozen"
+    assert runtime.ours(pod, "CHECK").returncode == 0
+    # TPROXY: routing changes, through pyroute2, in the bundle too.
+    tproxy = runtime.new_pod({**INJECTED, "sidecar.istio.io/interceptionMode": "TPROXY"})
+    runtime.add(tproxy)
+    assert "lookup 133" in runtime.lab.sh(tproxy.netns, ["ip", "rule"])
+    runtime.delete(tproxy)
+    assert "lookup 133" not in runtime.lab.sh(tproxy.netns, ["ip", "rule"])
+    assert our_rules(runtime, tproxy) == ""
+
+
+def test_annotations_from_the_kubernetes_api_when_the_runtime_passes_none(cni_lab: CniLab, frozen_build: Path) -> None:
+    """A runtime without the pod-annotations capability: the plugin asks the API server (a fake one in the
+    node namespace, over HTTPS with a bearer token), and the pod's istio-proxy runAsUser becomes -u."""
+    lab = cni_lab
+    certificate, key = fake_kube_api.make_certificate(lab.tmp)
+    kubeconfig = lab.tmp / "istio-iptables-cni.kubeconfig"
+    kubeconfig.write_text(fake_kube_api.kubeconfig("https://127.0.0.1:6443", certificate, token="node-token"))
+    runtime = frozen_runtime(cni_lab, frozen_build, plugin_config("nft", kubernetes={"kubeconfig": str(kubeconfig)}))
+    runtime.pass_annotations = False
+    pod = runtime.new_pod(INJECTED)
+    pods = lab.tmp / "pods.json"
+    pods.write_text(json.dumps({f"default/{pod.name}": fake_kube_api.pod("default", pod.name, INJECTED, 1500)}))
+    argv = [sys.executable, "-m", "tests.fake_kube_api", str(pods), "--port", "6443", "--token", "node-token"]
+    api = lab.spawn(runtime.node, [*argv, "--cert", str(certificate), "--key", str(key)], name="kube-api")
+    api.listens = [("tcp", 6443)]
+    lab.wait_ready(api)
+    runtime.add(pod)
+    assert "runtimeConfig" not in runtime.log[-1].stdin
+    assert "--uid-owner 1500" in our_rules(runtime, pod)
+    # Without a kubeconfig, such a pod fails closed: its ADD names what is missing.
+    runtime.plugin_config = plugin_config("nft")
+    other = runtime.new_pod(INJECTED)
+    with pytest.raises(CniError) as failure:
+        runtime.add(other, delete_on_failure=False)
+    error = error_of(failure.value)
+    assert error["code"] == 103
+    assert "names no kubeconfig" in str(error["msg"])
