@@ -428,6 +428,47 @@ def memory(size: int) -> list[Row]:
     return [Row(f"peak RSS of an apply with {size} CIDRs + {size} ports", 0, None, None, f"{peak_kb:,} KiB")]
 
 
+def cni_setup(runs: int) -> list[Row]:
+    """What the plugin adds to a pod's network set-up: the runtime's whole ADD (loopback, then bridge with
+    host-local, then ours) in a node namespace, against the same list without ours; a fresh pod each run,
+    the variants interleaved so that load on the machine hits them alike."""
+    sys.path.insert(0, str(ROOT))
+    from tests.kernel import cnilab  # noqa: PLC0415 (the tests' runtime: one way to run a CNI list)
+
+    injected = cnilab.INJECTED
+    build = ROOT / "dist" / cnilab.PLUGIN_NAME / cnilab.PLUGIN_NAME
+    if not build.exists():
+        subprocess.run([str(ROOT / "scripts" / "build-cni-plugin")], check=True, env={**os.environ, "PYTHON": PYTHON})
+    cases = [
+        ("bridge + host-local + loopback, without the plugin", None, None, False),
+        ("with the plugin, self-contained build, injected pod (rules applied)", build, injected, True),
+        ("with the plugin, self-contained build, pod left alone", build, {}, True),
+        ("with the plugin, console script (venv), injected pod", cnilab.CONSOLE_PLUGIN, injected, True),
+    ]
+    times: dict[str, list[float]] = {label: [] for label, *_ in cases}
+    with cnilab.CniLab() as lab:
+        runtimes = []
+        for label, plugin, annotations, chained in cases:
+            runtime = cnilab.make_runtime(lab, Path(plugin or build), {"iptables": "nft"}, f"node{len(runtimes)}")
+            runtime.chained = chained
+            runtimes.append((label, runtime, annotations))
+        for _ in range(runs):
+            for label, runtime, annotations in runtimes:
+                pod = runtime.new_pod(annotations)
+                started = time.perf_counter()
+                runtime.add(pod)
+                times[label].append(time.perf_counter() - started)
+                runtime.delete(pod)
+                runtime.remove_netns(pod)
+    baseline = statistics.median(times[cases[0][0]])
+    rows = []
+    for label, *_ in cases:
+        seconds = statistics.median(times[label])
+        added = "" if seconds is baseline else f"+{(seconds - baseline) * 1000:.0f} ms per pod"
+        rows.append(Row(label, seconds, baseline=baseline, note=added))
+    return rows
+
+
 def _has_libiptc() -> bool:
     return subprocess.run([PYTHON, "-c", "import iptc"], capture_output=True, check=False).returncode == 0
 
@@ -475,6 +516,7 @@ def main() -> None:
             connection_rate(args.rate_seconds, max(sizes)),
         ),
         ("Memory", memory(max(sizes))),
+        ("CNI mode: a pod's network set-up by the runtime (ADD of the whole list)", cni_setup(args.runs)),
     ]
     report = f"Machine: {machine()}\n\nCommand: `sudo scripts/bench` ({args.runs} runs per median)\n\n"
     report += "\n".join(table(title, rows) for title, rows in sections)

@@ -111,12 +111,11 @@ class PodInfo:
     proxy_uid: int | None = None
 
 
-def skip_reason(pod: PodInfo, settings: Settings) -> str | None:
-    """Why the plugin leaves this pod alone, or None when it captures it. Istio's plugin decides the same way,
-    but that only a pod whose injection left the capture to a CNI plugin has an ``istio-validation`` init
-    container: a pod with ``istio-init`` captures itself, a gateway has neither."""
-    from ..kube.capture import interception_mode  # noqa: PLC0415 (kube is imported only for pods to capture)
-
+def skip_reason(pod: PodInfo) -> str | None:
+    """Why the plugin leaves this pod alone, or None when it is one to capture (unless its interception mode
+    is NONE). Istio's plugin decides the same way, but that only a pod whose injection left the capture to
+    a CNI plugin has an ``istio-validation`` init container: a pod with ``istio-init`` captures itself, a
+    gateway has neither."""
     # The label is the newer API and wins over the annotation; only y/yes/true/on ask for injection.
     selector = pod.labels.get(INJECT, pod.annotations.get(INJECT, ""))
     if selector and selector.lower() not in ("y", "yes", "true", "on"):
@@ -128,8 +127,6 @@ def skip_reason(pod: PodInfo, settings: Settings) -> str | None:
         return f"not injected for CNI mode ({STATUS} names no {VALIDATION_CONTAINER} init container)"
     if pod.containers is not None and PROXY_CONTAINER not in pod.containers:
         return f"no {PROXY_CONTAINER} container"
-    if interception_mode(pod.annotations, settings) == "NONE":
-        return "interception mode NONE"
     return None
 
 
@@ -201,17 +198,24 @@ def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config 
     """The Config of the pod's capture, or None when the plugin leaves the pod alone."""
     pod = request.pod
     if pod is None:
-        log.info("container %s is not a Kubernetes pod: left alone", request.container_id)
+        log.debug("container %s is not a Kubernetes pod: left alone", request.container_id)
         return None
     namespace, name = pod
     if namespace in plugin.exclude_namespaces:
-        log.info("pod %s/%s: left alone: namespace excluded", namespace, name)
+        log.debug("pod %s/%s: left alone: namespace excluded", namespace, name)
         return None
     info = pod_info(request, plugin, namespace, name)
-    settings = _settings(plugin)
-    reason = skip_reason(info, settings)
+    # Debug: a runtime keeps a successful plugin's stderr nowhere, and logging costs an import per pod.
+    reason = skip_reason(info)
     if reason is not None:
-        log.info("pod %s/%s: left alone: %s", namespace, name, reason)
+        log.debug("pod %s/%s: left alone: %s", namespace, name, reason)
+        return None
+    # The settings only now: most pods on a node are not captured, and they need not pay for them.
+    settings = _settings(plugin)
+    from ..kube.capture import interception_mode  # noqa: PLC0415
+
+    if interception_mode(info.annotations, settings) == "NONE":
+        log.debug("pod %s/%s: left alone: interception mode NONE", namespace, name)
         return None
     return capture_config(info, settings, request.netns, plugin)
 
@@ -278,7 +282,7 @@ def delete(request: Request, plugin: PluginConfig) -> None:
     if pod is not None and pod[0] in plugin.exclude_namespaces:
         return
     if not request.netns or not os.path.exists(request.netns):
-        log.info("container %s: network namespace gone, nothing to remove", request.container_id)
+        log.debug("container %s: network namespace gone, nothing to remove", request.container_id)
         return
     native = _settings(plugin).value("global.nativeNftables") is True
     config = configuration.Config(

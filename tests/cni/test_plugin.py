@@ -9,11 +9,9 @@ import pytest
 from istio_iptables.cni.plugin import PodInfo, parse_plugin_config, skip_reason
 from istio_iptables.cni.protocol import CniError
 from istio_iptables.config import IptablesVariant, LogLevel
-from istio_iptables.kube.settings import Settings
 
 STATUS = json.dumps({"initContainers": ["istio-validation"], "containers": ["istio-proxy"]})
 INJECTED = {"sidecar.istio.io/status": STATUS}
-SETTINGS = Settings.from_sources()
 
 
 def test_defaults() -> None:
@@ -78,15 +76,8 @@ def test_bad_settings_name_the_setting_and_value(key: str, value: object, messag
         (PodInfo({"sidecar.istio.io/status": '{"initContainers":null}'}), "not injected for CNI mode"),
         (PodInfo({"sidecar.istio.io/status": "not json"}), "not injected for CNI mode"),
         (PodInfo(INJECTED, containers=("app",)), "no istio-proxy container"),
-        (PodInfo({**INJECTED, "sidecar.istio.io/interceptionMode": "NONE"}), "interception mode NONE"),
     ],
 )
 def test_which_pods_are_captured(pod: PodInfo, reason: str | None) -> None:
-    found = skip_reason(pod, SETTINGS)
+    found = skip_reason(pod)
     assert found == reason if reason is None else reason in str(found)
-
-
-def test_a_mesh_wide_mode_none_leaves_pods_alone_unless_they_ask() -> None:
-    settings = Settings.from_sources(mesh_config={"defaultConfig": {"interceptionMode": "NONE"}})
-    assert skip_reason(PodInfo(INJECTED), settings) == "interception mode NONE"
-    assert skip_reason(PodInfo({**INJECTED, "sidecar.istio.io/interceptionMode": "REDIRECT"}), settings) is None

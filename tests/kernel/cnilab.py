@@ -133,6 +133,8 @@ class Runtime:
     log: list[Invocation] = field(default_factory=list)
     wrapper: Sequence[str] = ()
     """A command prefix for every plugin run (e.g. :func:`without_python`)."""
+    chained: bool = True
+    """Whether our plugin is in the list (False: the cluster's network alone, a benchmark's baseline)."""
 
     @property
     def conflist(self) -> dict[str, object]:
@@ -146,10 +148,10 @@ class Runtime:
                 "type": "host-local",
                 "ranges": [[{"subnet": SUBNET}]] + ([[{"subnet": SUBNET6}]] if self.dual_stack else []),
                 "routes": [{"dst": "0.0.0.0/0"}] + ([{"dst": "::/0"}] if self.dual_stack else []),
-                "dataDir": str(self.lab.tmp / "host-local"),
+                "dataDir": str(self.lab.tmp / f"host-local-{self.node}"),
             },
         }
-        return {"cniVersion": CNI_VERSION, "name": "lab-net", "plugins": [bridge, ours]}
+        return {"cniVersion": CNI_VERSION, "name": "lab-net", "plugins": [bridge, ours] if self.chained else [bridge]}
 
     # --- pods -----------------------------------------------------------------------------------------
 
@@ -260,13 +262,14 @@ class Runtime:
         return invocation
 
 
-def make_runtime(lab: netlab.Lab, plugin: Path, plugin_config: dict[str, object]) -> Runtime:
-    """The node namespace (lo up) and a CNI bin dir holding the reference plugins and ``plugin``."""
-    node = lab.pod.replace("-pod", "-node")
+def make_runtime(lab: netlab.Lab, plugin: Path, plugin_config: dict[str, object], node: str = "node") -> Runtime:
+    """The node namespace (lo up) and a CNI bin dir holding the reference plugins and ``plugin``; ``node``
+    tells the nodes of one lab apart (node, node1, ...)."""
+    bin_dir = lab.tmp / f"cni-bin-{node}"
+    node = lab.pod.replace("-pod", f"-{node}")
     lab.check(["ip", "netns", "add", node])
     lab.namespaces.append(node)
     lab.check(["ip", "-n", node, "link", "set", "lo", "up"])
-    bin_dir = lab.tmp / "cni-bin"
     bin_dir.mkdir()
     for name in ("bridge", "host-local", "loopback"):
         (bin_dir / name).symlink_to(REFERENCE_PLUGINS / name)

@@ -62,7 +62,7 @@ LAB_NETWORKS = tuple(
 
 WAIT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
-_NAME = re.compile(rf"^{PREFIX}-(\d+)-\d+-(pod|peer|peer2|node|pod\d+)$")
+_NAME = re.compile(rf"^{PREFIX}-(\d+)-\d+-(pod|peer|peer2|node\d*|pod\d+)$")
 _FOLDER = re.compile(rf"^{PREFIX}-(\d+)-\d+-\w+$")
 _counter = itertools.count()
 _open_labs: set[Lab] = set()
