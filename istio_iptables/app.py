@@ -237,7 +237,9 @@ def inject_command(
     mesh_config: str = typer.Option(
         "", "--mesh-config", metavar="FILE", help="Istio's mesh config (or its ConfigMap)."
     ),
-    image: str = typer.Option("", "--image", help="The init container's image (default: this project's image)."),
+    image: str = typer.Option(
+        "", "--image", metavar="IMAGE", help="The init container's image (default: this project's image)."
+    ),
     hardened: bool = typer.Option(False, "--hardened", help="Non-root, read-only init container (see README)."),
 ) -> None:
     """Add the capture's init container and annotations to every workload, as Istio's injector does."""

@@ -177,6 +177,21 @@ def test_our_parser_refuses_what_istio_lets_through(annotation: str, value: str)
         capture_args({annotation: value}, DEFAULT)
 
 
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        ("traffic.sidecar.istio.io/includeInboundPorts", "80\n-A OUTPUT -j ACCEPT"),
+        ("sidecar.istio.io/agentLogLevel", "default:info\nx"),
+        ("traffic.sidecar.istio.io/excludeInterfaces", "eth0\x00"),
+        ("traffic.sidecar.istio.io/kubevirtInterfaces", "net1\u202e"),
+    ],
+)
+def test_odd_bytes_make_one_line(annotation: str, value: str) -> None:
+    with pytest.raises(InjectionError) as raised:
+        capture_args({annotation: value}, DEFAULT)
+    assert str(raised.value).isprintable()
+
+
 def test_every_failure_is_listed_in_one_message() -> None:
     with pytest.raises(InjectionError) as raised:
         capture_args(

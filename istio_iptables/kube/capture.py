@@ -42,6 +42,10 @@ ALWAYS_EXCLUDED_INBOUND = "15090,15021"
 class InjectionError(ConfigError):
     """The injector refuses a workload: the message names the workload, the annotation or setting, the value."""
 
+    def __init__(self, message: str) -> None:
+        # One line whatever the annotations held: parsers' reasons may quote a value unescaped.
+        super().__init__("".join(char if char.isprintable() else repr(char)[1:-1] for char in message))
+
 
 # ---- Istio's annotation checks (validate.go), with its wording ------------------------------------------
 
@@ -50,7 +54,7 @@ def _go_port(text: str) -> None:
     """Go's ``strconv.ParseUint(strings.TrimSpace(p), 10, 16)``: 0 passes, as in Istio."""
     stripped = text.strip()
     if not (stripped.isascii() and stripped.isdigit()) or int(stripped) > 65535:
-        raise ValueError(f"failed parsing port '{text}'")
+        raise ValueError(f"failed parsing port '{configuration.shown(text)}'")
 
 
 def _port_list(what: str, wildcard: bool) -> Callable[[str], None]:
@@ -62,7 +66,7 @@ def _port_list(what: str, wildcard: bool) -> Callable[[str], None]:
                 try:
                     _go_port(port)
                 except ValueError as error:
-                    raise ValueError(f"{what} invalid: failed parsing port '{port}': {error}") from None
+                    raise ValueError(f"{what} invalid: {error}") from None
 
     return check
 
@@ -75,14 +79,16 @@ def _cidr_list(what: str, wildcard: bool) -> Callable[[str], None]:
             try:
                 configuration.parse_cidr(cidr)
             except ValueError as error:
-                raise ValueError(f"{what} invalid: failed parsing cidr '{cidr}': {error}") from None
+                raise ValueError(
+                    f"{what} invalid: failed parsing cidr '{configuration.shown(cidr)}': {error}"
+                ) from None
 
     return check
 
 
 def _uint32(text: str) -> None:
     if not (text.isascii() and text.isdigit()) or int(text) > 0xFFFFFFFF:
-        raise ValueError(f'strconv.ParseUint: parsing "{text}": invalid syntax')
+        raise ValueError(f'strconv.ParseUint: parsing "{configuration.shown(text)}": invalid syntax')
 
 
 def _go_bool(text: str) -> None:
@@ -193,7 +199,8 @@ def capture_args(annotations: Mapping[str, str], settings: Settings, *, proxy_ui
     """The capture flags the injector writes (``-p -z -u -m -i -x -b -d``, then the optional ones), without
     the leading ``istio-iptables`` word and without the validation/CNI-mode flags. ``proxy_uid`` is the
     ``runAsUser`` of an ``istio-proxy`` container the user put in the pod. Raises InjectionError naming the
-    annotation (or setting) and the value when Istio's checks or this program's Config parser refuse one."""
+    annotation (or setting) and the value when Istio's checks or this program's Config parser refuse one, and
+    for a pod whose ``interception_mode`` is NONE (no capture: callers skip those first)."""
     return _arguments(annotations, settings, proxy_uid, mode_flags=())
 
 
@@ -258,6 +265,8 @@ def _arguments(
         return str(settings.mesh_value(path) or default), f"setting meshConfig.{path}"
 
     mode = interception_mode(annotations, settings)
+    if mode == "NONE":
+        raise InjectionError("interception mode NONE asks for no capture: there is no capture argv")
     mode_origin = (
         f"annotation '{INTERCEPTION_MODE}'"
         if INTERCEPTION_MODE in annotations

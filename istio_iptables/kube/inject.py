@@ -41,9 +41,10 @@ RESOURCE_ANNOTATIONS = (
 
 IGNORED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease", "local-path-storage"})
 """Namespaces Istio never injects (``inject.IgnoredNamespaces``)."""
-ISTIO_TEMPLATES = frozenset({"sidecar", "gateway", "grpc-agent", "grpc-simple", "waypoint", "kube-gateway"})
 CAPTURE_TEMPLATE = "sidecar"
-"""The only one of Istio's injection templates with an init container; the others leave capture alone."""
+"""The only one of Istio's injection templates with an init container; the others (gateway, grpc-agent, ...)
+leave capture alone. A name we do not know is taken for a custom template of the mesh's injector
+configuration, which this injector does not see: it gets no capture unless ``sidecar`` is named too."""
 
 HARDENED_USER = 65532
 """The image's non-root user (Dockerfile)."""
@@ -51,10 +52,18 @@ LOCK_VOLUME = "istio-iptables-lock"
 LOCK_DIRECTORY = "/run/istio-iptables"
 """Where the image's XTABLES_LOCKFILE lives: on a read-only root it needs a writable emptyDir."""
 
-# kind -> where its pod template is; CronJob's metadata is special (see _pod_location).
-POD_TEMPLATE_KINDS = frozenset(
-    {"Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Job", "ReplicationController", "DeploymentConfig"}
-)
+WORKLOAD_GROUPS: Mapping[str, frozenset[str]] = {
+    "Pod": frozenset({""}),
+    "ReplicationController": frozenset({""}),
+    "Deployment": frozenset({"apps", "extensions"}),
+    "ReplicaSet": frozenset({"apps", "extensions"}),
+    "DaemonSet": frozenset({"apps", "extensions"}),
+    "StatefulSet": frozenset({"apps"}),
+    "Job": frozenset({"batch"}),
+    "CronJob": frozenset({"batch"}),
+    "DeploymentConfig": frozenset({"apps.openshift.io", ""}),  # OpenShift's, and its legacy v1
+}
+"""The kinds that hold a pod, and their API groups: a custom resource that reuses a name is not one."""
 
 
 @record
@@ -77,9 +86,7 @@ def inject_pod(pod: Mapping[str, Any], injector: Injector, *, workload: str, nam
     settings = injector.settings
     unchanged = copy.deepcopy(dict(pod))
     namespace = namespace or go_text(metadata.get("namespace"))
-    if not _wanted(
-        spec, annotations=annotations, labels=labels, namespace=namespace, settings=settings, workload=workload
-    ):
+    if not _wanted(spec, annotations=annotations, labels=labels, namespace=namespace, settings=settings):
         return unchanged
     try:
         mode = capture.interception_mode(annotations, settings)
@@ -183,7 +190,11 @@ def inject_documents(documents: Iterable[Any], injector: Injector) -> list[Any]:
 
 _POD_PATHS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Pod": (("metadata",), ("spec",)),
-    **{kind: (("spec", "template", "metadata"), ("spec", "template", "spec")) for kind in POD_TEMPLATE_KINDS},
+    **{
+        kind: (("spec", "template", "metadata"), ("spec", "template", "spec"))
+        for kind in WORKLOAD_GROUPS
+        if kind not in ("Pod", "CronJob")
+    },
     # Istio's quirk, kept: for a CronJob it reads and writes the job template's metadata
     # (spec.jobTemplate.metadata), not the pod template's (its golden shows the status annotation there).
     "CronJob": (("spec", "jobTemplate", "metadata"), ("spec", "jobTemplate", "spec", "template", "spec")),
@@ -204,7 +215,9 @@ def _inject_object(document: Any, injector: Injector) -> Any:
     metadata = metadata if isinstance(metadata, Mapping) else {}
     namespace = go_text(metadata.get("namespace"))
     workload = f"{kind} {namespace or 'default'}/{go_text(metadata.get('name') or metadata.get('generateName'))}"
-    pod = {"metadata": _at(document, paths[0]) or {}, "spec": _at(document, paths[1]) or {}}
+    metadata_path, spec_path = paths
+    pod = {"metadata": _at(document, metadata_path), "spec": _at(document, spec_path)}
+    pod = {key: {} if value is None else value for key, value in pod.items()}
     injected = inject_pod(pod, injector, workload=workload, namespace=namespace)
     result = copy.deepcopy(dict(document))
     if injected != pod:
@@ -215,9 +228,14 @@ def _inject_object(document: Any, injector: Injector) -> Any:
 
 def pod_paths(document: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """The paths of the metadata Istio reads and writes and of the pod spec, for an object holding a pod."""
-    kind = document.get("kind")
-    paths = _POD_PATHS.get(kind) if isinstance(kind, str) else None
-    return paths if paths is not None and isinstance(_at(document, paths[1][:-1]), Mapping) else None
+    kind, api_version = document.get("kind"), document.get("apiVersion")
+    if not isinstance(kind, str) or not isinstance(api_version, str) or kind not in WORKLOAD_GROUPS:
+        return None
+    group, _, version = api_version.rpartition("/")
+    paths = _POD_PATHS[kind]
+    if not version or group not in WORKLOAD_GROUPS[kind] or not isinstance(_at(document, paths[1][:-1]), Mapping):
+        return None
+    return paths
 
 
 def _at(tree: Any, path: tuple[str, ...]) -> Any:
@@ -241,7 +259,6 @@ def _wanted(
     labels: Mapping[str, Any],
     namespace: str,
     settings: Settings,
-    workload: str,
 ) -> bool:
     """Istio's decision (``injectRequired`` and the template choice) as far as the capture goes."""
     if spec.get("hostNetwork") is True or namespace in IGNORED_NAMESPACES:
@@ -257,14 +274,6 @@ def _wanted(
     if templates is None:
         defaults = settings.value("sidecarInjectorWebhook.defaultTemplates")
         templates = [go_text(name) for name in defaults] if isinstance(defaults, list) and defaults else ["sidecar"]
-    custom = settings.value("sidecarInjectorWebhook.templates")
-    known = ISTIO_TEMPLATES | (set(custom) if isinstance(custom, Mapping) else set())
-    unknown = [name for name in templates if name not in known]
-    if unknown:
-        raise InjectionError(
-            f"{workload}: invalid value '{annotations.get(TEMPLATES, '')}' for annotation '{TEMPLATES}': "
-            f"requested template {unknown[0]!r} not found; have {', '.join(sorted(known))}"
-        )
     return CAPTURE_TEMPLATE in templates
 
 
@@ -344,6 +353,8 @@ def _resources(annotations: Mapping[str, str], settings: Settings) -> dict[str, 
     configured = settings.value("global.proxy.resources") or {}
     for part in ("limits", "requests"):
         for kind, value in (configured.get(part) or {}).items():
+            if value is None:
+                continue  # a null quantity is no quantity (Helm drops it)
             where = f"setting values.global.proxy.resources.{part}.{kind}"
             resources.setdefault(part, {})[kind] = _quantity(go_text(value), where)
     return resources

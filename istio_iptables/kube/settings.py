@@ -67,6 +67,17 @@ _BOOLEANS = (
     "values.istio_cni.enabled",
     "components.cni.enabled",
 )
+_MAPS = (
+    "values.global",
+    "values.global.proxy",
+    "values.global.proxy_init",
+    "values.global.logging",
+    "values.pilot",
+    "values.pilot.cni",
+    "values.sidecarInjectorWebhook",
+    "meshConfig.defaultConfig",
+)
+"""The branches the capture reads below: a scalar there would silently read as all defaults."""
 _PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
 _INTERCEPTION_MODES = ("REDIRECT", "TPROXY", "NONE")
 
@@ -94,6 +105,8 @@ class Settings:
         for assignment in sets:
             path, value = _parse_set(assignment)
             _put(tree, path, value, assignment)
+        for branch in _MAPS:
+            _check(tree, branch, lambda value: isinstance(value, Mapping), "must be a map of settings")
         for boolean in _BOOLEANS:
             _check(tree, boolean, lambda value: isinstance(value, bool), "must be true or false")
         _check(
@@ -192,10 +205,13 @@ def _tree(document: Mapping[str, Any] | None, what: str) -> Mapping[str, Any]:
 
 
 def _merged(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
-    """``overlay`` laid over a copy of ``base``, maps merged key by key (as Helm merges values)."""
+    """``overlay`` laid over a copy of ``base``, maps merged key by key and a null removing the key (as Helm
+    merges values: ``cpu: null`` under ``resources.limits`` drops the chart's CPU limit)."""
     merged = copy.deepcopy(dict(base))
     for key, value in overlay.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = _merged(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
