@@ -1,4 +1,4 @@
-"""The console commands ``istio-iptables`` and ``istio-clean-iptables``.
+"""The console commands ``istio-iptables``, ``istio-clean-iptables`` and the CNI plugin ``istio-iptables-cni``.
 
 An init container's run is mostly start-up and exit, so this process does not collect garbage: each module
 loaded would otherwise set off collections that find nothing to free (the objects made are acyclic records,
@@ -14,15 +14,26 @@ from collections.abc import Callable
 
 gc.disable()
 
-from . import cli  # noqa: E402 (imported with the collector off, which is the point)
+# Each command imports its modules here, with the collector off (the point), and only its own: the CNI
+# plugin's run never loads the CLI's, nor the CLI's the plugin's.
 
 
 def main() -> None:
+    from . import cli  # noqa: PLC0415
+
     _without_collection(cli.main)
 
 
 def clean_main() -> None:
+    from . import cli  # noqa: PLC0415
+
     _without_collection(cli.clean_main)
+
+
+def cni_main() -> None:
+    from .cni import plugin  # noqa: PLC0415
+
+    _without_collection(plugin.main)
 
 
 def _without_collection(command: Callable[[], None]) -> None:

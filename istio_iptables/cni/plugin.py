@@ -16,7 +16,6 @@ import os
 import sys
 from collections.abc import Mapping
 
-from .. import cli
 from .. import config as configuration
 from ..errors import ApplyError, ConfigError, HostError
 from ..logsetup import Log, configure
@@ -261,6 +260,7 @@ def capture_config(pod: PodInfo, settings: Settings, netns_path: str, plugin: Pl
 
 
 def add(config: configuration.Config) -> None:
+    from .. import cli  # noqa: PLC0415 (plan, host facts, namespaces: only for pods to capture)
     from ..apply import apply, apply_native  # noqa: PLC0415
 
     _, plan = cli.enter(config, changes_system=True)
@@ -268,6 +268,7 @@ def add(config: configuration.Config) -> None:
 
 
 def check(config: configuration.Config) -> None:
+    from .. import cli  # noqa: PLC0415
     from ..status import render_status_text, status  # noqa: PLC0415
 
     _, plan = cli.enter(config, changes_system=False)
@@ -284,6 +285,8 @@ def delete(request: Request, plugin: PluginConfig) -> None:
     if not request.netns or not os.path.exists(request.netns):
         log.debug("container %s: network namespace gone, nothing to remove", request.container_id)
         return
+    from .. import cli  # noqa: PLC0415
+
     native = _settings(plugin).value("global.nativeNftables") is True
     config = configuration.Config(
         network_namespace=request.netns,
