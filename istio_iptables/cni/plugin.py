@@ -11,6 +11,7 @@ CHECK compares the live rules with the plan. Errors are the spec's JSON on stdou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -278,7 +279,8 @@ def check(config: configuration.Config) -> None:
 
 
 def delete(request: Request, plugin: PluginConfig) -> None:
-    """Remove every rule, chain and route of ours from the pod; nothing to do when its namespace is gone."""
+    """Remove every rule, chain and route of ours from the pod, then the pod's lock files on the node (one
+    per pod otherwise stays in /run); nothing to do when its namespace is gone."""
     pod = request.pod
     if pod is not None and pod[0] in plugin.exclude_namespaces:
         return
@@ -302,6 +304,11 @@ def delete(request: Request, plugin: PluginConfig) -> None:
         if not os.path.exists(request.netns):
             return  # gone between the look and the open
         raise
-    from ..apply import apply, apply_native  # noqa: PLC0415
+    from ..apply import apply, apply_native, namespace_lock_path, xtables_environment  # noqa: PLC0415
 
     (apply_native if native else apply)(config, plan)
+    environment = xtables_environment(config)
+    # The runtime runs no other command for this pod meanwhile, so no run holds these locks now.
+    for lock in {*environment.values(), namespace_lock_path(environment)}:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)

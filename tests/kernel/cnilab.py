@@ -19,6 +19,7 @@ What a runtime does, and :class:`Runtime` does the same:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -312,3 +313,13 @@ class CniLab(netlab.Lab):
 
     def setup(self) -> None:
         pass
+
+    def close(self) -> None:
+        """Also the lock files runs in our namespaces left on the node (a pod's DEL removes its own)."""
+        for ns in self.namespaces:
+            with contextlib.suppress(OSError):
+                inode = self.netns_inode(ns)
+                for name in (f"xtables-netns-{inode}.lock", f"xtables-netns-{inode}.lock.istio-iptables"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"/run/{name}")
+        super().close()

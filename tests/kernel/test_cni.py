@@ -206,13 +206,21 @@ def test_check_passes_then_reports_drift_and_a_repeated_add_repairs(runtime: Run
     assert runtime.ours(pod, "CHECK").returncode == 0
 
 
-def test_del_removes_everything_and_succeeds_repeated_and_after_the_netns_is_gone(runtime: Runtime) -> None:
+def test_del_removes_everything_and_succeeds_repeated_and_after_the_netns_is_gone(
+    runtime: Runtime, variant: str
+) -> None:
     pod = runtime.new_pod({**INJECTED, "sidecar.istio.io/interceptionMode": "TPROXY"})
     runtime.add(pod)
     assert our_rules(runtime, pod)
     assert "lookup 133" in runtime.lab.sh(pod.netns, ["ip", "rule"])
+    inode = os.stat(pod.netns_path).st_ino
+    locks = [Path(f"/run/xtables-netns-{inode}.lock.istio-iptables")]  # our run lock
+    if variant == "legacy":
+        locks.append(Path(f"/run/xtables-netns-{inode}.lock"))  # iptables-legacy's own
+    assert all(lock.exists() for lock in locks), locks
     runtime.delete(pod)
     assert our_rules(runtime, pod) == ""
+    assert not any(lock.exists() for lock in locks), "the pod's lock files stay on the node"
     assert "lookup 133" not in runtime.lab.sh(pod.netns, ["ip", "rule"])
     assert runtime.ours(pod, "DEL").returncode == 0
     runtime.remove_netns(pod)
