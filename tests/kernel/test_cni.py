@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -275,6 +276,13 @@ def test_the_self_contained_plugin_captures_on_a_node_without_python(
     cni_lab: CniLab, frozen_build: Path, variant: str
 ) -> None:
     runtime = frozen_runtime(cni_lab, frozen_build, plugin_config(variant))
+    # The binary that applies records the library path it was given: the node's, not the bundle's.
+    tool = "nft" if variant == "native" else f"iptables-{variant}-restore"
+    spy, seen = cni_lab.tmp / "spy", cni_lab.tmp / "library-path"
+    spy.mkdir()
+    (spy / tool).write_text(f'#!/bin/sh\necho "${{LD_LIBRARY_PATH-unset}}" >>{seen}\nexec {shutil.which(tool)} "$@"\n')
+    (spy / tool).chmod(0o755)
+    runtime.path = f"{spy}:{runtime.path}"
     version = runtime.invoke({"type": cnilab.PLUGIN_NAME}, "VERSION", runtime.new_pod(), None)
     assert json.loads(version.stdout)["supportedVersions"] == ["0.3.1", "0.4.0", "1.0.0"], version.stderr
     pod = runtime.new_pod(INJECTED)
@@ -283,6 +291,7 @@ def test_the_self_contained_plugin_captures_on_a_node_without_python(
     answer = runtime.lab.client(GATEWAY, NODE_PORT, ns=pod.netns, data="frozen")
     assert answer == f"PROXY15001|node:{pod.address}:{GATEWAY}:{NODE_PORT}:frozen"
     assert runtime.ours(pod, "CHECK").returncode == 0
+    assert seen.read_text().splitlines()[0] == "unset"
     # TPROXY: routing changes, through pyroute2, in the bundle too.
     tproxy = runtime.new_pod({**INJECTED, "sidecar.istio.io/interceptionMode": "TPROXY"})
     runtime.add(tproxy)
