@@ -43,9 +43,11 @@ class CniError(Exception):
     INTERNAL = 199
     """A defect of this plugin (its traceback is in the log)."""
 
-    def __init__(self, code: int, message: str, details: str = "") -> None:
+    def __init__(self, code: int, message: str, details: str = "", version: str = "") -> None:
         super().__init__(message)
         self.code, self.message, self.details = code, message, details
+        self.version = version
+        """The configuration's version, when known before the request is (the error object is of it)."""
 
 
 @record
@@ -137,7 +139,7 @@ def _check_version(request: Request) -> None:
             f"supported: {', '.join(SUPPORTED_VERSIONS)}",
         )
     if request.command == "CHECK" and _key(version) < _key(CHECK_SINCE):
-        raise CniError(CniError.INCOMPATIBLE_VERSION, f"config version {version} does not allow CHECK")
+        raise CniError(CniError.INCOMPATIBLE_VERSION, f"config version {version} does not allow CHECK", version=version)
 
 
 def _key(version: str) -> tuple[int, ...]:
@@ -154,6 +156,7 @@ def result_json(request: Request) -> str:
 
 
 def error_json(error: CniError, version: str) -> str:
+    version = version or error.version
     document: dict[str, object] = {
         "cniVersion": version if version in SUPPORTED_VERSIONS else CURRENT_VERSION,
         "code": error.code,

@@ -76,6 +76,12 @@ def test_bad_requests_get_the_spec_error(env: dict[str, str], stdin: bytes, code
     assert message in error.value.message
 
 
+def test_refusing_check_answers_in_the_configuration_s_version() -> None:
+    with pytest.raises(CniError) as error:
+        read_request({**ENV, "CNI_COMMAND": "CHECK"}, config("0.3.1"))
+    assert json.loads(error_json(error.value, ""))["cniVersion"] == "0.3.1"
+
+
 def test_the_error_object() -> None:
     document = json.loads(error_json(CniError(101, "refused", "line 3"), "0.4.0"))
     assert document == {"cniVersion": "0.4.0", "code": 101, "msg": "refused", "details": "line 3"}

@@ -136,6 +136,8 @@ class Runtime:
     """A command prefix for every plugin run (e.g. :func:`without_python`)."""
     chained: bool = True
     """Whether our plugin is in the list (False: the cluster's network alone, a benchmark's baseline)."""
+    version: str = CNI_VERSION
+    """The lists' ``cniVersion``."""
 
     @property
     def conflist(self) -> dict[str, object]:
@@ -152,7 +154,7 @@ class Runtime:
                 "dataDir": str(self.lab.tmp / f"host-local-{self.node}"),
             },
         }
-        return {"cniVersion": CNI_VERSION, "name": "lab-net", "plugins": [bridge, ours] if self.chained else [bridge]}
+        return {"cniVersion": self.version, "name": "lab-net", "plugins": [bridge, ours] if self.chained else [bridge]}
 
     # --- pods -----------------------------------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class Runtime:
     def add(self, pod: PodSandbox, *, delete_on_failure: bool = True) -> dict[str, object]:
         """The list's ADD; when a plugin fails, the runtime's DEL follows (unless a test wants to see the
         state the failure itself left)."""
-        loopback = {"cniVersion": CNI_VERSION, "name": "cni-loopback", "type": "loopback"}
+        loopback = {"cniVersion": self.version, "name": "cni-loopback", "type": "loopback"}
         self._checked(self.invoke(loopback, "ADD", pod, None, ifname="lo"))
         result: dict[str, object] | None = None
         for plugin in self._plugins():
@@ -217,7 +219,7 @@ class Runtime:
         ifname: str = "eth0",
     ) -> Invocation:
         stdin: dict[str, object] = {
-            "cniVersion": CNI_VERSION,
+            "cniVersion": self.version,
             "name": str(self.conflist["name"]) if plugin.get("type") != "loopback" else "cni-loopback",
             **{key: value for key, value in plugin.items() if key not in ("cniVersion", "name")},
         }

@@ -119,6 +119,26 @@ def test_add_captures_outbound_and_inbound_through_the_proxy(runtime: Runtime) -
     assert result["ips"][0]["address"].startswith("198.18.64.")  # type: ignore[index]
 
 
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0"])
+def test_older_spec_versions_chain_the_same_way(cni_lab: CniLab, version: str) -> None:
+    runtime = cnilab.make_runtime(cni_lab, cnilab.CONSOLE_PLUGIN, plugin_config("nft"))
+    runtime.version = version
+    pod = runtime.new_pod(INJECTED)
+    result = runtime.add(pod)
+    bridge_result = next(i for i in runtime.log if i.plugin == "bridge" and i.command == "ADD").json()
+    assert result == bridge_result
+    assert result["cniVersion"] == version
+    assert our_rules(runtime, pod)
+    check = runtime.ours(pod, "CHECK")
+    if version == "0.3.1":  # CHECK came with 0.4.0
+        assert check.returncode != 0
+        assert check.json() == {"cniVersion": "0.3.1", "code": 1, "msg": "config version 0.3.1 does not allow CHECK"}
+    else:
+        assert check.returncode == 0, check.stdout
+    runtime.delete(pod)
+    assert our_rules(runtime, pod) == ""
+
+
 def test_an_excluded_cidr_annotation_bypasses_the_proxy(runtime: Runtime) -> None:
     lab = runtime.lab
     captured = runtime.new_pod(INJECTED)
