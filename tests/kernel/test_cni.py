@@ -250,6 +250,26 @@ def test_del_removes_everything_and_succeeds_repeated_and_after_the_netns_is_gon
     runtime.delete(pod)  # the whole list, as a runtime retries it
 
 
+def test_foreign_rules_in_the_pod_are_no_drift_and_survive_del(runtime: Runtime, variant: str) -> None:
+    """Another writer's rules in the pod (a chain named like ours included) are neither drift nor ours."""
+    lab = runtime.lab
+    pod = runtime.new_pod(INJECTED)
+    runtime.add(pod)
+    if variant == "native":
+        foreign = ["nft", "list", "table", "inet", "istio-proxy-nat-other"]
+        for command in ("add table inet istio-proxy-nat-other", "add chain inet istio-proxy-nat-other c"):
+            lab.sh(pod.netns, ["nft", *command.split()])
+    else:
+        tool = f"iptables-{variant}"
+        foreign = [tool, "-t", "nat", "-S", "ISTIO_OUTPUT_FOREIGN"]
+        lab.sh(pod.netns, [tool, "-t", "nat", "-N", "ISTIO_OUTPUT_FOREIGN"])
+        lab.sh(pod.netns, [tool, "-t", "nat", "-A", "ISTIO_OUTPUT_FOREIGN", "-d", "198.18.99.9/32", "-j", "RETURN"])
+    before = lab.sh(pod.netns, foreign)
+    assert runtime.ours(pod, "CHECK").returncode == 0
+    runtime.delete(pod)
+    assert lab.sh(pod.netns, foreign) == before
+
+
 def test_ten_pods_added_at_once_each_get_their_rules(runtime: Runtime) -> None:
     pods = [runtime.new_pod(INJECTED) for _ in range(10)]
     with ThreadPoolExecutor(10) as pool:
