@@ -274,7 +274,6 @@ def _arguments(
     )
     status_port, status_origin = pick(STATUS_PORT, "global.proxy.statusPort")
     excluded, excluded_origin = pick(EXCLUDE_INBOUND_PORTS, "global.proxy.excludeInboundPorts")
-    _checked("-d", excluded, excluded_origin)  # each part named on its own before the combination
     excluded_with_status = exclude_inbound_port(status_port, excluded)
     entries: list[tuple[str, str, str]] = [
         ("-p", *mesh_port("proxyListenPort", 15001)),
@@ -306,15 +305,22 @@ def _arguments(
     entries.append(("--log_output_level", *pick(AGENT_LOG_LEVEL, "global.logging.level")))
 
     args = []
-    for flag, value, origin in entries:
-        _checked(flag, value, origin)
+    for flag, value, _ in entries:
         args += [f"{flag}={value}"] if flag.startswith("--") else [flag, value]
     if settings.value("global.logAsJson") is True:
         args.append("--log_as_json")
     args += mode_flags
     if settings.value("global.nativeNftables") is True:
         args.append("--native-nftables")
-    parse_capture_args(args)
+    try:
+        parse_capture_args(args)
+    except ConfigError as error:
+        # Only now each value on its own, to name where the refused one came from (the exclusions before
+        # the -d they are part of); one parse of the whole argv is the common, quick case.
+        _checked("-d", excluded, excluded_origin)
+        for flag, value, origin in entries:
+            _checked(flag, value, origin)
+        raise InjectionError(str(error)) from None
     return args
 
 
