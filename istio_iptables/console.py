@@ -1,4 +1,4 @@
-"""The console commands ``istio-iptables`` and ``istio-clean-iptables``.
+"""The console commands ``istio-iptables``, ``istio-clean-iptables`` and the CNI plugin ``istio-iptables-cni``.
 
 An init container's run is mostly start-up and exit, so this process does not collect garbage: each module
 loaded would otherwise set off collections that find nothing to free (the objects made are acyclic records,
@@ -21,17 +21,28 @@ from . import interrupts  # noqa: E402
 # Before the rest is imported: from here on SIGINT and SIGTERM end the process with one line, no traceback.
 interrupts.install()
 
-from . import cli  # noqa: E402 (imported with the collector off, which is the point)
+# Each command imports its modules here, with the collector off (the point), and only its own: the CNI
+# plugin's run never loads the CLI's, nor the CLI's the plugin's.
 
 
 def main() -> None:
+    from . import cli  # noqa: PLC0415
+
     _print_as_read()
     _without_collection(cli.main)
 
 
 def clean_main() -> None:
+    from . import cli  # noqa: PLC0415
+
     _print_as_read()
     _without_collection(cli.clean_main)
+
+
+def cni_main() -> None:
+    from .cni import plugin  # noqa: PLC0415
+
+    _without_collection(plugin.main)
 
 
 def _print_as_read() -> None:

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import ssl
 import statistics
@@ -437,6 +438,7 @@ def memory(size: int) -> list[Row]:
     return [Row(f"peak RSS of an apply with {size} CIDRs + {size} ports", 0, amount=f"{peak_kb:,}")]
 
 
+MEMORY_TITLE = "Memory"
 WEBHOOK_TITLE = "Admission webhook: reviews over HTTPS on 127.0.0.1 (ratio: against the in-process answer)"
 
 
@@ -551,6 +553,57 @@ async def _review_load(
     return latencies, time.perf_counter() - started
 
 
+def cni_setup(runs: int) -> list[Row]:
+    """What the plugin adds to a pod's network set-up: the runtime's whole ADD (loopback, then bridge with
+    host-local, then ours) in a node namespace, against the same list without ours; a fresh pod each run,
+    the variants interleaved so that load on the machine hits them alike."""
+    sys.path.insert(0, str(ROOT))
+    from tests.kernel import cnilab  # noqa: PLC0415 (the tests' runtime: one way to run a CNI list)
+
+    injected = cnilab.INJECTED
+    build = ROOT / "dist" / cnilab.PLUGIN_NAME / cnilab.PLUGIN_NAME
+    if not build.exists():
+        subprocess.run([str(ROOT / "scripts" / "build-cni-plugin")], check=True, env={**os.environ, "PYTHON": PYTHON})
+    cases = [
+        ("bridge + host-local + loopback, without the plugin", None, None, False),
+        ("with the plugin, self-contained build, injected pod (rules applied)", build, injected, True),
+        ("with the plugin, self-contained build, pod left alone", build, {}, True),
+        ("with the plugin, console script (venv), injected pod", cnilab.CONSOLE_PLUGIN, injected, True),
+    ]
+    times: dict[str, list[float]] = {label: [] for label, *_ in cases}
+    cpu: dict[str, list[float]] = {label: [] for label, *_ in cases}
+    with cnilab.CniLab() as lab:
+        runtimes = []
+        for label, plugin, annotations, chained in cases:
+            runtime = cnilab.make_runtime(lab, Path(plugin or build), {"iptables": "nft"}, f"node{len(runtimes)}")
+            runtime.chained = chained
+            runtimes.append((label, runtime, annotations))
+        for _ in range(runs):
+            for label, runtime, annotations in runtimes:
+                pod = runtime.new_pod(annotations)
+                before, started = _children_cpu(), time.perf_counter()
+                runtime.add(pod)
+                times[label].append(time.perf_counter() - started)
+                cpu[label].append(_children_cpu() - before)
+                runtime.delete(pod)
+                runtime.remove_netns(pod)
+    baseline, baseline_cpu = statistics.median(times[cases[0][0]]), statistics.median(cpu[cases[0][0]])
+    rows = []
+    for label, *_ in cases:
+        seconds, used = statistics.median(times[label]), statistics.median(cpu[label])
+        note = f"CPU {used * 1000:.0f} ms"
+        if label != cases[0][0]:
+            note += f"; adds {(seconds - baseline) * 1000:.0f} ms, {(used - baseline_cpu) * 1000:.0f} ms of CPU"
+        rows.append(Row(label, seconds, baseline=baseline, note=note))
+    return rows
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user and system) of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _has_libiptc() -> bool:
     return subprocess.run([PYTHON, "-c", "import iptc"], capture_output=True, check=False).returncode == 0
 
@@ -585,29 +638,32 @@ def main() -> None:
     parser.add_argument("--rate-seconds", type=float, default=3.0)
     parser.add_argument("--reviews", type=int, default=2000, help="reviews sent to the webhook by 20 clients")
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"))
-    parser.add_argument("--only-webhook", action="store_true", help="only the webhook's section, printed, not written")
+    parser.add_argument("--only", help="run only the sections whose title contains this text; print, write nothing")
     args = parser.parse_args()
-    if args.only_webhook:
-        print(table(WEBHOOK_TITLE, webhook_reviews(args.runs, args.reviews)))
-        return
     if os.geteuid() != 0 or not shutil.which("strace"):
         raise SystemExit("scripts/bench needs root and strace (scripts/bench installs it)")
     sizes = [int(size) for size in args.sizes.split(",")]
-    sections = [
-        ("Start-up", startup(args.runs)),
-        ("Imports of an apply: python -X importtime, each module's own time", import_costs(args.runs)),
-        ("Apply latency: init container's default flags, fresh namespace per run", apply_latency(args.runs)),
-        ("Scale: entries in -x, -o, -d", scale(sizes, args.replay_sample)),
+    sections: list[tuple[str, Callable[[], list[Row]]]] = [
+        ("Start-up", lambda: startup(args.runs)),
+        ("Imports of an apply: python -X importtime, each module's own time", lambda: import_costs(args.runs)),
+        ("Apply latency: init container's default flags, fresh namespace per run", lambda: apply_latency(args.runs)),
+        ("Scale: entries in -x, -o, -d", lambda: scale(sizes, args.replay_sample)),
         (
             "New connections per second through the capture (ratio: cost per connection)",
-            connection_rate(args.rate_seconds, max(sizes)),
+            lambda: connection_rate(args.rate_seconds, max(sizes)),
         ),
-        (WEBHOOK_TITLE, webhook_reviews(args.runs, args.reviews)),
+        (WEBHOOK_TITLE, lambda: webhook_reviews(args.runs, args.reviews)),
+        ("CNI mode: a pod's network set-up by the runtime (ADD of the whole list)", lambda: cni_setup(args.runs)),
+        (MEMORY_TITLE, lambda: memory(max(sizes))),
     ]
+    chosen = [(title, run) for title, run in sections if not args.only or args.only in title]
     report = f"Machine: {machine()}\n\nCommand: `sudo scripts/bench` ({args.runs} runs per median)\n\n"
-    report += "\n".join(table(title, rows) for title, rows in sections)
-    report += "\n" + table("Memory", memory(max(sizes)), unit="KiB")
+    report += "\n".join(
+        table(title, run(), unit="KiB" if title == MEMORY_TITLE else "median ms") for title, run in chosen
+    )
     print(report)
+    if args.only:
+        return
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(report)
     print(f"written to {args.output}")

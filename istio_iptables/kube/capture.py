@@ -216,14 +216,15 @@ def init_args(annotations: Mapping[str, str], settings: Settings, *, proxy_uid: 
     return ["istio-iptables", *_arguments(annotations, settings, proxy_uid, mode_flags)]
 
 
-def parse_capture_args(args: list[str]) -> configuration.Config:
-    """The Config the CLI makes of an argv ``capture_args`` or ``init_args`` wrote (leading word or not)."""
+def parse_capture_args(args: list[str], environ: Mapping[str, str] | None = None) -> configuration.Config:
+    """The Config the CLI makes of an argv ``capture_args`` or ``init_args`` wrote (leading word or not), in
+    ``environ`` (the init container's environment: its proxyMetadata; none by default)."""
     from .. import cli  # noqa: PLC0415 (the CLI's own parser; kube is imported after it anyway)
 
     given = cli.plain_run(args[1:] if args[:1] == ["istio-iptables"] else args)
     if given is None:
         raise InjectionError(f"the capture arguments {args} are not a plain istio-iptables command line")
-    return configuration.load(given, {})
+    return configuration.load(given, environ or {})
 
 
 def check_settings(settings: Settings) -> None:

@@ -79,7 +79,7 @@ LAB_NETWORKS = tuple(
 
 WAIT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
-_NAME = re.compile(rf"^{PREFIX}-(\d+)-\d+-(pod|peer|peer2)$")
+_NAME = re.compile(rf"^{PREFIX}-(\d+)-\d+-(pod|peer|peer2|node\d*|pod\d+)$")
 _FOLDER = re.compile(rf"^{PREFIX}-(\d+)-\d+-\w+$")
 _counter = itertools.count()
 _open_labs: set[Lab] = set()
@@ -310,19 +310,21 @@ class Lab:
             listens=[(kind, port) for port in ports for kind in ("tcp", "tcp6")],
         )
 
-    def proxy(self, tproxy: bool = False, transparent_ports: Sequence[int] = ()) -> Actor:
-        """The sidecar stand-in in the pod, as the proxy UID (with CAP_NET_ADMIN for TPROXY, as Envoy)."""
-        events = self.tmp / "proxy-events.jsonl"
+    def proxy(self, tproxy: bool = False, transparent_ports: Sequence[int] = (), ns: str | None = None) -> Actor:
+        """The sidecar stand-in in the pod (or in ``ns``), as the proxy UID (with CAP_NET_ADMIN for TPROXY, as
+        Envoy)."""
+        ns = ns or self.pod
+        events = self.tmp / f"proxy-events-{ns}.jsonl"
         events.touch()
         os.chown(events, PROXY_UID, PROXY_UID)
         args = ["--events", str(events)] + (["--tproxy"] if tproxy else [])
         for port in transparent_ports:
             args += ["--transparent-port", str(port)]
         actor = self.actor(
-            self.pod,
+            ns,
             "proxy",
             *args,
-            name="proxy",
+            name=f"proxy-{ns}",
             uid=PROXY_UID,
             caps=("net_admin",) if tproxy else (),
             listens=[(kind, port) for port in (15001, 15006) for kind in ("tcp", "tcp6")],

@@ -1,0 +1,307 @@
+"""The ``istio-iptables-cni`` plugin: the init container's capture, applied from the node while the runtime
+sets up the pod's network, so the pod itself needs no NET_ADMIN.
+
+Chained after the cluster's network plugin. For a pod injected for CNI mode (its ``sidecar.istio.io/status``
+names the ``istio-validation`` container), ADD builds the argv ``inject`` would give its init container
+(``kube.capture``: annotations, then the plugin's values and mesh config), parses it with the CLI's own
+parser, and applies that plan inside ``CNI_NETNS`` through the CLI's apply path: the same rules, atomically,
+whichever way a pod is captured. Every other pod is left alone. DEL removes every rule and route of ours;
+CHECK compares the live rules with the plan. Errors are the spec's JSON on stdout and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+
+from .. import config as configuration
+from ..errors import ApplyError, ConfigError, HostError
+from ..logsetup import Log, configure
+from ..records import record, replace
+from .protocol import POD_ANNOTATIONS, CniError, Request, error_json, read_request, result_json, version_json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+    from ..kube.settings import Settings
+
+log = Log(__name__)
+
+PROG = "istio-iptables-cni"
+STATUS = "sidecar.istio.io/status"
+INJECT = "sidecar.istio.io/inject"
+VALIDATION_CONTAINER = "istio-validation"
+PROXY_CONTAINER = "istio-proxy"
+DEFAULT_EXCLUDED_NAMESPACES = ("kube-system",)
+STANDARD_KEYS = frozenset(
+    {"cniVersion", "cniVersions", "name", "type", "args", "ipMasq", "ipam", "dns", "capabilities"}
+    | {"runtimeConfig", "prevResult"}
+)
+"""The spec's keys of a plugin's configuration object; any other key must be one of this plugin's settings."""
+
+
+@record
+class PluginConfig:
+    """This plugin's settings: its object in the conflist."""
+
+    values: Mapping[str, object] | None = None
+    """The injector's Helm values (as ``inject --values``): defaults for what a pod does not annotate."""
+    mesh_config: Mapping[str, object] | None = None
+    """The mesh config (as ``inject --mesh-config``)."""
+    exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
+    log_level: configuration.LogLevel = configuration.LogLevel.INFO
+    kubeconfig: str = ""
+    """Where to get a pod's annotations when the runtime does not pass them."""
+    iptables: configuration.IptablesVariant | None = None
+    """``legacy`` or ``nft``; None: detect, as the CLI does."""
+
+
+def parse_plugin_config(document: Mapping[str, object]) -> PluginConfig:
+    """This plugin's settings; CniError naming the setting and the value when one is wrong."""
+    known = {"values", "mesh_config", "exclude_namespaces", "log_level", "kubernetes", "iptables"}
+    unknown = sorted(set(document) - STANDARD_KEYS - known)
+    if unknown:
+        raise _config_error(unknown[0], document[unknown[0]], f"unknown setting (known: {', '.join(sorted(known))})")
+    values, mesh = document.get("values"), document.get("mesh_config")
+    for key, tree in (("values", values), ("mesh_config", mesh)):
+        if tree is not None and not isinstance(tree, Mapping):
+            raise _config_error(key, tree, "must be an object")
+    excluded = document.get("exclude_namespaces", list(DEFAULT_EXCLUDED_NAMESPACES))
+    if not isinstance(excluded, list) or not all(isinstance(name, str) for name in excluded):
+        raise _config_error("exclude_namespaces", excluded, "must be a list of namespace names")
+    level_text = document.get("log_level", "info")
+    kubernetes = document.get("kubernetes", {})
+    if not isinstance(kubernetes, Mapping) or not isinstance(kubernetes.get("kubeconfig", ""), str):
+        raise _config_error("kubernetes", kubernetes, 'must be {"kubeconfig": PATH}')
+    variant = document.get("iptables", "")
+    try:
+        level = configuration.parse_log_level(str(level_text), configuration.LogLevel.INFO)
+    except ValueError as error:
+        raise _config_error("log_level", level_text, str(error)) from None
+    try:
+        iptables = configuration.parse_force_binary(str(variant))
+    except ValueError as error:
+        raise _config_error("iptables", variant, str(error)) from None
+    return PluginConfig(
+        values=values,  # type: ignore[arg-type]
+        mesh_config=mesh,  # type: ignore[arg-type]
+        exclude_namespaces=tuple(excluded),
+        log_level=level,
+        kubeconfig=str(kubernetes.get("kubeconfig", "")),
+        iptables=iptables,
+    )
+
+
+def _config_error(key: str, value: object, reason: str) -> CniError:
+    shown = configuration.shown(json.dumps(value))
+    return CniError(CniError.INVALID_CONFIG, f"invalid value for plugin setting {key}: {shown}: {reason}")
+
+
+@record
+class PodInfo:
+    """What the plugin knows of a pod: its annotations, and from the API also labels and containers."""
+
+    annotations: Mapping[str, str]
+    labels: Mapping[str, str] = {}
+    containers: tuple[str, ...] | None = None
+    proxy_uid: int | None = None
+
+
+def skip_reason(pod: PodInfo) -> str | None:
+    """Why the plugin leaves this pod alone, or None when it is one to capture (unless its interception mode
+    is NONE). Istio's plugin decides the same way, but that only a pod whose injection left the capture to
+    a CNI plugin has an ``istio-validation`` init container: a pod with ``istio-init`` captures itself, a
+    gateway has neither."""
+    # The label is the newer API and wins over the annotation; only y/yes/true/on ask for injection.
+    selector = pod.labels.get(INJECT, pod.annotations.get(INJECT, ""))
+    if selector and selector.lower() not in ("y", "yes", "true", "on"):
+        return f"{INJECT} is '{selector}'"
+    status = pod.annotations.get(STATUS)
+    if status is None:
+        return f"not injected (no {STATUS} annotation)"
+    if VALIDATION_CONTAINER not in _init_containers(status):
+        return f"not injected for CNI mode ({STATUS} names no {VALIDATION_CONTAINER} init container)"
+    if pod.containers is not None and PROXY_CONTAINER not in pod.containers:
+        return f"no {PROXY_CONTAINER} container"
+    return None
+
+
+def _init_containers(status: str) -> list[str]:
+    try:
+        document = json.loads(status)
+    except ValueError:
+        return []
+    names = document.get("initContainers") if isinstance(document, dict) else None
+    return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
+
+
+def main() -> None:
+    """The executable a runtime runs: the request from the environment and stdin, the answer on stdout."""
+    _node_libraries()
+    version = ""
+    try:
+        request = read_request(os.environ, sys.stdin.buffer.read())
+        version = request.version
+        output = handle(request)
+    except CniError as error:
+        fail(error, version)
+    except Exception as error:  # a defect: the runtime still gets an error object, the log the traceback
+        import traceback  # noqa: PLC0415
+
+        traceback.print_exc()
+        fail(CniError(CniError.INTERNAL, f"internal error: {type(error).__name__}: {error}"), version)
+    sys.stdout.write(output)
+
+
+def fail(error: CniError, version: str) -> NoReturn:
+    print(f"{PROG}: {error.message}{': ' + error.details if error.details else ''}", file=sys.stderr)
+    sys.stdout.write(error_json(error, version))
+    sys.exit(1)
+
+
+def _node_libraries() -> None:
+    """The self-contained build's loader points LD_LIBRARY_PATH at the bundle's libraries (its libssl,
+    libz...); iptables and nft, run from here, must load the node's own."""
+    if getattr(sys, "frozen", False):
+        original = os.environ.pop("LD_LIBRARY_PATH_ORIG", None)
+        if original is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = original
+
+
+def handle(request: Request) -> str:
+    """What the plugin prints for one request; raises CniError."""
+    if request.command == "VERSION":
+        return version_json()
+    plugin = parse_plugin_config(request.config)
+    configure(configuration.LogOptions(level=plugin.log_level))
+    try:
+        if request.command == "DEL":
+            delete(request, plugin)
+            return ""
+        config = pod_capture(request, plugin)
+        if config is not None:
+            (add if request.command == "ADD" else check)(config)
+    except ConfigError as error:  # a pod annotation (InjectionError names it), or its proxyMetadata
+        raise CniError(CniError.POD_SETTINGS, str(error)) from None
+    except (ApplyError, HostError) as error:
+        raise CniError(CniError.APPLY_FAILED, str(error)) from None
+    return result_json(request) if request.command == "ADD" else ""
+
+
+def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config | None:
+    """The Config of the pod's capture, or None when the plugin leaves the pod alone."""
+    pod = request.pod
+    if pod is None:
+        log.debug("container %s is not a Kubernetes pod: left alone", request.container_id)
+        return None
+    namespace, name = pod
+    if namespace in plugin.exclude_namespaces:
+        log.debug("pod %s/%s: left alone: namespace excluded", namespace, name)
+        return None
+    info = pod_info(request, plugin, namespace, name)
+    # Debug: a runtime keeps a successful plugin's stderr nowhere, and logging costs an import per pod.
+    reason = skip_reason(info)
+    if reason is not None:
+        log.debug("pod %s/%s: left alone: %s", namespace, name, reason)
+        return None
+    # The settings only now: most pods on a node are not captured, and they need not pay for them.
+    settings = _settings(plugin)
+    from ..kube.capture import interception_mode  # noqa: PLC0415
+
+    if interception_mode(info.annotations, settings) == "NONE":
+        log.debug("pod %s/%s: left alone: interception mode NONE", namespace, name)
+        return None
+    return capture_config(info, settings, request.netns, plugin)
+
+
+def pod_info(request: Request, plugin: PluginConfig, namespace: str, name: str) -> PodInfo:
+    annotations = request.runtime_config.get(POD_ANNOTATIONS)
+    if isinstance(annotations, Mapping):
+        return PodInfo({str(key): str(value) for key, value in annotations.items()})
+    if not plugin.kubeconfig:
+        raise CniError(
+            CniError.POD_UNKNOWN,
+            f"pod {namespace}/{name}: the runtime passed no {POD_ANNOTATIONS} and the plugin configuration "
+            "names no kubeconfig (kubernetes.kubeconfig) to get them from",
+        )
+    from .kubeapi import KubeError, get_pod  # noqa: PLC0415 (only runtimes without the capability)
+
+    try:
+        pod = get_pod(plugin.kubeconfig, namespace, name)
+    except KubeError as error:
+        raise CniError(CniError.POD_UNKNOWN, str(error)) from None
+    return PodInfo(pod.annotations, pod.labels, pod.containers, pod.proxy_uid)
+
+
+def _settings(plugin: PluginConfig) -> Settings:
+    from ..kube.settings import Settings  # noqa: PLC0415
+
+    try:
+        return Settings.from_sources(values=plugin.values, mesh_config=plugin.mesh_config)
+    except ConfigError as error:
+        raise CniError(CniError.INVALID_CONFIG, f"plugin settings: {error}") from None
+
+
+def capture_config(pod: PodInfo, settings: Settings, netns_path: str, plugin: PluginConfig) -> configuration.Config:
+    """The Config the init container would run with (its argv, its proxyMetadata environment), working in
+    the pod's namespace with the plugin's iptables variant."""
+    from ..kube import capture  # noqa: PLC0415
+    from ..kube.settings import go_text  # noqa: PLC0415
+
+    flags = capture.capture_args(pod.annotations, settings, proxy_uid=pod.proxy_uid)
+    metadata = capture.proxy_config(pod.annotations, settings).get("proxyMetadata") or {}
+    config = capture.parse_capture_args(flags, {str(key): go_text(value) for key, value in metadata.items()})
+    return replace(config, network_namespace=netns_path, force_iptables_binary=plugin.iptables, cni_mode=True)
+
+
+def add(config: configuration.Config) -> None:
+    from .. import cli  # noqa: PLC0415 (plan, host facts, namespaces: only for pods to capture)
+    from ..apply import apply, apply_native  # noqa: PLC0415
+
+    _, plan = cli.enter(config, changes_system=True)
+    (apply_native if config.native_nftables else apply)(config, plan)
+
+
+def check(config: configuration.Config) -> None:
+    from .. import cli  # noqa: PLC0415
+    from ..status import render_status_text, status  # noqa: PLC0415
+
+    _, plan = cli.enter(config, changes_system=False)
+    report = status(config, plan)
+    if not report.in_sync:
+        raise CniError(CniError.DRIFT, "the pod's rules differ from its plan", render_status_text(report))
+
+
+def delete(request: Request, plugin: PluginConfig) -> None:
+    """Remove every rule, chain and route of ours from the pod; nothing to do when its namespace is gone."""
+    pod = request.pod
+    if pod is not None and pod[0] in plugin.exclude_namespaces:
+        return
+    if not request.netns or not os.path.exists(request.netns):
+        log.debug("container %s: network namespace gone, nothing to remove", request.container_id)
+        return
+    from .. import cli  # noqa: PLC0415
+
+    native = _settings(plugin).value("global.nativeNftables") is True
+    config = configuration.Config(
+        network_namespace=request.netns,
+        cleanup_only=True,
+        native_nftables=native,
+        force_iptables_binary=plugin.iptables,
+        cni_mode=True,
+        ipv6=True,
+    )
+    try:
+        _, plan = cli.enter(config, changes_system=True)
+    except ApplyError:
+        if not os.path.exists(request.netns):
+            return  # gone between the look and the open
+        raise
+    from ..apply import apply, apply_native  # noqa: PLC0415
+
+    (apply_native if native else apply)(config, plan)

@@ -1,0 +1,83 @@
+"""The plugin's pure parts: its settings from the conflist, and which pods it captures (the truth table)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from istio_iptables.cni.plugin import PodInfo, parse_plugin_config, skip_reason
+from istio_iptables.cni.protocol import CniError
+from istio_iptables.config import IptablesVariant, LogLevel
+
+STATUS = json.dumps({"initContainers": ["istio-validation"], "containers": ["istio-proxy"]})
+INJECTED = {"sidecar.istio.io/status": STATUS}
+
+
+def test_defaults() -> None:
+    plugin = parse_plugin_config({"cniVersion": "1.0.0", "name": "k8s", "type": "istio-iptables-cni"})
+    assert plugin.exclude_namespaces == ("kube-system",)
+    assert (plugin.log_level, plugin.kubeconfig, plugin.iptables) == (LogLevel.INFO, "", None)
+
+
+def test_settings() -> None:
+    plugin = parse_plugin_config(
+        {
+            "type": "istio-iptables-cni",
+            "capabilities": {"io.kubernetes.cri.pod-annotations": True},
+            "values": {"global": {"proxy": {"excludeIPRanges": "10.0.0.0/8"}}},
+            "mesh_config": {"proxyListenPort": 15011},
+            "exclude_namespaces": ["kube-system", "istio-system"],
+            "log_level": "debug",
+            "kubernetes": {"kubeconfig": "/etc/cni/net.d/istio-iptables-cni.kubeconfig"},
+            "iptables": "nft",
+        }
+    )
+    assert plugin.exclude_namespaces == ("kube-system", "istio-system")
+    assert plugin.log_level is LogLevel.DEBUG
+    assert plugin.iptables is IptablesVariant.NFT
+    assert plugin.kubeconfig.endswith("istio-iptables-cni.kubeconfig")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("exclude_namespace", ["x"], "unknown setting"),
+        ("values", "global.x=1", "must be an object"),
+        ("exclude_namespaces", "kube-system", "must be a list of namespace names"),
+        ("log_level", "loud", "unknown level 'loud'"),
+        ("iptables", "xtables", "must be one of: legacy, nft"),
+        ("kubernetes", {"kubeconfig": 3}, 'must be {"kubeconfig": PATH}'),
+    ],
+)
+def test_bad_settings_name_the_setting_and_value(key: str, value: object, message: str) -> None:
+    with pytest.raises(CniError) as error:
+        parse_plugin_config({"type": "istio-iptables-cni", key: value})
+    assert error.value.code == CniError.INVALID_CONFIG
+    assert f"plugin setting {key}: {json.dumps(value)}" in error.value.message
+    assert message in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("pod", "reason"),
+    [
+        (PodInfo(INJECTED), None),
+        (PodInfo({**INJECTED, "sidecar.istio.io/inject": "true"}), None),
+        (PodInfo(INJECTED, containers=("app", "istio-proxy")), None),
+        (PodInfo({}), "not injected (no sidecar.istio.io/status annotation)"),
+        (PodInfo({**INJECTED, "sidecar.istio.io/inject": "false"}), "sidecar.istio.io/inject is 'false'"),
+        (PodInfo({**INJECTED, "sidecar.istio.io/inject": "enabled"}), "sidecar.istio.io/inject is 'enabled'"),
+        (PodInfo(INJECTED, labels={"sidecar.istio.io/inject": "false"}), "sidecar.istio.io/inject is 'false'"),
+        (
+            PodInfo({**INJECTED, "sidecar.istio.io/inject": "false"}, labels={"sidecar.istio.io/inject": "true"}),
+            None,
+        ),
+        (PodInfo({"sidecar.istio.io/status": '{"initContainers":["istio-init"]}'}), "not injected for CNI mode"),
+        (PodInfo({"sidecar.istio.io/status": '{"initContainers":null}'}), "not injected for CNI mode"),
+        (PodInfo({"sidecar.istio.io/status": "not json"}), "not injected for CNI mode"),
+        (PodInfo(INJECTED, containers=("app",)), "no istio-proxy container"),
+    ],
+)
+def test_which_pods_are_captured(pod: PodInfo, reason: str | None) -> None:
+    found = skip_reason(pod)
+    assert found == reason if reason is None else reason in str(found)
