@@ -1,0 +1,273 @@
+"""Install and uninstall the CNI plugin on a node, as Istio's install-cni DaemonSet does.
+
+Install copies the plugin executable into the CNI bin dir and appends the plugin's entry to the first
+configuration file of the conf dir, the one the runtime reads (a ``.conf`` becomes a ``.conflist``). Users of
+other installers lost their primary network through this step, so each write follows what their threads
+taught (temp file, fsync, rename, fsync of the directory; the entry inserted once; other plugins and
+``cniVersion`` untouched; never a primary configuration of our own), and the conf dir is locked while the
+installer works so that two installers (a DaemonSet rolling over) cannot interleave.
+
+Uninstall restores the configuration file byte for byte: install keeps the original bytes and the digest of
+what it wrote in a state file in the conf dir (a name without a configuration suffix, so no runtime reads it).
+If another agent has rewritten the file since, restoring the old bytes would undo its change, so then only our
+entry is taken out. The entry goes first and the executable last, so no configuration ever names a missing
+plugin (pods stuck Terminating, istio#59846).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, HostError
+from ..logsetup import Log
+
+PLUGIN_TYPE = "istio-iptables-cni"
+ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
+CONFIG_SUFFIXES = (".conf", ".conflist", ".json")
+"""The files libcni (containerd, CRI-O) reads from a conf dir, first in lexicographic order wins."""
+STATE_FILE = ".istio-iptables-cni.state"
+_TEMPORARY = ".istio-iptables-cni.tmp"
+
+log = Log(__name__)
+
+
+def plugin_entry(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Our object in the conflist: the plugin type, the capability that makes the runtime pass the pod's
+    annotations, and the plugin's own settings."""
+    reserved = {"type", "capabilities"} & settings.keys()
+    if reserved:
+        raise ConfigError(f"invalid value for --plugin-config: sets {', '.join(sorted(reserved))}, which install owns")
+    return {"type": PLUGIN_TYPE, **settings, "capabilities": {ANNOTATIONS_CAPABILITY: True}}
+
+
+def install(conf_dir: Path, bin_dir: Path, plugin: Path, settings: Mapping[str, Any]) -> list[str]:
+    """Put the plugin in place; return what changed (nothing when already installed as asked)."""
+    entry = plugin_entry(settings)
+    with _locked(_existing_dir(conf_dir, "--cni-conf-dir")):
+        _existing_dir(bin_dir, "--cni-bin-dir")
+        changes = _install_executable(plugin, bin_dir / PLUGIN_TYPE)
+        changes += _insert_entry(conf_dir, entry)
+    for change in changes or [f"{PLUGIN_TYPE} already installed as asked: nothing to change"]:
+        log.info(change)
+    return changes
+
+
+def uninstall(conf_dir: Path, bin_dir: Path) -> list[str]:
+    """Take the plugin out: the configuration first, the executable last; return what changed."""
+    changes: list[str] = []
+    with _locked(_existing_dir(conf_dir, "--cni-conf-dir")):
+        state = _read_state(conf_dir)
+        for path in _config_files(conf_dir):
+            document = _read_config(path)
+            if not _our_entries(document):
+                continue
+            original = state.get("files", {}).get(path.name)
+            if original and _digest(path.read_bytes()) == original["installed"]:
+                restored = conf_dir / original["name"]
+                _write_atomically(restored, base64.b64decode(original["content"]))
+                if restored != path:
+                    path.unlink()
+                    _sync_dir(conf_dir)
+                changes.append(f"restored {restored} as it was before install")
+            else:
+                document["plugins"] = [plugin for plugin in document["plugins"] if not _is_ours(plugin)]
+                _write_atomically(path, _serialized(document))
+                changes.append(f"removed the {PLUGIN_TYPE} entry from {path} (rewritten by another agent since)")
+        if (conf_dir / STATE_FILE).exists():
+            (conf_dir / STATE_FILE).unlink()
+            _sync_dir(conf_dir)
+        executable = bin_dir / PLUGIN_TYPE
+        if executable.exists():
+            executable.unlink()
+            changes.append(f"removed {executable}")
+    for change in changes or [f"{PLUGIN_TYPE} is not installed: nothing to remove"]:
+        log.info(change)
+    return changes
+
+
+def watch(
+    conf_dir: Path, bin_dir: Path, plugin: Path, settings: Mapping[str, Any], *, interval: float, stop: threading.Event
+) -> None:
+    """Install, then keep the plugin installed until ``stop`` is set: another agent rewriting the first
+    configuration file (the cluster's network plugin does, on its own restarts) gets our entry back within
+    ``interval`` seconds. Polling sees every kind of change (rename, rewrite in place, a new first file),
+    where watchers of single event types missed some (linkerd#11549)."""
+    while not stop.is_set():
+        try:
+            install(conf_dir, bin_dir, plugin, settings)
+        except HostError as error:
+            # No configuration yet (the network plugin writes it after us) or a file being rewritten: retry.
+            log.warning(f"{error}; retrying in {interval:g} s")
+        stop.wait(interval)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so a DaemonSet pod stops at once and leaves the plugin installed:
+    pods created while it restarts must still be captured (istio#14327)."""
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    return stop
+
+
+def first_config(conf_dir: Path) -> Path | None:
+    """The configuration file a runtime uses: the first in lexicographic order."""
+    return next(iter(_config_files(conf_dir)), None)
+
+
+def _config_files(conf_dir: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in conf_dir.iterdir()
+        if path.suffix in CONFIG_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def _install_executable(plugin: Path, target: Path) -> list[str]:
+    try:
+        content = plugin.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"invalid value for --plugin: '{plugin}': {error.strerror}") from None
+    if target.exists() and target.read_bytes() == content:
+        return []
+    _write_atomically(target, content, mode=0o755)
+    return [f"installed {target}"]
+
+
+def _insert_entry(conf_dir: Path, entry: dict[str, Any]) -> list[str]:
+    path = first_config(conf_dir)
+    if path is None:
+        raise HostError(f"no CNI configuration in {conf_dir} yet: the cluster's network plugin writes it first")
+    document = _read_config(path)
+    original = path.read_bytes()
+    if "plugins" in document:
+        target = path
+    else:
+        # libcni's own conversion of a single-plugin file: the file's object whole, as the only plugin.
+        document = {"cniVersion": document.get("cniVersion"), "name": document.get("name"), "plugins": [document]}
+        target = path.with_suffix(".conflist")
+    if _our_entries(document) == [entry] and target == path:
+        # Wherever it stands: a chained plugin installed after us may append itself behind our entry, and
+        # moving ours back to the end would start a tug of war between the two installers.
+        return []
+    plugins = document["plugins"]
+    position = next((index for index, plugin in enumerate(plugins) if _is_ours(plugin)), len(plugins))
+    others = [plugin for plugin in plugins if not _is_ours(plugin)]
+    document["plugins"] = [*others[:position], entry, *others[position:]]
+    content = _serialized(document)
+    state = _read_state(conf_dir)
+    files = state.setdefault("files", {})
+    files[target.name] = {**_original(files.pop(path.name, None), path, original), "installed": _digest(content)}
+    _write_atomically(conf_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True).encode())
+    _write_atomically(target, content)
+    if target != path:
+        # The new .conflist sorts after the old .conf, so the runtime keeps reading the old file until it goes.
+        path.unlink()
+        _sync_dir(conf_dir)
+    return [f"added the {PLUGIN_TYPE} entry to {target}" + (f" (was {path.name})" if target != path else "")]
+
+
+def _original(record: dict[str, str] | None, path: Path, content: bytes) -> dict[str, str]:
+    """What uninstall is to write back: the bytes from before our first install while the file is still as we
+    wrote it; once another agent has rewritten it, its version (without any entry of ours), so that uninstall
+    never undoes a change that is not ours."""
+    if record and _digest(content) == record["installed"]:
+        return {"name": record["name"], "content": record["content"]}
+    document = json.loads(content)
+    if _our_entries(document):
+        document["plugins"] = [plugin for plugin in document["plugins"] if not _is_ours(plugin)]
+        content = _serialized(document)
+    return {"name": path.name, "content": base64.b64encode(content).decode()}
+
+
+def _digest(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise HostError(f"cannot read the CNI configuration {path}: {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("plugins", []), list):
+        raise HostError(f"cannot read the CNI configuration {path}: not a CNI network configuration object")
+    return document
+
+
+def _read_state(conf_dir: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((conf_dir / STATE_FILE).read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        log.warning(f"ignoring {conf_dir / STATE_FILE}: not JSON")
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _is_ours(plugin: Any) -> bool:
+    return isinstance(plugin, dict) and plugin.get("type") == PLUGIN_TYPE
+
+
+def _our_entries(document: dict[str, Any]) -> list[Any]:
+    return [plugin for plugin in document.get("plugins", []) if _is_ours(plugin)]
+
+
+def _serialized(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2) + "\n").encode()
+
+
+def _write_atomically(path: Path, content: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` so that a reader, or a crash, sees the old bytes or the new ones, never a mix or an empty
+    file (istio#42046): a temporary file in the same directory, fsync, rename, fsync of the directory."""
+    temporary = path.with_name(_TEMPORARY)
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(descriptor, mode)
+            view = memoryview(content)
+            while view:
+                view = view[os.write(descriptor, view) :]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise HostError(f"cannot write {path}: {error.strerror}") from None
+    _sync_dir(path.parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _existing_dir(path: Path, flag: str) -> Path:
+    if not path.is_dir():
+        raise ConfigError(f"invalid value for {flag}: '{path}': not a directory")
+    return path
+
+
+@contextmanager
+def _locked(conf_dir: Path) -> Iterator[None]:
+    """The conf dir itself is the lock (flock on the directory), so locking leaves no file behind."""
+    descriptor = os.open(conf_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
