@@ -239,19 +239,39 @@ def cni_install_command(
     ),
     watch: bool = typer.Option(False, "--watch", help="Stay up and re-install when the configuration is rewritten."),
     interval: str = typer.Option("1", "--interval", metavar="SECONDS", help="With --watch: how often to look."),
+    write_kubeconfig: bool = typer.Option(
+        False,
+        "--write-kubeconfig",
+        help="Give the plugin a kubeconfig of this pod's service account, for runtimes that do not pass the pod's "
+        "annotations (needs KUBERNETES_SERVICE_HOST and _PORT).",
+    ),
+    service_account_dir: str = typer.Option(
+        "/var/run/secrets/kubernetes.io/serviceaccount", "--service-account-dir", metavar="DIR", help="Its token."
+    ),
+    host_conf_dir: str = typer.Option(
+        "/etc/cni/net.d", "--host-cni-conf-dir", metavar="DIR", help="The conf dir as the node sees it."
+    ),
 ) -> None:
     """Copy the plugin into the bin dir and append its entry to the first configuration file of the conf dir."""
+    import os  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     from .cni import install  # noqa: PLC0415
 
     settings = _plugin_settings(plugin_config)
-    directories = (Path(conf_dir), Path(bin_dir), Path(plugin))
+    account = None
+    if write_kubeconfig:
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST", ""), os.environ.get("KUBERNETES_SERVICE_PORT", "")
+        if not host or not port:
+            raise ConfigError("--write-kubeconfig needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT (in a pod)")
+        server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        account = install.ServiceAccount(Path(service_account_dir), server, host_conf_dir)
+    node = (Path(conf_dir), Path(bin_dir), Path(plugin), settings, account)
     if not watch:
-        install.install(*directories, settings)
+        install.install(*node)
         return
     period = _checked("--interval", interval, _positive_seconds)
-    install.watch(*directories, settings, interval=period, stop=install.stop_on_signals())
+    install.watch(*node, interval=period, stop=install.stop_on_signals())
 
 
 @cni_app.command("uninstall")

@@ -326,3 +326,56 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     assert message in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert (_snapshot(conf_dir), _snapshot(bin_dir)) == before
+
+
+@pytest.fixture
+def account(tmp_path: Path) -> install.ServiceAccount:
+    directory = tmp_path / "serviceaccount"
+    directory.mkdir()
+    (directory / "token").write_text("token-one\n")
+    (directory / "ca.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    return install.ServiceAccount(directory, "https://[2001:db8::1]:443", "/etc/cni/net.d")
+
+
+def test_the_plugin_gets_a_kubeconfig_of_the_service_account(
+    node: tuple[Path, Path, Path], account: install.ServiceAccount
+) -> None:
+    conf_dir, bin_dir, plugin = node
+    (conf_dir / "10-bridge.conf").write_bytes(BRIDGE_CONF)
+
+    install.install(conf_dir, bin_dir, plugin, SETTINGS, account)
+
+    kubeconfig = conf_dir / install.KUBECONFIG_FILE
+    assert kubeconfig.stat().st_mode & 0o777 == 0o600
+    document = json.loads(kubeconfig.read_bytes())
+    assert document["users"][0]["user"] == {"token": "token-one"}
+    assert document["clusters"][0]["cluster"]["server"] == "https://[2001:db8::1]:443"
+    [*_, entry] = _plugins(conf_dir / "10-bridge.conflist")
+    assert entry["kubernetes"] == {"kubeconfig": f"/etc/cni/net.d/{install.KUBECONFIG_FILE}"}
+    assert install.install(conf_dir, bin_dir, plugin, SETTINGS, account) == []
+
+    (account.directory / "token").write_text("token-two\n")  # Kubernetes rotated it
+    assert install.install(conf_dir, bin_dir, plugin, SETTINGS, account) == [f"wrote {kubeconfig}"]
+    assert json.loads(kubeconfig.read_bytes())["users"][0]["user"] == {"token": "token-two"}
+
+    install.uninstall(conf_dir, bin_dir)
+    assert sorted(path.name for path in conf_dir.iterdir()) == ["10-bridge.conf"]
+
+
+def test_the_kubeconfig_setting_belongs_to_write_kubeconfig(
+    node: tuple[Path, Path, Path], account: install.ServiceAccount
+) -> None:
+    conf_dir, bin_dir, plugin = node
+    (conf_dir / "10-bridge.conf").write_bytes(BRIDGE_CONF)
+    with pytest.raises(ConfigError, match="sets kubernetes, which --write-kubeconfig owns"):
+        install.install(conf_dir, bin_dir, plugin, {"kubernetes": {}}, account)
+
+
+def test_write_kubeconfig_outside_a_pod_is_one_line_exit_2(node: tuple[Path, Path, Path]) -> None:
+    conf_dir, bin_dir, plugin = node
+    (conf_dir / "10-bridge.conf").write_bytes(BRIDGE_CONF)
+    arguments = ["--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir), "--plugin", str(plugin)]
+    result = run_cli(["cni", "install", *arguments, "--write-kubeconfig"], env={"KUBERNETES_SERVICE_HOST": ""})
+    assert (result.code, result.stderr.count("\n")) == (2, 1)
+    assert "--write-kubeconfig needs KUBERNETES_SERVICE_HOST" in result.stderr
+    assert sorted(path.name for path in conf_dir.iterdir()) == ["10-bridge.conf"]

@@ -4,6 +4,7 @@ what the DaemonSet promises when run on directories laid out as its mounts lay t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,15 @@ from .helpers import ROOT
 
 MANIFEST = ROOT / "deploy" / "istio-iptables-cni.yaml"
 CLI = str(Path(sys.executable).with_name("istio-iptables"))
+
+
+def test_the_service_account_may_only_get_pods() -> None:
+    documents = _documents()
+    assert documents["ClusterRole"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+    [subject] = documents["ClusterRoleBinding"]["subjects"]
+    spec = documents["DaemonSet"]["spec"]["template"]["spec"]
+    assert subject["name"] == spec["serviceAccountName"] == documents["ServiceAccount"]["metadata"]["name"]
+    assert documents["ClusterRoleBinding"]["roleRef"]["name"] == documents["ClusterRole"]["metadata"]["name"]
 
 
 def _documents() -> dict[str, dict[str, Any]]:
@@ -85,15 +95,30 @@ def test_the_container_args_install_on_a_node_laid_out_as_the_mounts(tmp_path: P
     settings_file.write_text(_documents()["ConfigMap"]["data"]["plugin.json"])
     plugin = tmp_path / "istio-iptables-cni"
     plugin.write_bytes(b"plugin")
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("token")
+    (account / "ca.crt").write_text("ca")
     arguments = [
         argument.replace("=/host/", f"={node}/").replace("=/etc/istio-iptables-cni/plugin.json", f"={settings_file}")
         for argument in _container()["args"]
         if argument != "--watch"
     ]
+    environment = {**os.environ, "KUBERNETES_SERVICE_HOST": "198.18.0.1", "KUBERNETES_SERVICE_PORT": "443"}
 
-    result = subprocess.run([CLI, *arguments, "--plugin", str(plugin)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [CLI, *arguments, "--plugin", str(plugin), "--service-account-dir", str(account)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=environment,
+    )
 
     assert result.returncode == 0, result.stderr
     [*_, entry] = json.loads((node / "etc/cni/net.d/10-bridge.conflist").read_text())["plugins"]
-    assert entry == install.plugin_entry(json.loads(settings_file.read_text()))
+    settings = json.loads(settings_file.read_text())
+    assert entry == install.plugin_entry(
+        {**settings, "kubernetes": {"kubeconfig": f"/etc/cni/net.d/{install.KUBECONFIG_FILE}"}}
+    )
+    assert (node / "etc/cni/net.d" / install.KUBECONFIG_FILE).exists()
     assert (node / "opt/cni/bin/istio-iptables-cni").read_bytes() == b"plugin"

@@ -30,12 +30,15 @@ from typing import Any
 
 from ..errors import ConfigError, HostError
 from ..logsetup import Log
+from ..records import record
 
 PLUGIN_TYPE = "istio-iptables-cni"
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 CONFIG_SUFFIXES = (".conf", ".conflist", ".json")
 """The files libcni (containerd, CRI-O) reads from a conf dir, first in lexicographic order wins."""
 STATE_FILE = ".istio-iptables-cni.state"
+KUBECONFIG_FILE = "istio-iptables-cni-kubeconfig"
+"""The plugin's credentials for the Kubernetes API, beside the configuration (a name no runtime reads)."""
 _TEMPORARY = ".istio-iptables-cni.tmp"
 
 log = Log(__name__)
@@ -50,12 +53,32 @@ def plugin_entry(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": PLUGIN_TYPE, **settings, "capabilities": {ANNOTATIONS_CAPABILITY: True}}
 
 
-def install(conf_dir: Path, bin_dir: Path, plugin: Path, settings: Mapping[str, Any]) -> list[str]:
+@record
+class ServiceAccount:
+    """The installer's own service account, written into a kubeconfig for the plugin, which asks the API for
+    a pod's annotations when the runtime does not pass them."""
+
+    directory: Path
+    """Holds ``token`` and ``ca.crt``, as Kubernetes mounts them."""
+    server: str
+    host_conf_dir: str
+    """The conf dir as the plugin, on the node, sees it (the installer sees it where it is mounted)."""
+
+
+def install(
+    conf_dir: Path, bin_dir: Path, plugin: Path, settings: Mapping[str, Any], account: ServiceAccount | None = None
+) -> list[str]:
     """Put the plugin in place; return what changed (nothing when already installed as asked)."""
+    if account is not None:
+        if "kubernetes" in settings:
+            raise ConfigError("invalid value for --plugin-config: sets kubernetes, which --write-kubeconfig owns")
+        settings = {**settings, "kubernetes": {"kubeconfig": f"{account.host_conf_dir.rstrip('/')}/{KUBECONFIG_FILE}"}}
     entry = plugin_entry(settings)
     with _locked(_existing_dir(conf_dir, "--cni-conf-dir")):
         _existing_dir(bin_dir, "--cni-bin-dir")
         changes = _install_executable(plugin, bin_dir / PLUGIN_TYPE)
+        if account is not None:
+            changes += _write_if_changed(conf_dir / KUBECONFIG_FILE, _kubeconfig(account), mode=0o600)
         changes += _insert_entry(conf_dir, entry)
     for change in changes or [f"{PLUGIN_TYPE} already installed as asked: nothing to change"]:
         log.info(change)
@@ -83,9 +106,10 @@ def uninstall(conf_dir: Path, bin_dir: Path) -> list[str]:
                 document["plugins"] = [plugin for plugin in document["plugins"] if not _is_ours(plugin)]
                 _write_atomically(path, _serialized(document))
                 changes.append(f"removed the {PLUGIN_TYPE} entry from {path} (rewritten by another agent since)")
-        if (conf_dir / STATE_FILE).exists():
-            (conf_dir / STATE_FILE).unlink()
-            _sync_dir(conf_dir)
+        for leftover in (conf_dir / STATE_FILE, conf_dir / KUBECONFIG_FILE):
+            if leftover.exists():
+                leftover.unlink()
+                _sync_dir(conf_dir)
         executable = bin_dir / PLUGIN_TYPE
         if executable.exists():
             executable.unlink()
@@ -96,15 +120,23 @@ def uninstall(conf_dir: Path, bin_dir: Path) -> list[str]:
 
 
 def watch(
-    conf_dir: Path, bin_dir: Path, plugin: Path, settings: Mapping[str, Any], *, interval: float, stop: threading.Event
+    conf_dir: Path,
+    bin_dir: Path,
+    plugin: Path,
+    settings: Mapping[str, Any],
+    account: ServiceAccount | None,
+    *,
+    interval: float,
+    stop: threading.Event,
 ) -> None:
     """Install, then keep the plugin installed until ``stop`` is set: another agent rewriting the first
     configuration file (the cluster's network plugin does, on its own restarts) gets our entry back within
-    ``interval`` seconds. Polling sees every kind of change (rename, rewrite in place, a new first file),
-    where watchers of single event types missed some (linkerd#11549)."""
+    ``interval`` seconds, and the plugin's kubeconfig follows the service account's token as Kubernetes
+    rotates it. Polling sees every kind of change (rename, rewrite in place, a new first file), where watchers
+    of single event types missed some (linkerd#11549)."""
     while not stop.is_set():
         try:
-            install(conf_dir, bin_dir, plugin, settings)
+            install(conf_dir, bin_dir, plugin, settings, account)
         except HostError as error:
             # No configuration yet (the network plugin writes it after us) or a file being rewritten: retry.
             log.warning(f"{error}; retrying in {interval:g} s")
@@ -138,10 +170,38 @@ def _install_executable(plugin: Path, target: Path) -> list[str]:
         content = plugin.read_bytes()
     except OSError as error:
         raise ConfigError(f"invalid value for --plugin: '{plugin}': {error.strerror}") from None
-    if target.exists() and target.read_bytes() == content:
+    return _write_if_changed(target, content, mode=0o755)
+
+
+def _write_if_changed(path: Path, content: bytes, mode: int) -> list[str]:
+    if path.exists() and path.read_bytes() == content:
         return []
-    _write_atomically(target, content, mode=0o755)
-    return [f"installed {target}"]
+    _write_atomically(path, content, mode)
+    return [f"wrote {path}"]
+
+
+def _kubeconfig(account: ServiceAccount) -> bytes:
+    """A kubeconfig (JSON, which is YAML too) with the service account's token and the cluster's CA."""
+    try:
+        token = (account.directory / "token").read_text().strip()
+        ca = (account.directory / "ca.crt").read_bytes()
+    except OSError as error:
+        raise HostError(f"cannot read the service account for --write-kubeconfig: {error}") from None
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "cluster", "cluster": {"server": account.server, "certificate-authority-data": _b64(ca)}}
+        ],
+        "users": [{"name": PLUGIN_TYPE, "user": {"token": token}}],
+        "contexts": [{"name": PLUGIN_TYPE, "context": {"cluster": "cluster", "user": PLUGIN_TYPE}}],
+        "current-context": PLUGIN_TYPE,
+    }
+    return _serialized(document)
+
+
+def _b64(content: bytes) -> str:
+    return base64.b64encode(content).decode()
 
 
 def _insert_entry(conf_dir: Path, entry: dict[str, Any]) -> list[str]:
@@ -187,7 +247,7 @@ def _original(record: dict[str, str] | None, path: Path, content: bytes) -> dict
     if _our_entries(document):
         document["plugins"] = [plugin for plugin in document["plugins"] if not _is_ours(plugin)]
         content = _serialized(document)
-    return {"name": path.name, "content": base64.b64encode(content).decode()}
+    return {"name": path.name, "content": _b64(content)}
 
 
 def _digest(content: bytes) -> str:
