@@ -379,3 +379,30 @@ def test_write_kubeconfig_outside_a_pod_is_one_line_exit_2(node: tuple[Path, Pat
     assert (result.code, result.stderr.count("\n")) == (2, 1)
     assert "--write-kubeconfig needs KUBERNETES_SERVICE_HOST" in result.stderr
     assert sorted(path.name for path in conf_dir.iterdir()) == ["10-bridge.conf"]
+
+
+def test_a_onedir_build_is_installed_with_its_contents_switched_whole(node: tuple[Path, Path, Path]) -> None:
+    conf_dir, bin_dir, _ = node
+    (conf_dir / "10-bridge.conf").write_bytes(BRIDGE_CONF)
+    build = conf_dir.parent / "dist"
+    (build / "istio-iptables-cni.d" / "lib").mkdir(parents=True)
+    plugin = build / "istio-iptables-cni"
+    plugin.write_bytes(b"bootloader")
+    (build / "istio-iptables-cni.d" / "lib" / "libpython.so").write_bytes(b"one")
+
+    install.install(conf_dir, bin_dir, plugin, {})
+    link = bin_dir / "istio-iptables-cni.d"
+    assert (link / "lib" / "libpython.so").read_bytes() == b"one"
+    first = link.resolve()
+    assert link.is_symlink() and first.parent == bin_dir
+    assert install.install(conf_dir, bin_dir, plugin, {}) == []
+
+    (build / "istio-iptables-cni.d" / "lib" / "libpython.so").write_bytes(b"two")  # a new release
+    install.install(conf_dir, bin_dir, plugin, {})
+    assert (link / "lib" / "libpython.so").read_bytes() == b"two"
+    assert link.resolve() != first and not first.exists()
+    installed = sorted(path.name for path in bin_dir.iterdir())
+    assert installed == sorted(["istio-iptables-cni", link.name, link.resolve().name])
+
+    install.uninstall(conf_dir, bin_dir)
+    assert list(bin_dir.iterdir()) == []

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator, Mapping
@@ -40,6 +42,8 @@ STATE_FILE = ".istio-iptables-cni.state"
 KUBECONFIG_FILE = "istio-iptables-cni-kubeconfig"
 """The plugin's credentials for the Kubernetes API, beside the configuration (a name no runtime reads)."""
 _TEMPORARY = ".istio-iptables-cni.tmp"
+CONTENTS_SUFFIX = ".d"
+"""A "onedir" build's directory beside its executable (PyInstaller's contents_directory)."""
 
 log = Log(__name__)
 
@@ -76,7 +80,7 @@ def install(
     entry = plugin_entry(settings)
     with _locked(_existing_dir(conf_dir, "--cni-conf-dir")):
         _existing_dir(bin_dir, "--cni-bin-dir")
-        changes = _install_executable(plugin, bin_dir / PLUGIN_TYPE)
+        changes = _install_executable(plugin, bin_dir)
         if account is not None:
             changes += _write_if_changed(conf_dir / KUBECONFIG_FILE, _kubeconfig(account), mode=0o600)
         changes += _insert_entry(conf_dir, entry)
@@ -114,6 +118,13 @@ def uninstall(conf_dir: Path, bin_dir: Path) -> list[str]:
         if executable.exists():
             executable.unlink()
             changes.append(f"removed {executable}")
+        link = bin_dir / (PLUGIN_TYPE + CONTENTS_SUFFIX)
+        for contents in [link, *bin_dir.glob(f"{glob.escape(link.name)}-*")]:
+            if contents.is_symlink():
+                contents.unlink()
+            elif contents.is_dir():
+                shutil.rmtree(contents)
+                changes.append(f"removed {contents}")
     for change in changes or [f"{PLUGIN_TYPE} is not installed: nothing to remove"]:
         log.info(change)
     return changes
@@ -165,12 +176,63 @@ def _config_files(conf_dir: Path) -> list[Path]:
     )
 
 
-def _install_executable(plugin: Path, target: Path) -> list[str]:
+def _install_executable(plugin: Path, bin_dir: Path) -> list[str]:
+    """The plugin as built: the executable, and beside it the directory of what it loads when there is one
+    (a PyInstaller "onedir" build: ``NAME.d``). That directory is installed under a name of its contents'
+    digest, and ``NAME.d`` is a symbolic link to it, switched by a rename: a runtime starting the plugin
+    meanwhile finds the old contents or the new ones, never a directory half copied."""
     try:
         content = plugin.read_bytes()
     except OSError as error:
         raise ConfigError(f"invalid value for --plugin: '{plugin}': {error.strerror}") from None
-    return _write_if_changed(target, content, mode=0o755)
+    changes: list[str] = []
+    contents = plugin.with_name(plugin.name + CONTENTS_SUFFIX)
+    if contents.is_dir():
+        link = bin_dir / (PLUGIN_TYPE + CONTENTS_SUFFIX)
+        versioned = link.with_name(f"{link.name}-{_tree_digest(contents)[:16]}")
+        if not (link.is_symlink() and os.readlink(link) == versioned.name):
+            if not versioned.is_dir():
+                _copy_tree_atomically(contents, versioned)
+            _replace_with_link(link, versioned.name)
+            changes.append(f"wrote {versioned} and pointed {link.name} to it")
+        for stale in bin_dir.glob(f"{glob.escape(link.name)}-*"):
+            if stale != versioned:
+                shutil.rmtree(stale)
+    return changes + _write_if_changed(bin_dir / PLUGIN_TYPE, content, mode=0o755)
+
+
+def _tree_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix().encode()
+        if path.is_symlink():
+            digest.update(b"L" + relative + b"\0" + os.readlink(path).encode() + b"\0")
+        elif path.is_file():
+            digest.update(b"F" + relative + b"\0" + oct(path.stat().st_mode & 0o777).encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _copy_tree_atomically(source: Path, target: Path) -> None:
+    temporary = target.with_name(_TEMPORARY)
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        shutil.copytree(source, temporary, symlinks=True)
+        os.replace(temporary, target)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise HostError(f"cannot write {target}: {error.strerror}") from None
+    _sync_dir(target.parent)
+
+
+def _replace_with_link(link: Path, target_name: str) -> None:
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)  # a copy made by hand, not by us
+    temporary = link.with_name(_TEMPORARY)
+    temporary.unlink(missing_ok=True)
+    os.symlink(target_name, temporary)
+    os.replace(temporary, link)
+    _sync_dir(link.parent)
 
 
 def _write_if_changed(path: Path, content: bytes, mode: int) -> list[str]:
