@@ -413,6 +413,101 @@ def webhook_command(
     serve(listen, lambda pod, workload, namespace: inject_pod(pod, injector, workload=workload, namespace=namespace))
 
 
+cni_app = typer.Typer(
+    help="Install or uninstall the CNI plugin on a node (what the DaemonSet in deploy/ runs).",
+    no_args_is_help=True,
+)
+app.add_typer(cni_app, name="cni")
+
+CNI_PLUGIN_IN_IMAGE = "/opt/istio-iptables/cni/istio-iptables-cni"
+
+
+@cni_app.command("install")
+def cni_install_command(
+    *,
+    conf_dir: str = typer.Option(..., "--cni-conf-dir", metavar="DIR", help="The node's CNI conf dir."),
+    bin_dir: str = typer.Option(..., "--cni-bin-dir", metavar="DIR", help="The node's CNI bin dir."),
+    plugin: str = typer.Option(
+        CNI_PLUGIN_IN_IMAGE, "--plugin", metavar="FILE", help="The self-contained plugin executable to copy."
+    ),
+    plugin_config: str = typer.Option(
+        "", "--plugin-config", metavar="FILE", help="A JSON object: the plugin's settings, put in its entry."
+    ),
+    watch: bool = typer.Option(False, "--watch", help="Stay up and re-install when the configuration is rewritten."),
+    interval: str = typer.Option("1", "--interval", metavar="SECONDS", help="With --watch: how often to look."),
+    write_kubeconfig: bool = typer.Option(
+        False,
+        "--write-kubeconfig",
+        help="Give the plugin a kubeconfig of this pod's service account, for runtimes that do not pass the pod's "
+        "annotations (needs KUBERNETES_SERVICE_HOST and _PORT).",
+    ),
+    service_account_dir: str = typer.Option(
+        "/var/run/secrets/kubernetes.io/serviceaccount", "--service-account-dir", metavar="DIR", help="Its token."
+    ),
+    host_conf_dir: str = typer.Option(
+        "/etc/cni/net.d", "--host-cni-conf-dir", metavar="DIR", help="The conf dir as the node sees it."
+    ),
+) -> None:
+    """Copy the plugin into the bin dir and append its entry to the first configuration file of the conf dir."""
+    import os  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from .cni import install  # noqa: PLC0415
+
+    settings = _plugin_settings(plugin_config)
+    account = None
+    if write_kubeconfig:
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST", ""), os.environ.get("KUBERNETES_SERVICE_PORT", "")
+        if not host or not port:
+            raise ConfigError("--write-kubeconfig needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT (in a pod)")
+        server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        account = install.ServiceAccount(Path(service_account_dir), server, host_conf_dir)
+    node = (Path(conf_dir), Path(bin_dir), Path(plugin), settings, account)
+    if not watch:
+        install.install(*node)
+        return
+    period = _checked("--interval", interval, _positive_seconds)
+    install.watch(*node, interval=period, stop=install.stop_on_signals())
+
+
+@cni_app.command("uninstall")
+def cni_uninstall_command(
+    *,
+    conf_dir: str = typer.Option(..., "--cni-conf-dir", metavar="DIR", help="The node's CNI conf dir."),
+    bin_dir: str = typer.Option(..., "--cni-bin-dir", metavar="DIR", help="The node's CNI bin dir."),
+) -> None:
+    """Restore the configuration file as it was before install (byte for byte), then remove the plugin."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from .cni import install  # noqa: PLC0415
+
+    install.uninstall(Path(conf_dir), Path(bin_dir))
+
+
+def _plugin_settings(path: str) -> dict[str, Any]:
+    if not path:
+        return {}
+    import json  # noqa: PLC0415
+
+    try:
+        with open(path, "rb") as file:
+            settings = json.load(file)
+    except OSError as error:
+        raise ConfigError(f"invalid value for --plugin-config: '{path}': {error.strerror}") from None
+    except ValueError as error:
+        raise ConfigError(f"invalid value for --plugin-config: '{path}': not JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"invalid value for --plugin-config: '{path}': not a JSON object")
+    return settings
+
+
+def _positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if not 0 < seconds <= 3600:
+        raise ValueError("must be over 0 and at most 3600 seconds")
+    return seconds
+
+
 def _group_ids(plan: Plan) -> dict[str, int]:
     """Owner groups written by name, with the ids the kernel would store for them."""
     from .apply import group_id  # noqa: PLC0415
