@@ -146,7 +146,7 @@ def apply(config: Config, plan: Plan) -> None:
             except ApplyError as failure:
                 notes.append(f"ROLLBACK FAILED for the sets: {failure}")
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
-        delete_emptied_tables(attempted)
+        emptied = delete_emptied_tables(attempted)
     if logs(LogLevel.INFO):
         changed = {transition.iptables.family for transition in transitions}
         lines = [
@@ -155,6 +155,7 @@ def apply(config: Config, plan: Plan) -> None:
             if seen.target.family in changed
             for line in _changed_tables(seen.expected, seen.actual, _iptables_label(seen.iptables))
         ]
+        lines += emptied
         lines += [f"ipset: wrote {name}" for name in ipset.created(fill)]
         lines += [f"ipset: deleted {name}" for name in ipset.destroyed(drop)]
         _report(config, started, lines, changed=bool(transitions or native_copy or fill or drop))
@@ -251,11 +252,12 @@ def apply_native(config: Config, plan: Plan) -> None:
             if committed:
                 notes.append(restore_native(nft))
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
-        delete_emptied_tables(attempted)
+        emptied = delete_emptied_tables(attempted)
     if logs(LogLevel.INFO):
         lines = _changed_tables(expected, actual, _nft_label) if script else []
         for iptables, live in copies:
             lines += _changed_tables({}, live_layout(live, None), _iptables_label(iptables))
+        lines += emptied
         _report(config, started, lines, changed=bool(script or transitions))
 
 
@@ -364,18 +366,22 @@ def stray_copies(observations: list[Observation], environment: dict[str, str], p
     ]
 
 
-def delete_emptied_tables(transitions: list[Transition]) -> None:
+def delete_emptied_tables(transitions: list[Transition]) -> list[str]:
     """On nf_tables, the chains and tables our rules needed are deleted again once they hold nothing, so the
-    ruleset is as before us (legacy x_tables cannot unload a table). Only a warning when this fails: they
-    are empty, packets pass them untouched."""
+    ruleset is as before us (legacy x_tables cannot unload a table); what was deleted, a line per family for
+    the log. Only a warning when this fails: they are empty, packets pass them untouched."""
+    lines = []
     for transition in transitions:
         if transition.iptables.variant is NFT and transition.emptying:
+            family = transition.iptables.family
             try:
-                native.delete_emptied(
-                    transition.iptables.family, sorted(transition.emptying, key=lambda table: table.value)
-                )
+                deleted = native.delete_emptied(family, sorted(transition.emptying, key=lambda table: table.value))
             except (ApplyError, ValueError) as error:
-                log.warning("%s: tables left empty stay: %s", transition.iptables.family.label, error)
+                log.warning("%s: tables left empty stay: %s", family.label, error)
+                continue
+            if deleted:
+                lines.append(f"{family.label}: deleted what our rules left empty: {deleted}")
+    return lines
 
 
 @record

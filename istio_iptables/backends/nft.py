@@ -193,15 +193,16 @@ def delete_tables(tables: list[Table]) -> bool:
     return True
 
 
-def delete_emptied(family: Family, tables: Iterable[Table]) -> None:
+def delete_emptied(family: Family, tables: Iterable[Table]) -> str:
     """In these iptables-nft tables, delete the hooked chains that hold no rule and accept, and each table
     left with nothing else: iptables-nft creates them as rules need them, and recreates them so. One
     transaction deletes each chain by name before its table; the kernel refuses to delete a chain that
-    holds a rule, so a rule another program added meanwhile makes it change nothing."""
+    holds a rule, so a rule another program added meanwhile makes it change nothing. Returns what it
+    deleted, in nft's words ("" for nothing)."""
     binary = which("nft")
     if binary is None:
         log.info("%s: emptied tables stay (no nft binary to delete them with)", family.label)
-        return
+        return ""
     where = {Family.V4: "ip", Family.V6: "ip6"}[family]
     script = ""
     for table in tables:
@@ -217,12 +218,11 @@ def delete_emptied(family: Family, tables: Iterable[Table]) -> None:
         script += "".join(f"delete chain {where} {table.value} {name}\n" for name in empty)
         if len(objects) == 1 + len(empty):  # the table and its empty chains: nothing else
             script += f"delete table {where} {table.value}\n"
-    if not script:
-        return
-    result = _run([binary, "-f", "-"], script)
-    if result.returncode != 0:
-        raise ApplyError(f"nft -f - failed: {_first_lines(result.stderr)}")
-    log.info("%s: deleted what our rules left empty: %s", family.label, script.replace("\n", "; ").strip("; "))
+    if script:
+        result = _run([binary, "-f", "-"], script)
+        if result.returncode != 0:
+            raise ApplyError(f"nft -f - failed: {_first_lines(result.stderr)}")
+    return script.replace("\n", "; ").strip("; ")
 
 
 def _first_lines(stderr: str, count: int = 6) -> str:

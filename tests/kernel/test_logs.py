@@ -76,6 +76,16 @@ def families(backend: str) -> list[int]:
     return [4] if backend == "native" else [4, 6]
 
 
+def left_empty(families: tuple[int, ...]) -> list[str]:
+    """The log lines of iptables-nft's nat tables deleted once our rules left them empty."""
+    return [
+        f"ipv{family}: deleted what our rules left empty: delete chain {ip} nat PREROUTING; "
+        f"delete chain {ip} nat OUTPUT; delete table {ip} nat"
+        for family in families
+        for ip in ["ip" if family == 4 else "ip6"]
+    ]
+
+
 def timed(message: str, words: str) -> bool:
     return re.fullmatch(re.escape(words).replace("N", r"\d+"), message) is not None
 
@@ -101,6 +111,10 @@ def test_apply_rerun_change_and_clean_up_say_what_changed(pod: Pod, backend: str
     left = {family: rules_live(pod, backend, family) for family in counts}
     routes, cleaned = routing(messages(pod, backend, "--cleanup-only"))
     assert routes == ["routing: delete ::6/128 from lo"]
+    # iptables-nft's tables go too once empty (legacy cannot unload one; native deletes its own whole).
+    emptied = [line for line in cleaned if "deleted what our rules left empty" in line]
+    assert emptied == (left_empty((4, 6)) if backend == "nft" else []), cleaned
+    cleaned = [line for line in cleaned if line not in emptied]
     # A clean-up names the chains it deleted (in the order they were listed: iptables-save sorts them).
     removed = [re.sub(r"; chains deleted: .*", "", line) for line in cleaned[:-1]]
     assert removed == [f"{where(backend, f)}: 0 rules added, {left[f]} removed" for f in counts], cleaned
@@ -135,4 +149,5 @@ def test_switching_backends_logs_both_sides(pod: Pod) -> None:
     assert switched[:-1] == [
         f"nftables inet istio-proxy-nat: {native} rules added, 0 removed; chains created: {NFT_CHAINS}",
         *(f"{where('nft', f)}: 0 rules added, {copy[f]} removed; chains deleted: {deleted}" for f in (4, 6)),
+        *left_empty((4, 6)),
     ], switched
