@@ -6,12 +6,16 @@ import contextlib
 import io
 import ipaddress
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from istio_iptables import cli
-from istio_iptables.config import SETTINGS
+from istio_iptables.config import SETTINGS, Config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -65,3 +69,32 @@ def _canonical(token: str) -> str:
         return str(ipaddress.ip_interface(token))
     except ValueError:
         return token
+
+
+def record_runs(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
+    """Configs that reach ``cli.run`` without --dry-run: recorded, never applied (a dry run runs)."""
+    calls: list[Config] = []
+    real_run = cli.run
+
+    def safe_run(config: Config) -> None:
+        if config.dry_run:
+            real_run(config)
+        else:
+            calls.append(config)
+
+    monkeypatch.setattr(cli, "run", safe_run)
+    return calls
+
+
+def kubernetes_validate(path: Path) -> str:
+    """``kubernetes-validate --strict`` of a manifest file (skipping the test without it): its report, after
+    asserting that every document passed."""
+    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    result = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from istio_iptables import cli, hostfacts
+from istio_iptables import hostfacts
 from istio_iptables.config import SETTINGS, Config, LogLevel, LogOptions, Setting
 from istio_iptables.logsetup import Log, configure
-from tests.helpers import ROOT, Result, run_cli
+from tests.helpers import ROOT, Result, record_runs, run_cli
 
 # ---- fixtures and helpers ------------------------------------------------------------------------------
 
@@ -45,17 +45,7 @@ def restore_root_logger() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def applied(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
     """Configs that reached ``run`` without --dry-run: recorded, never applied."""
-    calls: list[Config] = []
-    real_run = cli.run
-
-    def safe_run(config: Config) -> None:
-        if config.dry_run:
-            real_run(config)
-        else:
-            calls.append(config)
-
-    monkeypatch.setattr(cli, "run", safe_run)
-    return calls
+    return record_runs(monkeypatch)
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> Result:

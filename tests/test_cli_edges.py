@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from istio_iptables import app, cli, config
 from istio_iptables.config import Config
-from tests.helpers import Result, run_cli
+from tests.helpers import Result, record_runs, run_cli
 from tests.test_cli_parsing import option
 
 F = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
@@ -34,17 +34,7 @@ F += ["-d", "15090,15021,15020"]
 @pytest.fixture(autouse=True)
 def applied(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
     """Configs that reached ``run`` without --dry-run: recorded, never applied."""
-    calls: list[Config] = []
-    real_run = cli.run
-
-    def safe_run(config: Config) -> None:
-        if config.dry_run:
-            real_run(config)
-        else:
-            calls.append(config)
-
-    monkeypatch.setattr(cli, "run", safe_run)
-    return calls
+    return record_runs(monkeypatch)
 
 
 def run_clean(args: list[str], env: dict[str, str] | None = None) -> Result:

@@ -12,7 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,3 +110,20 @@ def normalized_save(saved: str) -> str:
 
 def _ip(*arguments: str) -> None:
     subprocess.run(["ip", *arguments], capture_output=True, check=True, timeout=30)
+
+
+@contextmanager
+def as_image_user(pod: Pod) -> Iterator[Callable[[list[str]], subprocess.CompletedProcess[str]]]:
+    """Runs of the CLI as the image's user (65532) with NET_ADMIN and NET_RAW as ambient capabilities and the
+    xtables lock on a directory of its own (the emptyDir), inside the pod's namespace (no
+    --network-namespace: entering one needs CAP_SYS_ADMIN, and an init container is in its pod's already)."""
+    lock_directory = Path(tempfile.mkdtemp(prefix="iit-run-", dir="/tmp"))
+    try:
+        os.chown(lock_directory, 65532, 65532)
+        caps = "+net_admin,+net_raw"
+        command = ["setpriv", "--reuid", "65532", "--regid", "65532", "--clear-groups"]
+        command += ["--inh-caps", f"-all,{caps}", "--ambient-caps", caps, "--bounding-set", f"-all,{caps}"]
+        env = ["env", f"XTABLES_LOCKFILE={lock_directory}/xtables.lock", "KUBERNETES_SERVICE_HOST=198.18.255.1"]
+        yield lambda arguments: pod.run([*env, *command, CLI, *arguments], check=False)
+    finally:
+        shutil.rmtree(lock_directory)

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from tests.kernel.namespaces import (
     CLI,
     Pod,
+    as_image_user,
     iptables_save,
     needs_root,
     normalized_save,
@@ -395,22 +395,12 @@ def test_nothing_is_ever_written_to_the_test_runner_namespace() -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_applies_as_non_root_with_only_net_admin_and_net_raw(pod: Pod, variant: str) -> None:
-    """As the image's user (65532) with NET_ADMIN and NET_RAW as ambient capabilities and the xtables lock on
-    a directory of its own (the emptyDir), inside the pod's namespace (no --network-namespace: entering one
-    needs CAP_SYS_ADMIN, and the init container is in its pod's namespace already)."""
-    lock_directory = Path(tempfile.mkdtemp(prefix="iit-run-", dir="/tmp"))
-    try:
-        os.chown(lock_directory, 65532, 65532)
-        caps = "+net_admin,+net_raw"
-        command = ["setpriv", "--reuid", "65532", "--regid", "65532", "--clear-groups"]
-        command += ["--inh-caps", f"-all,{caps}", "--ambient-caps", caps, "--bounding-set", f"-all,{caps}"]
-        env = ["env", f"XTABLES_LOCKFILE={lock_directory}/xtables.lock", "KUBERNETES_SERVICE_HOST=198.18.255.1"]
+    """As the image's user, with only NET_ADMIN and NET_RAW (``as_image_user``): TPROXY, both families."""
+    with as_image_user(pod) as run_as_image_user:
         flags = [*EVERYTHING, *backend_flags(variant)]
-        result = pod.run([*env, *command, CLI, *flags], check=False)
+        result = run_as_image_user(flags)
         assert result.returncode == 0, result.stderr
         assert "ISTIO_TPROXY" in iptables_save(pod, tool(variant), 6)
         assert "fwmark 0x539 lookup 133" in pod.run(["ip", "rule"]).stdout
-        again = pod.run([*env, *command, CLI, *flags], check=False)
+        again = run_as_image_user(flags)
         assert again.returncode == 0 and "nothing to change" in again.stderr, again.stderr
-    finally:
-        shutil.rmtree(lock_directory)

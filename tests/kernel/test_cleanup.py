@@ -4,15 +4,12 @@ where the kernel can unload it; and ``preflight`` changes nothing at all."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.kernel.namespaces import CLI, Pod, iptables_save, needs_root, normalized_save, run_cli
+from tests.kernel.namespaces import CLI, Pod, as_image_user, iptables_save, needs_root, normalized_save, run_cli
 
 pytestmark = [pytest.mark.kernel, needs_root]
 
@@ -106,18 +103,10 @@ def test_preflight_changes_nothing(pod: Pod, backend: str) -> None:
 def test_non_root_legacy_apply_creates_only_the_tables_it_writes(pod: Pod) -> None:
     """Without root, legacy's list of tables cannot be read and reading a table creates it: a REDIRECT
     apply of IPv4 must leave only the nat table, and no IPv6 table at all."""
-    lock_directory = Path(tempfile.mkdtemp(prefix="iit-run-", dir="/tmp"))
-    try:
-        os.chown(lock_directory, 65532, 65532)
-        caps = "+net_admin,+net_raw"
-        command = ["setpriv", "--reuid", "65532", "--regid", "65532", "--clear-groups"]
-        command += ["--inh-caps", f"-all,{caps}", "--ambient-caps", caps, "--bounding-set", f"-all,{caps}"]
-        env = ["env", f"XTABLES_LOCKFILE={lock_directory}/xtables.lock", "KUBERNETES_SERVICE_HOST=198.18.255.1"]
+    with as_image_user(pod) as run_as_image_user:
         for _ in range(2):
             flags = [*REDIRECT, "--no-ipv6", "--force-iptables-binary", "legacy"]
-            result = pod.run([*env, *command, CLI, *flags], check=False)
+            result = run_as_image_user(flags)
             assert result.returncode == 0, result.stderr
         assert pod.run(["cat", "/proc/net/ip_tables_names"]).stdout.split() == ["nat"]
         assert pod.run(["cat", "/proc/net/ip6_tables_names"]).stdout.split() == []
-    finally:
-        shutil.rmtree(lock_directory)

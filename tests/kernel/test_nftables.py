@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 
 from tests.golden.cases import CASES
 from tests.kernel import netlab
-from tests.kernel.namespaces import CLI, Pod, iptables_save, needs_root, normalized_save, run_cli
+from tests.kernel.namespaces import CLI, Pod, as_image_user, iptables_save, needs_root, normalized_save, run_cli
 from tests.kernel.test_apply import EVERYTHING, INIT_FLAGS, add_foreign_rules, wrapper
 
 pytestmark = [
@@ -480,19 +479,10 @@ def test_nothing_of_ours_in_the_test_runner_namespace() -> None:
 
 
 def test_applies_as_non_root_with_only_net_admin_and_net_raw(pod: Pod) -> None:
-    """As the image's user (65532) with NET_ADMIN and NET_RAW as ambient capabilities, inside the pod's
-    namespace, the lock on a directory of its own (see test_apply's twin)."""
-    lock_directory = Path(tempfile.mkdtemp(prefix="iit-run-", dir="/tmp"))
-    try:
-        os.chown(lock_directory, 65532, 65532)
-        caps = "+net_admin,+net_raw"
-        command = ["setpriv", "--reuid", "65532", "--regid", "65532", "--clear-groups"]
-        command += ["--inh-caps", f"-all,{caps}", "--ambient-caps", caps, "--bounding-set", f"-all,{caps}"]
-        env = ["env", f"XTABLES_LOCKFILE={lock_directory}/xtables.lock", "KUBERNETES_SERVICE_HOST=198.18.255.1"]
-        result = pod.run([*env, *command, CLI, NATIVE, *EVERYTHING], check=False)
+    """As the image's user, with only NET_ADMIN and NET_RAW (``as_image_user``; see test_apply's twin)."""
+    with as_image_user(pod) as run_as_image_user:
+        result = run_as_image_user([NATIVE, *EVERYTHING])
         assert result.returncode == 0, result.stderr
         assert our_tables(pod) == list(OUR_TABLES)
-        again = pod.run([*env, *command, CLI, NATIVE, *EVERYTHING], check=False)
+        again = run_as_image_user([NATIVE, *EVERYTHING])
         assert again.returncode == 0 and "nothing to change" in again.stderr, again.stderr
-    finally:
-        shutil.rmtree(lock_directory)
