@@ -501,13 +501,16 @@ def _vouched(state: TableState, chains: dict[str, list[int]], owned: list[bool])
     with its jump ``-i X ... -j ISTIO_REDIRECT``); in mangle only where TPROXY's chains are, with their marks."""
     if not any(chain in OWN_CHAINS for chain in state.chains):
         return []
-    entries, shapes = state.entries, _builtin_shapes()
+    entries = state.entries
+    unowned = [index for indexes in chains.values() for index in indexes if not owned[index]]
+    if not unowned:
+        return []  # the common case (our rules where the plan puts them): no need to derive the shapes
+    shapes = _builtin_shapes()
     candidates: dict[int, Rule] = {}
-    for indexes in chains.values():
-        for index in indexes:
-            rule = entries[index].rule
-            if not owned[index] and rule is not None and _signature(rule) in shapes:
-                candidates[index] = rule
+    for index in unowned:
+        rule = entries[index].rule
+        if rule is not None and _signature(rule) in shapes:
+            candidates[index] = rule
     if not candidates:
         return []
     jumps: dict[str, list[tuple[int, str]]] = {}
