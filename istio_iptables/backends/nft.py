@@ -81,8 +81,13 @@ class Nft:
     saved: NftState
 
     def apply(self, script: str) -> None:
-        """Commit one transaction; refused, it committed nothing."""
+        """Commit one transaction; refused, it committed nothing. An nft killed by a signal (a Ctrl-C to the
+        process group) may have committed its batch before it died, so our tables are then put back as they
+        were listed: refused either way, nothing committed."""
         result = _run([self.binary, "-f", "-"], script)
+        if result.returncode < 0:
+            self.restore(self.saved)
+            raise ApplyError(f"nft -f - was killed by signal {-result.returncode}; our tables were put back as listed")
         if result.returncode != 0:
             raise ApplyError(self._refusal(script, result.stderr))
 

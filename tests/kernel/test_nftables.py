@@ -417,6 +417,19 @@ def test_switching_under_load_never_drops_or_bypasses(lab: netlab.Lab, variant: 
         assert summary["failed"] == 0 and summary["direct"] == 0, (loop.name, summary)
 
 
+def test_an_nft_killed_after_committing_leaves_our_tables_as_before(pod: Pod, tmp_path: Path) -> None:
+    """A Ctrl-C to the process group can kill nft after the kernel took its batch: its exit status says
+    failure, yet the tables changed. The run must still end as it started."""
+    assert native(pod, *INIT_FLAGS, "--ipv6").returncode == 0
+    before, routing_before = ruleset(pod), routing(pod)
+    env = nft_wrapper(tmp_path, '"$REAL" -f - && kill -INT $$')
+    result = native(pod, *EVERYTHING, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "nft -f - was killed by signal 2; our tables were put back as listed" in result.stderr, result.stderr
+    assert ruleset(pod) == before
+    assert routing(pod) == routing_before
+
+
 def refusing(directory: Path, tool: str, pattern: str) -> dict[str, str]:
     """A stand-in ``tool`` (``nft`` or a restore binary) that refuses any transaction or --noflush payload
     holding ``pattern`` and hands every other one to the real binary."""
