@@ -1,3 +1,3 @@
-from .console import main
+from istio_iptables.cli.console import main
 
 main()

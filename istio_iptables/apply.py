@@ -28,20 +28,40 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 
-from . import interrupts, locks, netns, nft_state, routes
-from .backends import ipset
-from .backends import nft as native
-from .backends.restore import LEGACY, NFT, WRITTEN, Iptables, available, detect, holds_legacy_tables, nft_tables_in_use
-from .changes import table_changes
-from .config import Backend, Config, LogLevel
-from .errors import ApplyError
-from .hostfacts import which
-from .logsetup import Log, logs
-from .model import BUILTIN_CHAINS, AddressSet, Family, Plan, PortSet, Rule, RuleSet, SaveMark, Table
-from .records import field, record, replace
-from .render.nft import TABLE_NAMES
-from .render.restore import render_deletes, render_restore, render_transition, render_undo
-from .state import (
+from istio_iptables.backends import ipset
+from istio_iptables.backends import nft as native
+from istio_iptables.backends.restore import (
+    LEGACY,
+    NFT,
+    WRITTEN,
+    Iptables,
+    available,
+    detect,
+    holds_legacy_tables,
+    nft_tables_in_use,
+)
+from istio_iptables.capture.config import Backend, Config
+from istio_iptables.capture.model import (
+    BUILTIN_CHAINS,
+    AddressSet,
+    Family,
+    Plan,
+    PortSet,
+    Rule,
+    RuleSet,
+    SaveMark,
+    Table,
+)
+from istio_iptables.errors import ApplyError
+from istio_iptables.host import interrupts, locks, netns, routes
+from istio_iptables.host.hostfacts import which
+from istio_iptables.log import Log, LogLevel, logs
+from istio_iptables.records import field, record, replace
+from istio_iptables.render.nft import TABLE_NAMES
+from istio_iptables.render.restore import render_restore
+from istio_iptables.state import nft as nft_state
+from istio_iptables.state.changes import table_changes
+from istio_iptables.state.tables import (
     Chains,
     Layout,
     LayoutDiff,
@@ -59,6 +79,7 @@ from .state import (
     planned_layout,
     saved_as_planned,
 )
+from istio_iptables.state.transitions import render_deletes, render_transition, render_undo
 
 log = Log(__name__)
 
@@ -490,7 +511,7 @@ def plan_transitions(config: Config, observations: list[Observation]) -> list[Tr
 
 def _detect(config: Config, family: Family, environment: dict[str, str], tables: frozenset[Table]) -> Iptables:
     if config.backend is Backend.LIBIPTC:
-        from .backends import libiptc  # noqa: PLC0415 (python-iptables is an optional extra)
+        from istio_iptables.backends import libiptc  # noqa: PLC0415 (python-iptables is an optional extra)
 
         return libiptc.detect(family, environment)
     return detect(family, config.force_iptables_binary, environment, tables)

@@ -198,7 +198,7 @@ def startup(runs: int) -> list[Row]:
 
     interpreter = median([PYTHON, "-c", "pass"])
     typer = median([PYTHON, "-c", "import typer"])
-    ours = median([PYTHON, "-c", "import istio_iptables.console, istio_iptables.apply"])
+    ours = median([PYTHON, "-c", "import istio_iptables.cli.console, istio_iptables.apply"])
     help_ = median([CLI, "--help"])
     return [
         Row("python -c pass (the interpreter)", interpreter, baseline=interpreter),
@@ -447,8 +447,8 @@ def webhook_reviews(runs: int, reviews: int, clients: int = 20) -> list[Row]:
     process (the injection and the JSON Patch, no HTTP) as the baseline; one client's reviews one after
     another; ``clients`` clients on their own keep-alive connections. And the init container's run, which
     must load none of it."""
+    from istio_iptables.kube.capture import load_settings  # noqa: PLC0415
     from istio_iptables.kube.inject import Injector, inject_pod  # noqa: PLC0415 (the webhook extra, this section only)
-    from istio_iptables.kube.settings import Settings  # noqa: PLC0415
     from istio_iptables.kube.webhook import answer  # noqa: PLC0415
 
     pod = {
@@ -462,7 +462,7 @@ def webhook_reviews(runs: int, reviews: int, clients: int = 20) -> list[Row]:
         review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
         return json.dumps({**review, "request": {**request, "uid": f"review-{index}"}}).encode()
 
-    injector = Injector(settings=Settings.from_sources())
+    injector = Injector(settings=load_settings())
 
     def inject(pod: Any, workload: str, namespace: str) -> dict[str, Any]:
         return inject_pod(pod, injector, workload=workload, namespace=namespace)

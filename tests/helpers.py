@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from istio_iptables import cli
-from istio_iptables.config import SETTINGS, Config
+from istio_iptables.capture.config import SETTINGS, Config
+from istio_iptables.cli import command
+from istio_iptables.cli import fast as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -44,13 +45,13 @@ def environment(env: Mapping[str, str]) -> Iterator[None]:
 
 
 def run_cli(
-    args: list[str], env: Mapping[str, str] | None = None, command: Callable[[list[str]], None] = cli.main
+    args: list[str], env: Mapping[str, str] | None = None, main: Callable[[list[str]], None] = cli.main
 ) -> Result:
-    """``command`` (``istio-iptables``'s by default) run in-process: its exit code and output."""
+    """``main`` (``istio-iptables``'s by default) run in-process: its exit code and output."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with environment(env or {}), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
-            command(args)
+            main(args)
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
@@ -72,9 +73,9 @@ def _canonical(token: str) -> str:
 
 
 def record_runs(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
-    """Configs that reach ``cli.run`` without --dry-run: recorded, never applied (a dry run runs)."""
+    """Configs that reach ``command.run`` without --dry-run: recorded, never applied (a dry run runs)."""
     calls: list[Config] = []
-    real_run = cli.run
+    real_run = command.run
 
     def safe_run(config: Config) -> None:
         if config.dry_run:
@@ -82,7 +83,7 @@ def record_runs(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
         else:
             calls.append(config)
 
-    monkeypatch.setattr(cli, "run", safe_run)
+    monkeypatch.setattr(command, "run", safe_run)
     return calls
 
 

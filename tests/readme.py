@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from istio_iptables import cli
-from istio_iptables.config import Config
+from istio_iptables.capture.config import Config
+from istio_iptables.cli import command
+from istio_iptables.cli import fast as cli
 from tests.helpers import ROOT, Result, run_cli
 
 README = ROOT / "README.md"
@@ -88,26 +89,26 @@ def shown(lines: list[str], example: Example) -> str:
 
 @contextlib.contextmanager
 def only_reading() -> Iterator[None]:
-    """``cli.run`` refuses anything but a dry run while README's examples run: they must change nothing."""
-    real_run = cli.run
+    """``command.run`` refuses anything but a dry run while README's examples run: they must change nothing."""
+    real_run = command.run
 
     def dry_only(config: Config) -> None:
         if not config.dry_run:
             raise AssertionError("a README example would apply rules; examples must be dry runs or read-only")
         real_run(config)
 
-    cli.run = dry_only  # type: ignore[assignment]
+    command.run = dry_only  # type: ignore[assignment]
     try:
         yield
     finally:
-        cli.run = real_run  # type: ignore[assignment]
+        command.run = real_run  # type: ignore[assignment]
 
 
 def run(command: str) -> Result:
     argv = shlex.split(command)
     assert argv[0] in PROGRAMS, f"README example runs {argv[0]!r}, not one of {PROGRAMS}"
     with only_reading():
-        return run_cli(argv[1:], command=cli.main if argv[0] == "istio-iptables" else cli.clean_main)
+        return run_cli(argv[1:], main=cli.main if argv[0] == "istio-iptables" else cli.clean_main)
 
 
 def excerpt_of(shown_text: str) -> Any:

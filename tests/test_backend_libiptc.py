@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from istio_iptables.backends import libiptc
-from istio_iptables.config import IptablesVariant
+from istio_iptables.capture.config import IptablesVariant
+from istio_iptables.capture.model import Family
 from istio_iptables.errors import ApplyError
-from istio_iptables.model import Family
 
 
 class FakeIPTCError(Exception):

@@ -1,6 +1,6 @@
 """The command line: Istio's injector arguments, bad input, help, logging and the dry-run outputs.
 
-Every run is a dry run or stops at a bad value; ``cli.run`` is wrapped so that a run that is not a dry run
+Every run is a dry run or stops at a bad value; ``command.run`` is wrapped so that a run that is not a dry run
 is recorded and never applied, whatever the package does.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from istio_iptables import hostfacts
-from istio_iptables.config import SETTINGS, Config, LogLevel, LogOptions, Setting
-from istio_iptables.logsetup import Log, configure
+from istio_iptables.capture.config import SETTINGS, Config, Setting
+from istio_iptables.host import hostfacts
+from istio_iptables.log import Log, LogLevel, LogOptions, configure
 from tests.helpers import ROOT, Result, record_runs, run_cli
 
 # ---- fixtures and helpers ------------------------------------------------------------------------------
@@ -637,7 +637,7 @@ def test_a_console_run_imports_logging_with_its_first_message(resolv_with_bad_en
     """In a process of its own, where logging is not loaded yet: handlers installed by the first message
     that passes the level, the target file created by configure even when nothing is logged."""
     probe = (
-        "import sys; from istio_iptables import cli\n"
+        "import sys; from istio_iptables.cli import fast as cli\n"
         "try: cli.main(sys.argv[1:])\n"
         "except SystemExit as exit_: assert exit_.code == 0, exit_.code\n"
         "print('logging' in sys.modules, file=sys.stderr)\n"
@@ -660,7 +660,7 @@ def test_a_console_run_writes_plain_log_lines_without_logging(resolv_with_bad_en
     """Without --log_caller or stack traces, a console run writes its lines itself (importing logging would
     cost a sixth of an apply), in the same layout as the logging formatter, to every target."""
     probe = (
-        "import sys; from istio_iptables import cli\n"
+        "import sys; from istio_iptables.cli import fast as cli\n"
         "try: cli.main(sys.argv[1:])\n"
         "except SystemExit as exit_: assert exit_.code == 0, exit_.code\n"
         "print('logging' in sys.modules, file=sys.stderr)\n"

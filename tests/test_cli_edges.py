@@ -2,7 +2,7 @@
 formats native nftables cannot print, trace without its needed option, metavars, error wording that is ours
 and not Python's, and flags given on the wrong side of a subcommand.
 
-Runs are dry runs or stop at a bad value; ``cli.run`` is wrapped so that anything else is recorded, never
+Runs are dry runs or stop at a bad value; ``command.run`` is wrapped so that anything else is recorded, never
 applied.
 """
 
@@ -22,8 +22,10 @@ import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istio_iptables import app, cli, config
-from istio_iptables.config import Config
+from istio_iptables.capture import config
+from istio_iptables.capture.config import Config
+from istio_iptables.cli import app, command
+from istio_iptables.cli import fast as cli
 from tests.helpers import Result, record_runs, run_cli
 from tests.test_cli_parsing import option
 
@@ -38,7 +40,7 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
 
 
 def run_clean(args: list[str], env: dict[str, str] | None = None) -> Result:
-    return run_cli(args, env, command=cli.clean_main)
+    return run_cli(args, env, main=cli.clean_main)
 
 
 def one_line_error(result: Result, prog: str = "istio-iptables") -> str:
@@ -342,5 +344,5 @@ CLEAN_OPTIONS = option().filter(lambda words: words[0].partition("=")[0] not in 
 def test_clean_command_lines_parse_as_typer_parses_them(options: list[list[str]]) -> None:
     """istio-clean-iptables' fast path reads what its Typer command would, as the main command's does."""
     arguments = [argument for each in options for argument in each]
-    context = CLEAN_COMMAND.make_context(cli.CLEAN_PROG, list(arguments))
-    assert cli.plain_run(arguments, cli._CLEAN_OPTIONS) == dict(context.params)
+    context = CLEAN_COMMAND.make_context(command.CLEAN_PROG, list(arguments))
+    assert config.plain_run(arguments, config.CLEAN_OPTIONS) == dict(context.params)

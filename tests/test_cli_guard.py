@@ -13,9 +13,9 @@ import os
 import pytest
 
 from istio_iptables import apply as apply_module
-from istio_iptables import netns
-from istio_iptables.config import Config
-from istio_iptables.model import Plan
+from istio_iptables.capture.config import Config
+from istio_iptables.capture.model import Plan
+from istio_iptables.host import netns
 from tests.helpers import run_cli
 
 FLAGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*", "--no-ipv6"]

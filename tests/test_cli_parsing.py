@@ -1,4 +1,4 @@
-"""The two parsers of the main command agree: ``cli.plain_run`` (no Typer import, the init container's path)
+"""The two parsers of the main command agree: ``argv.plain_run`` (no Typer import, the init container's path)
 returns exactly the options Typer's own parse of the same command line gives, or declines and leaves it to
 Typer. Nothing here runs a command."""
 
@@ -11,8 +11,9 @@ import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istio_iptables import app, cli
-from istio_iptables.config import SETTINGS
+from istio_iptables.capture import config as argv
+from istio_iptables.capture.config import SETTINGS
+from istio_iptables.cli import app
 from istio_iptables.errors import PROG
 
 OPTIONS = [setting for setting in SETTINGS if setting.flags]
@@ -44,7 +45,7 @@ def option(draw: st.DrawFn) -> list[str]:
 @given(st.lists(option(), max_size=8))
 def test_plain_command_lines_parse_as_typer_parses_them(options: list[list[str]]) -> None:
     arguments = [argument for each in options for argument in each]
-    assert cli.plain_run(arguments) == typer_options(arguments)
+    assert argv.plain_run(arguments) == typer_options(arguments)
 
 
 TOKENS = (
@@ -59,7 +60,7 @@ TOKENS = (
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(TOKENS, max_size=8))
 def test_any_command_line_the_fast_path_takes_typer_reads_the_same(arguments: list[str]) -> None:
-    options = cli.plain_run(arguments)
+    options = argv.plain_run(arguments)
     if options is not None:
         assert options == typer_options(arguments)
 
@@ -79,13 +80,13 @@ def test_the_fast_path_declines_what_only_typer_does() -> None:
         ["--dry-run=yes"],  # a switch with a value that go_switches did not translate
         ["--envoy"],  # Click has no abbreviations either; Typer words the error
     ):
-        assert cli.plain_run(arguments) is None, arguments
+        assert argv.plain_run(arguments) is None, arguments
 
 
 def test_a_plain_run_imports_nothing_it_does_not_use() -> None:
     # --no-ipv6: on a dual-stack host, detection says at info level that it captures IPv6, which loads logging.
     probe = (
-        "import sys; from istio_iptables import cli\n"
+        "import sys; from istio_iptables.cli import fast as cli\n"
         "try: cli.main(['-p', '15001', '-u', '1337', '-i', '*', '-b', '*', '--dry-run', '--no-ipv6'])\n"
         "except SystemExit as exit_: assert exit_.code == 0, exit_.code\n"
         "heavy = {'typer', 'dataclasses', 'typing', 'inspect', 'logging', 'shutil', 'tempfile', 'pyroute2'}\n"
@@ -105,5 +106,5 @@ def test_the_console_commands_keep_exit_codes_and_only_they_turn_collection_off(
     good = run("-m", "istio_iptables", "-p", "15001", "-i", "*", "--dry-run")
     assert good.returncode == 0 and "-A ISTIO_OUTPUT" in good.stdout
     probe = "import gc, sys; import istio_iptables.{} as m; sys.exit(0 if gc.isenabled() else 3)"
-    assert run("-c", probe.format("cli")).returncode == 0
-    assert run("-c", probe.format("console")).returncode == 3
+    assert run("-c", probe.format("cli.fast")).returncode == 0
+    assert run("-c", probe.format("cli.console")).returncode == 3

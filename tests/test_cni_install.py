@@ -17,8 +17,7 @@ import pytest
 
 from istio_iptables.cni import install
 from istio_iptables.errors import ConfigError, HostError
-
-from .helpers import run_cli
+from tests.helpers import run_cli
 
 CLI = str(Path(sys.executable).with_name("istio-iptables"))
 

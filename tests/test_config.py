@@ -7,8 +7,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 import pytest
 
-from istio_iptables import config
-from istio_iptables.config import (
+from istio_iptables.capture import config
+from istio_iptables.capture.config import (
     ALL,
     MAX_OWNER_GROUPS,
     SETTINGS,

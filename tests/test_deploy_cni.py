@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from istio_iptables.cni import install
-
-from .helpers import ROOT, kubernetes_validate
+from tests.helpers import ROOT, kubernetes_validate
 
 MANIFEST = ROOT / "deploy" / "istio-iptables-cni.yaml"
 DOCKERFILE = ROOT / "Dockerfile.cni"
@@ -142,7 +141,7 @@ def test_hadolint_finds_nothing_in_the_installer_image() -> None:
 
 
 def test_the_image_holds_the_plugin_where_install_takes_it_from() -> None:
-    from istio_iptables.app import CNI_PLUGIN_IN_IMAGE  # noqa: PLC0415
+    from istio_iptables.cli.app import CNI_PLUGIN_IN_IMAGE  # noqa: PLC0415
 
     [copied] = [words for word, words in _instructions() if word == "COPY" and words[0] == "--from=plugin"]
     source, target = copied[1:]

@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from istio_iptables.config import ALL, Config, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import Family, Plan
-from istio_iptables.plan import build_plan
-from istio_iptables.render.graph import _dot_text, _mermaid_text, render_graph, short_match
+from istio_iptables.capture.config import ALL, Config, Mode
+from istio_iptables.capture.model import Family, Plan
+from istio_iptables.capture.plan import HostFacts, build_plan
+from istio_iptables.explain.graph import _dot_text, _mermaid_text, render_graph, short_match
 from tests.test_properties import configs_and_facts
 
 INJECTION: dict[str, Any] = {

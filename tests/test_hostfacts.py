@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from istio_iptables import hostfacts, netlink
-from istio_iptables.config import Config
+from istio_iptables.capture.config import Config
+from istio_iptables.capture.plan import HostFacts, decide, ipv6_enabled, usable_ipv6
 from istio_iptables.errors import HostError
-from istio_iptables.hostfacts import HostFacts, gather, local_addresses, read_nameservers, user_uid
-from istio_iptables.plan import decide, ipv6_enabled, usable_ipv6
+from istio_iptables.host import hostfacts, netlink
+from istio_iptables.host.hostfacts import gather, local_addresses, read_nameservers, user_uid
 from istio_iptables.records import replace
 
 # ---- resolv.conf ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 PRELUDE = """
 import os, signal, sys
-from istio_iptables import interrupts
+from istio_iptables.host import interrupts
 from istio_iptables.errors import ApplyError, IstioIptablesError
 interrupts.install()
 interrupts.start()

@@ -14,11 +14,11 @@ from istio_iptables.kube.capture import (
     cni_enabled,
     exclude_inbound_port,
     init_args,
+    load_settings,
     parse_capture_args,
 )
-from istio_iptables.kube.settings import Settings
 
-DEFAULT = Settings.from_sources()
+DEFAULT = load_settings()
 ISTIO_DEFAULT_ARGS = [
     "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
     "-d", "15090,15021,15020", "--log_output_level=default:info",
@@ -31,7 +31,7 @@ def test_defaults_are_the_charts() -> None:
 
 
 def test_annotations_win_over_values_and_keep_the_order() -> None:
-    settings = Settings.from_sources(
+    settings = load_settings(
         ["values.global.proxy.includeIPRanges=10.0.0.0/8", "values.global.proxy.excludeInboundPorts=9"]
     )
     annotations = {
@@ -54,7 +54,7 @@ def test_annotations_win_over_values_and_keep_the_order() -> None:
 
 
 def test_values_fill_in_what_annotations_do_not_say() -> None:
-    settings = Settings.from_sources(
+    settings = load_settings(
         [
             "values.global.proxy.includeIPRanges=127.0.0.1/24,10.96.0.1/24",
             "values.global.proxy.excludeIPRanges=10.96.0.2/24",
@@ -89,7 +89,7 @@ def test_exclude_inbound_port(status: str, excluded: str, expected: str) -> None
 
 
 def test_d_is_exactly_the_two_ports_when_nothing_else_is_excluded() -> None:
-    settings = Settings.from_sources(["values.global.proxy.statusPort=0"])
+    settings = load_settings(["values.global.proxy.statusPort=0"])
     assert capture_args({}, settings)[capture_args({}, settings).index("-d") + 1] == "15090,15021"
     status = {"status.sidecar.istio.io/port": "123"}
     assert capture_args(status, DEFAULT)[capture_args(status, DEFAULT).index("-d") + 1] == "15090,15021,123"
@@ -109,7 +109,7 @@ def test_proxy_uid_from_the_users_istio_proxy_container() -> None:
     assert capture_args({}, DEFAULT, proxy_uid=1234)[5] == "1234"
     assert capture_args({}, DEFAULT, proxy_uid=0)[5] == "1337"  # uid 0 would exempt root: Istio ignores it
     # A mesh-wide TPROXY keeps the user's UID (golden proxy-override-runas.tproxy)...
-    tproxy_mesh = Settings.from_sources(["meshConfig.defaultConfig.interceptionMode=TPROXY"])
+    tproxy_mesh = load_settings(["meshConfig.defaultConfig.interceptionMode=TPROXY"])
     assert capture_args({}, tproxy_mesh, proxy_uid=1234)[4:8] == ["-u", "1234", "-m", "TPROXY"]
     # ...the pod's own TPROXY annotation makes the template write 1337.
     annotation = {"sidecar.istio.io/interceptionMode": "TPROXY"}
@@ -124,15 +124,15 @@ def test_proxy_config_annotation_sets_the_mode() -> None:
 
 
 def test_mode_flags_follow_the_capture_flags_in_istios_order() -> None:
-    cni = Settings.from_sources(["components.cni.enabled=true", "values.global.nativeNftables=true"])
+    cni = load_settings(["components.cni.enabled=true", "values.global.nativeNftables=true"])
     assert cni_enabled(cni)
     assert init_args({}, cni)[-3:] == ["--run-validation", "--skip-rule-apply", "--native-nftables"]
     assert capture_args({}, cni)[-1] == "--native-nftables"
     assert "--run-validation" not in capture_args({}, cni)
-    forced = Settings.from_sources(["values.global.proxy_init.forceApplyIptables=true"])
+    forced = load_settings(["values.global.proxy_init.forceApplyIptables=true"])
     assert init_args({}, forced)[-1] == "--force-apply"
     # CNI mode has no rules to force.
-    both = Settings.from_sources(["values.pilot.cni.enabled=true", "values.global.proxy_init.forceApplyIptables=true"])
+    both = load_settings(["values.pilot.cni.enabled=true", "values.global.proxy_init.forceApplyIptables=true"])
     assert "--force-apply" not in init_args({}, both)
 
 
@@ -208,7 +208,7 @@ def test_every_failure_is_listed_in_one_message() -> None:
 
 def test_a_bad_value_setting_is_refused_naming_the_setting() -> None:
     with pytest.raises(ConfigError, match=r"setting values\.global\.proxy\.includeIPRanges"):
-        Settings.from_sources(["values.global.proxy.includeIPRanges=10.0.0.1"])
+        load_settings(["values.global.proxy.includeIPRanges=10.0.0.1"])
 
 
 def test_the_argv_parses_with_the_clis_own_parser() -> None:

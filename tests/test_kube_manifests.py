@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from istio_iptables import cli
-from istio_iptables.config import load
-from istio_iptables.kube.capture import init_args
-from istio_iptables.kube.settings import Settings
+from istio_iptables.capture import config as argv
+from istio_iptables.capture.config import load
+from istio_iptables.kube.capture import init_args, load_settings
 from tests.helpers import run_cli
 
 DEPLOYMENT = """\
@@ -138,7 +137,7 @@ def test_the_capture_environment_does_not_concern_inject(tmp_path: Path) -> None
 
 # ---- the main command takes Istio's injector argv as it is ---------------------------------------------
 
-ISTIO_ARGV = init_args({}, Settings.from_sources())
+ISTIO_ARGV = init_args({}, load_settings())
 
 
 def test_the_leading_word_changes_nothing() -> None:
@@ -160,18 +159,18 @@ def test_the_leading_word_changes_nothing() -> None:
     ],
 )
 def test_every_flag_the_injector_may_pass_takes_the_fast_path(flags: list[str]) -> None:
-    arguments = cli.without_leading_word([*ISTIO_ARGV, *flags])
-    given = cli.plain_run(arguments)
+    arguments = argv.without_leading_word([*ISTIO_ARGV, *flags])
+    given = argv.plain_run(arguments)
     assert given is not None
     load(given, {})
 
 
 def test_the_injectors_argv_runs_without_typer_or_yaml() -> None:
     probe = (
-        "import sys; from istio_iptables import cli\n"
+        "import sys; from istio_iptables.cli import fast as cli\n"
         f"try: cli.main({[*ISTIO_ARGV, '--native-nftables', '--log_as_json', '--dry-run']!r})\n"
         "except SystemExit as exit_: assert exit_.code == 0, exit_.code\n"
-        "loaded = {'typer', 'yaml', 'istio_iptables.kube', 'istio_iptables.app'} & set(sys.modules)\n"
+        "loaded = {'typer', 'yaml', 'istio_iptables.kube', 'istio_iptables.cli.app'} & set(sys.modules)\n"
         "assert not loaded, loaded\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from istio_iptables.errors import ConfigError
-from istio_iptables.kube.settings import Settings, go_text, parse_set_value
+from istio_iptables.kube.capture import load_settings
+from istio_iptables.kube.settings import go_text, parse_set_value
 
 
 def test_defaults_are_istios_chart() -> None:
-    settings = Settings.from_sources()
+    settings = load_settings()
     assert settings.text("global.proxy.includeIPRanges") == "*"
     assert settings.text("global.proxy.statusPort") == "15020"
     assert settings.mesh_value("defaultConfig.interceptionMode") == "REDIRECT"
@@ -17,7 +18,7 @@ def test_defaults_are_istios_chart() -> None:
 
 
 def test_sets_win_over_the_values_tree_which_wins_over_defaults() -> None:
-    settings = Settings.from_sources(
+    settings = load_settings(
         ["values.global.proxy.excludeIPRanges=10.0.0.0/8"],
         values={"global": {"proxy": {"excludeIPRanges": "192.168.0.0/16", "includeInboundPorts": "80"}}},
     )
@@ -30,11 +31,11 @@ def test_sets_win_over_the_values_tree_which_wins_over_defaults() -> None:
     "switch", ["components.cni.enabled=true", "values.pilot.cni.enabled=true", "values.istio_cni.enabled=true"]
 )
 def test_every_name_of_cni_mode(switch: str) -> None:
-    assert Settings.from_sources([switch]).cni
+    assert load_settings([switch]).cni
 
 
 def test_mesh_config_sets_and_file_merge() -> None:
-    settings = Settings.from_sources(
+    settings = load_settings(
         ["meshConfig.defaultConfig.proxyMetadata.B=2"],
         mesh_config={"defaultConfig": {"proxyMetadata": {"A": "1"}}, "proxyListenPort": 15101},
     )
@@ -44,7 +45,7 @@ def test_mesh_config_sets_and_file_merge() -> None:
 
 
 def test_settings_not_about_the_capture_are_accepted() -> None:
-    Settings.from_sources(
+    load_settings(
         [
             "values.global.proxy.readinessInitialDelaySeconds=100",
             "values.global.proxy.holdApplicationUntilProxyStarts=true",
@@ -78,23 +79,23 @@ def test_settings_not_about_the_capture_are_accepted() -> None:
 )
 def test_a_bad_setting_is_refused_naming_it(assignment: str, named: str) -> None:
     with pytest.raises(ConfigError) as raised:
-        Settings.from_sources([assignment])
+        load_settings([assignment])
     assert named in str(raised.value)
     assert "\n" not in str(raised.value)
 
 
 def test_a_set_through_a_scalar_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"values\.global\.hub is not a map"):
-        Settings.from_sources(["values.global.hub=x", "values.global.hub.y=1"])
+        load_settings(["values.global.hub=x", "values.global.hub.y=1"])
 
 
 def test_a_values_tree_must_be_a_map() -> None:
     with pytest.raises(ConfigError, match="--values"):
-        Settings.from_sources(values=["global"])  # type: ignore[arg-type]
+        load_settings(values=["global"])  # type: ignore[arg-type]
 
 
 def test_a_mesh_wide_none_is_accepted() -> None:
-    Settings.from_sources(["meshConfig.defaultConfig.interceptionMode=NONE"])
+    load_settings(["meshConfig.defaultConfig.interceptionMode=NONE"])
 
 
 @pytest.mark.parametrize(("text", "value"), [("true", True), ("false", False), ("15020", 15020), ("4,5,6", "4,5,6")])

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from istio_iptables import locks
 from istio_iptables.errors import ApplyError
+from istio_iptables.host import locks
 
 HOLD = """
 import sys, time
-from istio_iptables import locks
+from istio_iptables.host import locks
 with locks.held(sys.argv[1], 5, "the lock file", byte=int(sys.argv[2])):
     print("held", flush=True)
     time.sleep(float(sys.argv[3]))

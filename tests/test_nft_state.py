@@ -13,9 +13,8 @@ import pytest
 
 from istio_iptables.apply import group_id, saves_mark, split_save_mark, unmark
 from istio_iptables.backends.restore import LEGACY, Iptables
-from istio_iptables.config import ALL, Config, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import (
+from istio_iptables.capture.config import ALL, Config, Mode
+from istio_iptables.capture.model import (
     ISTIO_OUTPUT,
     AddressSet,
     ConntrackState,
@@ -42,7 +41,12 @@ from istio_iptables.model import (
     UidOwner,
     Verdict,
 )
-from istio_iptables.nft_state import (
+from istio_iptables.capture.plan import HostFacts, build_plan
+from istio_iptables.explain.trace import Flow, trace
+from istio_iptables.records import replace
+from istio_iptables.render.nft import render_nft
+from istio_iptables.render.restore import render_restore
+from istio_iptables.state.nft import (
     NftRule,
     NftState,
     parse_rule,
@@ -56,13 +60,8 @@ from istio_iptables.nft_state import (
     set_text,
     stale_tables,
 )
-from istio_iptables.plan import build_plan
-from istio_iptables.records import replace
-from istio_iptables.render.nft import render_nft
-from istio_iptables.render.restore import render_restore
-from istio_iptables.render.restore import render_transition as render_restore_transition
-from istio_iptables.state import SavedRule, TableState, compare, drift, parse_tables
-from istio_iptables.trace import Flow, trace
+from istio_iptables.state.tables import SavedRule, TableState, compare, drift, parse_tables
+from istio_iptables.state.transitions import render_transition as render_restore_transition
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nft-everything.json"
 V4, V6 = Family.V4, Family.V6

@@ -10,10 +10,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip
 
 import pytest
 
-from istio_iptables.config import ALL, Config, Mode
-from istio_iptables.errors import HostError
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import (
+from istio_iptables.capture.config import ALL, Config, Mode
+from istio_iptables.capture.model import (
     AddressSet,
     Destination,
     DestinationPort,
@@ -36,7 +34,8 @@ from istio_iptables.model import (
     Verdict,
     declared_chains,
 )
-from istio_iptables.plan import build_plan, decide
+from istio_iptables.capture.plan import HostFacts, build_plan, decide
+from istio_iptables.errors import HostError
 from istio_iptables.records import replace
 from istio_iptables.render.iptables import rule_text
 from istio_iptables.render.restore import render_restore

@@ -15,9 +15,8 @@ from ipaddress import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istio_iptables.config import ALL, Config, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import (
+from istio_iptables.capture.config import ALL, Config, Mode
+from istio_iptables.capture.model import (
     BUILTIN_CHAINS,
     COMMENT_PREFIX,
     ISTIO_IN_REDIRECT,
@@ -35,12 +34,12 @@ from istio_iptables.model import (
     Verdict,
     declared_chains,
 )
-from istio_iptables.plan import build_plan
+from istio_iptables.capture.plan import HostFacts, build_plan
 from istio_iptables.records import replace
 from istio_iptables.render.commands import render_commands
 from istio_iptables.render.json import render_json
 from istio_iptables.render.restore import render_restore
-from istio_iptables.state import parse_tables
+from istio_iptables.state.tables import parse_tables
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

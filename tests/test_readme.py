@@ -12,8 +12,8 @@ import re
 import pytest
 import typer
 
-from istio_iptables import app
-from istio_iptables.model import ISTIO_CHAINS as OWN_CHAINS
+from istio_iptables.capture.model import ISTIO_CHAINS as OWN_CHAINS
+from istio_iptables.cli import app
 from tests.helpers import ROOT, run_cli
 from tests.readme import README, Example, blocks, examples, excerpt_of, is_excerpt, run, shown
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from ipaddress import IPv6Interface
 
-from istio_iptables.config import ALL, Config, DryRunFormat, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import Family, Jump, Plan, PolicyRoute, Rule, RuleSet, Table, Verdict
-from istio_iptables.plan import build_plan
+from istio_iptables.capture.config import ALL, Config, DryRunFormat, Mode
+from istio_iptables.capture.model import Family, Jump, Plan, PolicyRoute, Rule, RuleSet, Table, Verdict
+from istio_iptables.capture.plan import HostFacts, build_plan
+from istio_iptables.cli.dryrun import dry_run_output
 from istio_iptables.render.commands import render_commands
-from istio_iptables.render.dryrun import dry_run_output
 from istio_iptables.render.iptables import rule_text
 from istio_iptables.render.restore import render_restore
 

@@ -6,9 +6,8 @@ import json
 from ipaddress import IPv4Interface, IPv6Interface, ip_address
 from typing import Any
 
-from istio_iptables.config import ALL, Config, DryRunFormat, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import (
+from istio_iptables.capture.config import ALL, Config, DryRunFormat, Mode
+from istio_iptables.capture.model import (
     Connmark,
     ConntrackState,
     CtState,
@@ -40,8 +39,8 @@ from istio_iptables.model import (
     Verdict,
     declared_chains,
 )
-from istio_iptables.plan import build_plan
-from istio_iptables.render.dryrun import dry_run_output
+from istio_iptables.capture.plan import HostFacts, build_plan
+from istio_iptables.cli.dryrun import dry_run_output
 from istio_iptables.render.json import SCHEMA_VERSION, render_json
 from istio_iptables.render.restore import render_restore
 

@@ -6,9 +6,8 @@ from ipaddress import IPv4Interface, IPv6Interface, ip_address, ip_interface
 
 import pytest
 
-from istio_iptables.config import ALL, Config, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import (
+from istio_iptables.capture.config import ALL, Config, Mode
+from istio_iptables.capture.model import (
     ISTIO_CHAINS,
     ISTIO_INBOUND,
     Destination,
@@ -23,7 +22,7 @@ from istio_iptables.model import (
     Tproxy,
     Verdict,
 )
-from istio_iptables.plan import build_plan
+from istio_iptables.capture.plan import HostFacts, build_plan
 from istio_iptables.render.nft import chain_name, insert_index, merge_families, render_nft, rule_expression
 
 V4, V6 = Family.V4, Family.V6

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Interface, ip_address
 
-from istio_iptables.config import ALL, Config, DryRunFormat, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import (
+from istio_iptables.capture.config import ALL, Config, DryRunFormat, Mode
+from istio_iptables.capture.model import (
     ConntrackState,
     CtState,
     Family,
@@ -17,9 +16,9 @@ from istio_iptables.model import (
     Table,
     Verdict,
 )
-from istio_iptables.plan import build_plan
+from istio_iptables.capture.plan import HostFacts, build_plan
+from istio_iptables.cli.dryrun import dry_run_output, istio_command_log
 from istio_iptables.records import replace
-from istio_iptables.render.dryrun import dry_run_output, istio_command_log
 from istio_iptables.render.restore import render_restore
 
 V4, V6 = Family.V4, Family.V6

@@ -7,9 +7,8 @@ from ipaddress import IPv4Interface, IPv6Interface
 
 import pytest
 
-from istio_iptables.config import ALL, Config, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import (
+from istio_iptables.capture.config import ALL, Config, Mode
+from istio_iptables.capture.model import (
     Connmark,
     ConntrackState,
     CtState,
@@ -37,9 +36,9 @@ from istio_iptables.model import (
     Verdict,
     declared_chains,
 )
-from istio_iptables.plan import build_plan
+from istio_iptables.capture.plan import HostFacts, build_plan
 from istio_iptables.render.restore import render_restore
-from istio_iptables.state import UnparsedRuleError, parse_rule, parse_tables
+from istio_iptables.state.tables import UnparsedRuleError, parse_rule, parse_tables
 
 TCP, UDP = Protocol(Proto.TCP), Protocol(Proto.UDP)
 LO4 = IPv4Interface("127.0.0.1/32")

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istio_iptables.config import ALL, Config, Mode
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import (
+from istio_iptables.capture.config import ALL, Config, Mode
+from istio_iptables.capture.model import (
     AddressSet,
     Connmark,
     ConntrackState,
@@ -39,12 +38,8 @@ from istio_iptables.model import (
     UidOwner,
     Verdict,
 )
-from istio_iptables.plan import build_plan
-from istio_iptables.records import replace
-from istio_iptables.render.restore import render_restore
-from istio_iptables.render.trace import render_trace_json, render_trace_text
-from istio_iptables.state import parse_tables
-from istio_iptables.trace import (
+from istio_iptables.capture.plan import HostFacts, build_plan
+from istio_iptables.explain.trace import (
     ASSUMED_POD,
     Direction,
     Flow,
@@ -58,6 +53,10 @@ from istio_iptables.trace import (
     parse_endpoint,
     trace,
 )
+from istio_iptables.explain.trace_output import render_trace_json, render_trace_text
+from istio_iptables.records import replace
+from istio_iptables.render.restore import render_restore
+from istio_iptables.state.tables import parse_tables
 from tests.test_properties import configs_and_facts
 
 # The injector's flags (reference 2.3 / 3.8): -p 15001 -z 15006 -u 1337 -i '*' -x "" -b '*' -d 15090,15021,15020

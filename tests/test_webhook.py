@@ -30,8 +30,8 @@ pytest.importorskip("aiohttp", reason="the webhook extra is not installed")
 pytest.importorskip("cryptography", reason="cryptography (dev extra) is not installed")
 
 from istio_iptables.errors import ConfigError  # noqa: E402
+from istio_iptables.kube.capture import load_settings  # noqa: E402
 from istio_iptables.kube.inject import Injector, inject_pod, pod_paths  # noqa: E402
-from istio_iptables.kube.settings import Settings  # noqa: E402
 from istio_iptables.kube.webhook import NotAReviewError, answer, json_patch  # noqa: E402
 from tests.helpers import ROOT, SHARED, kubernetes_validate  # noqa: E402
 from tests.webhook_lab import Authority, Webhook, command, running, wait_for  # noqa: E402
@@ -87,7 +87,7 @@ def review(pod: Mapping[str, Any], uid: str = "5a1b", namespace: str = "apps", *
 
 
 def injector(sets: list[str]) -> Injector:
-    return Injector(settings=Settings.from_sources(sets))
+    return Injector(settings=load_settings(sets))
 
 
 def injection(sets: list[str]) -> Any:
@@ -471,7 +471,7 @@ def test_a_port_in_use_ends_with_exit_1(tmp_path: Path) -> None:
 def test_a_plain_run_and_help_load_no_webhook_code() -> None:
     probe = (
         "import sys\n"
-        "from istio_iptables import cli\n"
+        "from istio_iptables.cli import fast as cli\n"
         "for argv in (['-p', '15001', '-i', '*', '--dry-run'], ['--help'], ['webhook', '--help']):\n"
         "    try: cli.main(argv)\n"
         "    except SystemExit as exit_: assert exit_.code == 0, (argv, exit_.code)\n"
@@ -580,7 +580,7 @@ def test_the_configmap_s_settings_are_what_the_webhook_serves_with(tmp_path: Pat
         pod = {"metadata": {"name": "a"}, "spec": {"containers": [{"name": "a"}]}}
         result = patched(pod, server.review(review(pod)))
     values = json.loads(data["values"])
-    chosen = Injector(settings=Settings.from_sources(values=values, mesh_config=yaml.safe_load(data["mesh"])))
+    chosen = Injector(settings=load_settings(values=values, mesh_config=yaml.safe_load(data["mesh"])))
     assert result == inject_pod(pod, chosen, workload="pod apps/a", namespace="apps")
 
 

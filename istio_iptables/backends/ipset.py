@@ -10,11 +10,11 @@ from __future__ import annotations
 import subprocess
 from ipaddress import ip_interface
 
-from ..errors import ApplyError
-from ..model import ISTIO_SETS, AddressSet, Family, PortSet
-from ..records import record
-from ..render.iptables import ipset_payload
-from .restore import LOSSLESS
+from istio_iptables.backends.restore import LOSSLESS
+from istio_iptables.capture.model import ISTIO_SETS, AddressSet, Family, PortSet
+from istio_iptables.errors import ApplyError
+from istio_iptables.records import record
+from istio_iptables.render.iptables import ipset_payload
 
 TIMEOUT = 60.0
 SWAP_SUFFIX = ".n"

@@ -30,14 +30,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
-from .. import locks, netns
-from ..config import IptablesVariant
-from ..errors import ApplyError
-from ..hostfacts import which
-from ..logsetup import Log
-from ..model import Family, Table
-from ..records import mutable_record, record
-from .restore import PROBE_CHAIN, Feature, Iptables, _run, _save, command, features_of
+from istio_iptables.backends.restore import PROBE_CHAIN, Feature, Iptables, _run, _save, command, features_of
+from istio_iptables.capture.config import IptablesVariant
+from istio_iptables.capture.model import Family, Table
+from istio_iptables.errors import ApplyError
+from istio_iptables.host import locks, netns
+from istio_iptables.host.hostfacts import which
+from istio_iptables.log import Log
+from istio_iptables.records import mutable_record, record
 
 TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
 if TYPE_CHECKING:

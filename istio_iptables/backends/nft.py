@@ -20,15 +20,15 @@ import re
 import subprocess
 from collections.abc import Iterable
 
-from .. import netlink
-from ..errors import ApplyError, HostError
-from ..hostfacts import which
-from ..logsetup import Log
-from ..model import Family, Table
-from ..nft_state import FAMILY, OWN_TABLES, NftState, parse_ruleset, restore_document
-from ..records import record
-from ..render.nft import TABLE_NAMES
-from .restore import LOSSLESS
+from istio_iptables.backends.restore import LOSSLESS
+from istio_iptables.capture.model import Family, Table
+from istio_iptables.errors import ApplyError, HostError
+from istio_iptables.host import netlink
+from istio_iptables.host.hostfacts import which
+from istio_iptables.log import Log
+from istio_iptables.records import record
+from istio_iptables.render.nft import TABLE_NAMES
+from istio_iptables.state.nft import FAMILY, OWN_TABLES, NftState, parse_ruleset, restore_document
 
 log = Log(__name__)
 

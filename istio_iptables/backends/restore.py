@@ -13,13 +13,13 @@ import re
 import subprocess
 from collections.abc import Callable
 
-from .. import interrupts, netlink, netns
-from ..config import IptablesVariant
-from ..errors import ApplyError, HostError
-from ..hostfacts import which
-from ..logsetup import Log
-from ..model import Family, Table
-from ..records import record
+from istio_iptables.capture.config import IptablesVariant
+from istio_iptables.capture.model import Family, Table
+from istio_iptables.errors import ApplyError, HostError
+from istio_iptables.host import interrupts, netlink, netns
+from istio_iptables.host.hostfacts import which
+from istio_iptables.log import Log
+from istio_iptables.records import record
 
 log = Log(__name__)
 

@@ -30,9 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, HostError
-from ..logsetup import Log
-from ..records import record
+from istio_iptables.errors import ConfigError, HostError
+from istio_iptables.log import Log
+from istio_iptables.records import record
 
 PLUGIN_TYPE = "istio-iptables-cni"
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"

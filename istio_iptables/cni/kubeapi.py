@@ -16,8 +16,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import IstioIptablesError
-from ..records import record
+from istio_iptables.errors import IstioIptablesError
+from istio_iptables.records import record
 
 DEADLINE = 10.0
 """Seconds an ADD may spend getting its pod (the runtime's own timeout is minutes; a pod waits meanwhile)."""

@@ -16,17 +16,25 @@ import os
 import sys
 from collections.abc import Mapping
 
-from .. import config as configuration
-from ..errors import ApplyError, ConfigError, HostError
-from ..logsetup import Log, configure
-from ..records import record, replace
-from .protocol import POD_ANNOTATIONS, CniError, Request, error_json, read_request, result_json, version_json
+from istio_iptables.capture import config as configuration
+from istio_iptables.cni.protocol import (
+    POD_ANNOTATIONS,
+    CniError,
+    Request,
+    error_json,
+    read_request,
+    result_json,
+    version_json,
+)
+from istio_iptables.errors import ApplyError, ConfigError, HostError
+from istio_iptables.log import Log, LogLevel, LogOptions, configure
+from istio_iptables.records import record, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
-    from ..kube.settings import Settings
+    from istio_iptables.kube.settings import Settings
 
 log = Log(__name__)
 
@@ -52,7 +60,7 @@ class PluginConfig:
     mesh_config: Mapping[str, object] | None = None
     """The mesh config (as ``inject --mesh-config``)."""
     exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
-    log_level: configuration.LogLevel = configuration.LogLevel.INFO
+    log_level: LogLevel = LogLevel.INFO
     kubeconfig: str = ""
     """Where to get a pod's annotations when the runtime does not pass them."""
     iptables: configuration.IptablesVariant | None = None
@@ -78,7 +86,7 @@ def parse_plugin_config(document: Mapping[str, object]) -> PluginConfig:
         raise _config_error("kubernetes", kubernetes, 'must be {"kubeconfig": PATH}')
     variant = document.get("iptables", "")
     try:
-        level = configuration.parse_log_level(str(level_text), configuration.LogLevel.INFO)
+        level = configuration.parse_log_level(str(level_text), LogLevel.INFO)
     except ValueError as error:
         raise _config_error("log_level", level_text, str(error)) from None
     try:
@@ -178,7 +186,7 @@ def handle(request: Request) -> str:
     if request.command == "VERSION":
         return version_json()
     plugin = parse_plugin_config(request.config)
-    configure(configuration.LogOptions(level=plugin.log_level))
+    configure(LogOptions(level=plugin.log_level))
     try:
         if request.command == "DEL":
             delete(request, plugin)
@@ -211,7 +219,7 @@ def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config 
         return None
     # The settings only now: most pods on a node are not captured, and they need not pay for them.
     settings = _settings(plugin)
-    from ..kube.capture import interception_mode  # noqa: PLC0415
+    from istio_iptables.kube.capture import interception_mode  # noqa: PLC0415
 
     if interception_mode(info.annotations, settings) == "NONE":
         log.debug("pod %s/%s: left alone: interception mode NONE", namespace, name)
@@ -229,7 +237,7 @@ def pod_info(request: Request, plugin: PluginConfig, namespace: str, name: str) 
             f"pod {namespace}/{name}: the runtime passed no {POD_ANNOTATIONS} and the plugin configuration "
             "names no kubeconfig (kubernetes.kubeconfig) to get them from",
         )
-    from .kubeapi import KubeError, get_pod  # noqa: PLC0415 (only runtimes without the capability)
+    from istio_iptables.cni.kubeapi import KubeError, get_pod  # noqa: PLC0415 (only runtimes without the capability)
 
     try:
         pod = get_pod(plugin.kubeconfig, namespace, name)
@@ -239,10 +247,10 @@ def pod_info(request: Request, plugin: PluginConfig, namespace: str, name: str) 
 
 
 def _settings(plugin: PluginConfig) -> Settings:
-    from ..kube.settings import Settings  # noqa: PLC0415
+    from istio_iptables.kube.capture import load_settings  # noqa: PLC0415
 
     try:
-        return Settings.from_sources(values=plugin.values, mesh_config=plugin.mesh_config)
+        return load_settings(values=plugin.values, mesh_config=plugin.mesh_config)
     except ConfigError as error:
         raise CniError(CniError.INVALID_CONFIG, f"plugin settings: {error}") from None
 
@@ -250,8 +258,8 @@ def _settings(plugin: PluginConfig) -> Settings:
 def capture_config(pod: PodInfo, settings: Settings, netns_path: str, plugin: PluginConfig) -> configuration.Config:
     """The Config the init container would run with (its argv, its proxyMetadata environment), working in
     the pod's namespace with the plugin's iptables variant."""
-    from ..kube import capture  # noqa: PLC0415
-    from ..kube.settings import go_text  # noqa: PLC0415
+    from istio_iptables.kube import capture  # noqa: PLC0415
+    from istio_iptables.kube.settings import go_text  # noqa: PLC0415
 
     flags = capture.capture_args(pod.annotations, settings, proxy_uid=pod.proxy_uid)
     metadata = capture.proxy_config(pod.annotations, settings).get("proxyMetadata") or {}
@@ -260,18 +268,18 @@ def capture_config(pod: PodInfo, settings: Settings, netns_path: str, plugin: Pl
 
 
 def add(config: configuration.Config) -> None:
-    from .. import cli  # noqa: PLC0415 (plan, host facts, namespaces: only for pods to capture)
-    from ..apply import apply, apply_native  # noqa: PLC0415
+    from istio_iptables.apply import apply, apply_native  # noqa: PLC0415
+    from istio_iptables.host.hostfacts import enter  # noqa: PLC0415 (plan, host facts, namespaces: only for pods to capture)
 
-    _, plan = cli.enter(config, changes_system=True)
+    _, plan = enter(config, changes_system=True)
     (apply_native if config.native_nftables else apply)(config, plan)
 
 
 def check(config: configuration.Config) -> None:
-    from .. import cli  # noqa: PLC0415
-    from ..status import render_status_text, status  # noqa: PLC0415
+    from istio_iptables.explain.status import render_status_text, status  # noqa: PLC0415
+    from istio_iptables.host.hostfacts import enter  # noqa: PLC0415
 
-    _, plan = cli.enter(config, changes_system=False)
+    _, plan = enter(config, changes_system=False)
     report = status(config, plan)
     if not report.in_sync:
         raise CniError(CniError.DRIFT, "the pod's rules differ from its plan", render_status_text(report))
@@ -285,7 +293,7 @@ def delete(request: Request, plugin: PluginConfig) -> None:
     if not request.netns or not os.path.exists(request.netns):
         log.debug("container %s: network namespace gone, nothing to remove", request.container_id)
         return
-    from .. import cli  # noqa: PLC0415
+    from istio_iptables.host.hostfacts import enter  # noqa: PLC0415
 
     native = _settings(plugin).value("global.nativeNftables") is True
     config = configuration.Config(
@@ -297,11 +305,11 @@ def delete(request: Request, plugin: PluginConfig) -> None:
         ipv6=True,
     )
     try:
-        _, plan = cli.enter(config, changes_system=True)
+        _, plan = enter(config, changes_system=True)
     except ApplyError:
         if not os.path.exists(request.netns):
             return  # gone between the look and the open
         raise
-    from ..apply import apply, apply_native  # noqa: PLC0415
+    from istio_iptables.apply import apply, apply_native  # noqa: PLC0415
 
     (apply_native if native else apply)(config, plan)

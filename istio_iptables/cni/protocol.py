@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from ..records import record
+from istio_iptables.records import record
 
 CURRENT_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("0.3.1", "0.4.0", "1.0.0")

@@ -9,12 +9,13 @@ same parser (``parse_capture_args``), so a pod gets the same rules whichever way
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .. import config as configuration
-from ..errors import ConfigError
-from .settings import Settings, go_text
+from istio_iptables.capture import config as configuration
+from istio_iptables.capture.config import plain_run
+from istio_iptables.errors import ConfigError
+from istio_iptables.kube.settings import Settings, go_text
 
 INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
 INCLUDE_OUTBOUND_IP_RANGES = "traffic.sidecar.istio.io/includeOutboundIPRanges"
@@ -219,12 +220,21 @@ def init_args(annotations: Mapping[str, str], settings: Settings, *, proxy_uid: 
 def parse_capture_args(args: list[str], environ: Mapping[str, str] | None = None) -> configuration.Config:
     """The Config the CLI makes of an argv ``capture_args`` or ``init_args`` wrote (leading word or not), in
     ``environ`` (the init container's environment: its proxyMetadata; none by default)."""
-    from .. import cli  # noqa: PLC0415 (the CLI's own parser; kube is imported after it anyway)
-
-    given = cli.plain_run(args[1:] if args[:1] == ["istio-iptables"] else args)
+    given = plain_run(args[1:] if args[:1] == ["istio-iptables"] else args)
     if given is None:
         raise InjectionError(f"the capture arguments {args} are not a plain istio-iptables command line")
     return configuration.load(given, environ or {})
+
+
+def load_settings(
+    sets: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+    mesh_config: Mapping[str, Any] | None = None,
+) -> Settings:
+    """The injector's settings (``Settings.from_sources``), refused when they would give every pod a bad argv."""
+    settings = Settings.from_sources(sets, values, mesh_config)
+    check_settings(settings)
+    return settings
 
 
 def check_settings(settings: Settings) -> None:

@@ -13,11 +13,11 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..records import record
-from . import capture
-from .capture import InjectionError, init_args
-from .quantity import canonical_quantity
-from .settings import Settings, go_text
+from istio_iptables.kube import capture
+from istio_iptables.kube.capture import InjectionError, init_args
+from istio_iptables.kube.quantity import canonical_quantity
+from istio_iptables.kube.settings import Settings, go_text
+from istio_iptables.records import record
 
 DEFAULT_IMAGE = "istio-iptables:0.1.0"
 """This project's image, as the Dockerfile tags it."""

@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
-from .inject import DEFAULT_IMAGE, Injector, inject_documents
-from .settings import Settings
+from istio_iptables.errors import ConfigError
+from istio_iptables.kube.capture import load_settings
+from istio_iptables.kube.inject import DEFAULT_IMAGE, Injector, inject_documents
 
 
 def run_inject(
@@ -41,7 +41,7 @@ def run_inject(
 
 def load_injector(*, sets: Sequence[str], values_file: str, mesh_file: str, image: str, hardened: bool) -> Injector:
     """The injector that the options shared by ``inject`` and ``webhook`` describe (files read here)."""
-    settings = Settings.from_sources(
+    settings = load_settings(
         sets,
         values=read_tree(values_file, "--values", configmap_key="values") if values_file else None,
         mesh_config=read_tree(mesh_file, "--mesh-config", configmap_key="mesh") if mesh_file else None,

@@ -13,8 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ConfigError
-from ..records import record
+from istio_iptables.errors import ConfigError
+from istio_iptables.records import record
 
 DEFAULT_VALUES: Mapping[str, Any] = {
     "global": {
@@ -130,11 +130,7 @@ class Settings:
                 (values_tree, ("istio_cni", "enabled")),
             )
         )
-        settings = cls(values=values_tree, mesh=tree["meshConfig"], cni=cni)
-        from .capture import check_settings  # noqa: PLC0415 (capture builds on this module)
-
-        check_settings(settings)
-        return settings
+        return cls(values=values_tree, mesh=tree["meshConfig"], cni=cni)
 
     def value(self, path: str) -> Any:
         """The value at a dotted path of the values tree (``global.proxy.statusPort``), None if absent."""

@@ -25,8 +25,8 @@ from typing import Any
 import jsonpatch
 from aiohttp import web
 
-from ..errors import ConfigError, HostError
-from ..logsetup import Log
+from istio_iptables.errors import ConfigError, HostError
+from istio_iptables.log import Log
 
 log = Log(__name__)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..model import Family, Plan, declared_chains
-from .iptables import ipset_payload, rule_text
+from istio_iptables.capture.model import Family, Plan, declared_chains
+from istio_iptables.render.iptables import ipset_payload, rule_text
 
 
 def render_commands(plan: Plan) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..model import (
+from istio_iptables.capture.model import (
     AddressSet,
     Connmark,
     ConntrackState,

@@ -11,9 +11,9 @@ import enum
 import json
 import re
 
-from ..model import AddressSet, InSet, Match, Plan, PortSet, Rule, Target, Verdict, declared_chains
-from ..records import field_names
-from .iptables import rule_text
+from istio_iptables.capture.model import AddressSet, InSet, Match, Plan, PortSet, Rule, Target, Verdict, declared_chains
+from istio_iptables.records import field_names
+from istio_iptables.render.iptables import rule_text
 
 TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
 if TYPE_CHECKING:

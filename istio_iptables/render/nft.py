@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..model import (
+from istio_iptables.capture.model import (
     ISTIO_DIVERT,
     ISTIO_DROP,
     ISTIO_IN_REDIRECT,
@@ -57,8 +57,8 @@ from ..model import (
     UidOwner,
     Verdict,
 )
-from ..plan import LOOPBACK_V6, PASSTHROUGH_V6
-from ..records import record
+from istio_iptables.capture.plan import LOOPBACK_V6, PASSTHROUGH_V6
+from istio_iptables.records import record
 
 PREROUTING, OUTPUT = "PREROUTING", "OUTPUT"
 NAT, MANGLE, RAW = Table.NAT, Table.MANGLE, Table.RAW

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from istio_iptables.capture.config import IptablesVariant
 from istio_iptables.cni.plugin import PodInfo, parse_plugin_config, skip_reason
 from istio_iptables.cni.protocol import CniError
-from istio_iptables.config import IptablesVariant, LogLevel
+from istio_iptables.log import LogLevel
 
 STATUS = json.dumps({"initContainers": ["istio-validation"], "containers": ["istio-proxy"]})
 INJECTED = {"sidecar.istio.io/status": STATUS}

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_iptables.kube.capture import init_args
-from istio_iptables.kube.settings import Settings
+from istio_iptables.kube.capture import init_args, load_settings
 from tests import fake_kube_api
 from tests.kernel import cnilab, netlab
 from tests.kernel.cnilab import GATEWAY, INJECTED, CniError, CniLab, PodSandbox, Runtime
@@ -279,7 +278,7 @@ def test_ten_pods_added_at_once_each_get_their_rules(runtime: Runtime) -> None:
 
 
 def test_the_validation_container_passes_in_a_pod_the_plugin_set_up_and_fails_elsewhere(runtime: Runtime) -> None:
-    settings = Settings.from_sources(sets=["components.cni.enabled=true"])
+    settings = load_settings(sets=["components.cni.enabled=true"])
     captured, uninjected = runtime.new_pod(INJECTED), runtime.new_pod({})
     runtime.add(captured)
     runtime.add(uninjected)

@@ -27,9 +27,9 @@ pytestmark = [pytest.mark.kernel, needs_root, needs_python_iptables]
 RESTORE = """
 import sys
 from istio_iptables.backends.libiptc import Libiptc
-from istio_iptables.config import IptablesVariant
+from istio_iptables.capture.config import IptablesVariant
 from istio_iptables.errors import ApplyError
-from istio_iptables.model import Family
+from istio_iptables.capture.model import Family
 
 family, lock = Family(int(sys.argv[1])), sys.argv[2]
 backend = Libiptc(family, IptablesVariant.LEGACY, "", {"XTABLES_LOCKFILE": lock})
@@ -285,7 +285,7 @@ def test_both_families_in_one_process(pod: Pod, tmp_path: Path) -> None:
     six = "*mangle\n:ISTIO_X - [0:0]\n-A ISTIO_X -p tcp -j TPROXY --on-port 2 --tproxy-mark 1/1\nCOMMIT\n"
     script = (
         "import sys\nfrom istio_iptables.backends.libiptc import Libiptc\n"
-        "from istio_iptables.config import IptablesVariant\nfrom istio_iptables.model import Family\n"
+        "from istio_iptables.capture.config import IptablesVariant\nfrom istio_iptables.capture.model import Family\n"
         f"env = {{'XTABLES_LOCKFILE': {str(tmp_path / 'lock')!r}}}\n"
         "for family, payload in ((4, sys.argv[1]), (6, sys.argv[2]), (4, sys.argv[1])):\n"
         "    Libiptc(Family(family), IptablesVariant.LEGACY, '', env).restore(payload)\n"

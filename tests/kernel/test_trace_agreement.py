@@ -41,15 +41,14 @@ from typing import Any
 import pytest
 import typer
 
-from istio_iptables import app
-from istio_iptables.config import Config, load
-from istio_iptables.hostfacts import HostFacts
-from istio_iptables.model import AddressSet, Family, Plan, PortSet, Proto, Table
-from istio_iptables.nft_state import parse_ruleset
-from istio_iptables.plan import build_plan
-from istio_iptables.render.trace import render_trace_text
-from istio_iptables.state import TableState, parse_tables
-from istio_iptables.trace import Flow, Trace, trace
+from istio_iptables.capture.config import Config, load
+from istio_iptables.capture.model import AddressSet, Family, Plan, PortSet, Proto, Table
+from istio_iptables.capture.plan import HostFacts, build_plan
+from istio_iptables.cli import app
+from istio_iptables.explain.trace import Flow, Trace, trace
+from istio_iptables.explain.trace_output import render_trace_text
+from istio_iptables.state.nft import parse_ruleset
+from istio_iptables.state.tables import TableState, parse_tables
 from tests.helpers import run_cli
 from tests.kernel import netlab
 from tests.kernel.netlab import (
