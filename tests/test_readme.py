@@ -329,7 +329,7 @@ def test_the_repetition_check_can_fail() -> None:
 
 def test_the_glibc_floor_the_docs_give_is_the_builds() -> None:
     """The newest GLIBC_ symbol version the self-contained plugin's files name is the floor docs/cni.md gives
-    next to its install example (scripts/test builds the plugin before the tests)."""
+    and README next to their install examples (scripts/test builds the plugin before the tests)."""
     build = ROOT / "dist" / "istio-iptables-cni"
     if not build.is_dir() or not shutil.which("objdump"):
         pytest.skip("no dist/istio-iptables-cni (scripts/build-cni-plugin makes it) or no objdump (binutils)")
@@ -339,8 +339,9 @@ def test_the_glibc_floor_the_docs_give_is_the_builds() -> None:
             dump = subprocess.run(["objdump", "-T", str(file)], capture_output=True, text=True, check=False).stdout
             versions |= {tuple(int(part) for part in v.split(".")) for v in re.findall(r"GLIBC_(\d+\.\d+)", dump)}
     newest = ".".join(map(str, max(versions)))
-    stated = re.findall(r"glibc (\d+\.\d+) or newer", (ROOT / "docs" / "cni.md").read_text())
-    assert stated == [newest], f"docs/cni.md gives glibc {stated}; the build needs {newest}"
+    for document in (README, ROOT / "docs" / "cni.md"):
+        stated = re.findall(r"glibc (\d+\.\d+) or newer", document.read_text())
+        assert stated == [newest], f"{document.name} gives glibc {stated}; the build needs {newest}"
     assert f"glibc {newest} or newer" in (ROOT / "Dockerfile.cni").read_text()
 
 
