@@ -236,6 +236,11 @@ def missing_names(text: str, root: Path) -> list[str]:
     for module in sorted(set(re.findall(r"`(\w+\.py)`", text))):
         if not list(root.glob(f"**/{module}")):
             problems.append(f"file {module}")
+    for folder, row in re.findall(r"^\| `(istio_iptables/[\w/]+/)` \|(.*)$", text, flags=re.MULTILINE):
+        # A row of a folder's table names that folder's modules.
+        problems += [
+            f"file {folder}{name}" for name in re.findall(r"`(\w+\.py)`", row) if not (root / folder / name).is_file()
+        ]
     for file in sorted(set(re.findall(r"`((?:Dockerfile|pyproject)[\w.]*)`", text))):
         if not (root / file).exists():
             problems.append(f"file {file}")
@@ -272,6 +277,10 @@ def test_the_name_and_link_checks_can_fail(tmp_path: Path) -> None:
     assert missing_names("see `istio_iptables/plan.py` and scripts/nothing", tmp_path) == [
         "file istio_iptables/plan.py",
         "file scripts/nothing",
+    ]
+    assert missing_names("| `istio_iptables/capture/` | `plan.py`, `config.py` |", tmp_path) == [
+        "file config.py",
+        "file istio_iptables/capture/config.py",
     ]
     page = tmp_path / "a.md"
     page.write_text("# A page: `x`\n\n[here](#a-page-x) [there](b.md) [gone](#nowhere)\n")
