@@ -630,6 +630,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, {iptables}"
 
 
+MEASURED = "<!-- Everything below this line is written by scripts/bench. -->\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
     parser.add_argument("--runs", type=int, default=15, help="runs per median (default 15)")
@@ -664,8 +667,12 @@ def main() -> None:
     print(report)
     if args.only:
         return
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(report)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # The document's own text (what the numbers say) stands above the marker and is kept.
+    text = output.read_text() if output.exists() else ""
+    kept = text.partition(MEASURED)[0] if MEASURED in text else ""
+    output.write_text(f"{kept}{MEASURED}\n{report}")
     print(f"written to {args.output}")
 
 

@@ -30,7 +30,7 @@ def counters(lab: Lab) -> dict[str, int]:
 def show(title: str, response: str, before: dict[str, int], after: dict[str, int]) -> None:
     print(f"\n== {title}")
     print(f"   answer: {response.strip()}")
-    print("   rules that matched it (nat table, packets):")
+    print("   rules that matched it (IPv4 nat table, packets):")
     for rule, packets in after.items():
         if packets > before.get(rule, 0):
             print(f"     {packets - before.get(rule, 0):>3}  {rule}")
@@ -45,7 +45,7 @@ def main() -> None:
         lab.wait_ready(peer, app, proxy)
         print("app: echo server on :9080 as uid 1000; proxy: listeners :15001 and :15006 as uid 1337")
 
-        command = [str(ISTIO_IPTABLES), "--network-namespace", lab.pod, "--no-ipv6", *FLAGS]
+        command = [str(ISTIO_IPTABLES), "--network-namespace", lab.pod, *FLAGS]
         print("\n$ " + " ".join(arg if arg and arg != "*" else repr(arg) for arg in command))
         subprocess.run(command, check=True, timeout=60)
 

@@ -1,4 +1,5 @@
-"""README's examples, found and run: what ``tests/test_readme.py`` checks and ``scripts/regen-readme`` rewrites.
+"""The examples of README and docs/, found and run: what ``tests/test_readme.py`` checks and
+``scripts/regen-readme`` rewrites.
 
 An example is a fenced code block holding ``$ istio-iptables ...`` lines, each followed by what the program
 prints (up to the next ``$`` line or the end of the block). A block holding a single ``$`` line and nothing
@@ -23,6 +24,8 @@ from istio_iptables.cli import fast as cli
 from tests.helpers import ROOT, Result, run_cli
 
 README = ROOT / "README.md"
+DOCUMENTS = (README, *sorted((ROOT / "docs").glob("*.md")))
+"""Every document whose examples are run: README and each page of docs/."""
 PROGRAMS = ("istio-iptables", "istio-clean-iptables")
 
 
@@ -31,7 +34,7 @@ class Block:
     info: str
     """The fence's info string (``sh``, ``mermaid``, ``jsonc``, or empty)."""
     first: int
-    """0-based index of the block's first content line in README's lines."""
+    """0-based index of the block's first content line in the document's lines."""
     lines: list[str]
 
 
@@ -40,10 +43,10 @@ class Example:
     command: str
     """The text after ``$ ``."""
     line: int
-    """1-based README line of the command, for messages."""
+    """1-based line of the command in its document, for messages."""
     first: int
     end: int
-    """The expected output: README's lines [first, end) (0-based)."""
+    """The expected output: the document's lines [first, end) (0-based)."""
     excerpt: bool
     """A ``jsonc`` excerpt, not the whole output."""
 
@@ -71,7 +74,7 @@ def examples(lines: list[str]) -> list[Example]:
         if starts == [0] and len(block.lines) == 1:
             following = every[position + 1]
             between = lines[block.first + 2 : following.first - 1]
-            assert all(not line.strip() for line in between), f"README line {block.first + 1}: no output block after"
+            assert all(not line.strip() for line in between), f"line {block.first + 1}: no output block after"
             end = following.first + len(following.lines)
             found.append(Example(block.lines[0][2:], block.first + 1, following.first, end, following.info == "jsonc"))
             continue
@@ -83,18 +86,27 @@ def examples(lines: list[str]) -> list[Example]:
     return found
 
 
+ROOT_PREFIX = "sudo "
+"""An example run as root (``$ sudo ...``): it changes a namespace, so the kernel tests run it, in a namespace
+of their own (``tests/kernel/test_doc_examples.py``); the in-process runner and the regeneration leave it."""
+
+
+def needs_root(example: Example) -> bool:
+    return example.command.startswith(ROOT_PREFIX)
+
+
 def shown(lines: list[str], example: Example) -> str:
     return "".join(line + "\n" for line in lines[example.first : example.end])
 
 
 @contextlib.contextmanager
 def only_reading() -> Iterator[None]:
-    """``command.run`` refuses anything but a dry run while README's examples run: they must change nothing."""
+    """``command.run`` refuses anything but a dry run while the documents' examples run: they must change nothing."""
     real_run = command.run
 
     def dry_only(config: Config) -> None:
         if not config.dry_run:
-            raise AssertionError("a README example would apply rules; examples must be dry runs or read-only")
+            raise AssertionError("a documented example would apply rules; examples must be dry runs or read-only")
         real_run(config)
 
     command.run = dry_only  # type: ignore[assignment]
@@ -106,7 +118,7 @@ def only_reading() -> Iterator[None]:
 
 def run(command: str) -> Result:
     argv = shlex.split(command)
-    assert argv[0] in PROGRAMS, f"README example runs {argv[0]!r}, not one of {PROGRAMS}"
+    assert argv[0] in PROGRAMS, f"a documented example runs {argv[0]!r}, not one of {PROGRAMS}"
     with only_reading():
         return run_cli(argv[1:], main=cli.main if argv[0] == "istio-iptables" else cli.clean_main)
 
@@ -127,7 +139,7 @@ def is_excerpt(part: Any, whole: Any, path: str = "$") -> list[str]:
         return [problem for key in part for problem in is_excerpt(part[key], whole[key], f"{path}.{key}")]
     if isinstance(part, list):
         if not isinstance(whole, list):
-            return [f"{path}: a list in README, {type(whole).__name__} in the output"]
+            return [f"{path}: a list in the document, {type(whole).__name__} in the output"]
         position = 0
         for index, item in enumerate(part):
             start = position
@@ -140,21 +152,28 @@ def is_excerpt(part: Any, whole: Any, path: str = "$") -> list[str]:
                 return nearest or [f"{path}[{index}]: {json.dumps(item)} is not in the output (in this order)"]
             position += 1
         return []
-    return [] if part == whole else [f"{path}: README shows {json.dumps(part)}, the program prints {json.dumps(whole)}"]
+    return (
+        []
+        if part == whole
+        else [f"{path}: the document shows {json.dumps(part)}, the program prints {json.dumps(whole)}"]
+    )
 
 
 def regenerate() -> int:
-    """Rewrite every exact example's output with what the program prints now; returns how many changed."""
-    lines = README.read_text(encoding="utf-8").splitlines()
+    """Rewrite every exact example's output, in every document, with what the program prints now; returns how
+    many changed."""
     changed = 0
-    for example in reversed(examples(lines)):
-        if example.excerpt:
-            continue
-        result = run(example.command)
-        if result.code != 0:
-            raise SystemExit(f"README line {example.line}: `{example.command}` exited {result.code}: {result.stderr}")
-        if shown(lines, example) != result.stdout:
-            lines[example.first : example.end] = result.stdout.splitlines()
-            changed += 1
-    README.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    for document in DOCUMENTS:
+        lines = document.read_text(encoding="utf-8").splitlines()
+        for example in reversed(examples(lines)):
+            if example.excerpt or needs_root(example):
+                continue
+            result = run(example.command)
+            if result.code != 0:
+                where = f"{document.relative_to(ROOT)} line {example.line}"
+                raise SystemExit(f"{where}: `{example.command}` exited {result.code}: {result.stderr}")
+            if shown(lines, example) != result.stdout:
+                lines[example.first : example.end] = result.stdout.splitlines()
+                changed += 1
+        document.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return changed

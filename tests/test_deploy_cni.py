@@ -168,4 +168,4 @@ def test_the_daemonset_runs_the_installer_image() -> None:
     tag = re.search(r"docker build -f Dockerfile.cni -t (\S+) \.", DOCKERFILE.read_text())
     assert tag is not None
     assert _container()["image"] == tag.group(1)
-    assert _container()["image"] in (ROOT / "README.md").read_text()
+    assert _container()["image"] in (ROOT / "docs" / "cni.md").read_text()

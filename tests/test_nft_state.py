@@ -288,7 +288,7 @@ def test_drift_shows_a_missing_and_an_extra_rule(live: NftState) -> None:
 
 def test_a_tproxy_switch_holds_the_save_mark_apart(live: NftState) -> None:
     """While two copies coexist neither may save the mark: the new one goes in without its save-mark rule,
-    added last on its own; the old one loses its own first (README, "Switching backends")."""
+    added last on its own; the old one loses its own first (docs/capture.md, "Switching backends")."""
     plan = everything()
     held, marks = split_save_mark(plan)
     assert [(ruleset.family, [rule.chain for rule in ruleset.rules]) for ruleset in marks.rulesets] == [

@@ -174,7 +174,7 @@ def test_every_rule_of_the_plan_is_ours_and_foreign_rules_shaped_like_ours_are_n
 ) -> None:
     """Foreign rules shaped like ours before and after ours: an interface RETURN without its partner, a pair
     after our jumps, a save-mark with a mark of its own. (A pair before our jumps looks exactly like an earlier
-    configuration's excluded interface, README says so.)"""
+    configuration's excluded interface, docs/capture.md says so.)"""
     plan = build_plan(case[0], case[1])
     save_mark = "mangle -A PREROUTING -p tcp -m mark --mark 0x5 -j CONNMARK --save-mark"
     before = ("nat -A PREROUTING -i foreign-9 -j RETURN", save_mark)

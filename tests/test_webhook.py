@@ -584,19 +584,19 @@ def test_the_configmap_s_settings_are_what_the_webhook_serves_with(tmp_path: Pat
     assert result == inject_pod(pod, chosen, workload="pod apps/a", namespace="apps")
 
 
-def test_the_readme_s_certificate_commands_make_what_the_api_server_accepts(tmp_path: Path) -> None:
-    """README's openssl commands, run as written: the webhook serves the result, and a client that trusts
+def test_the_docs_certificate_commands_make_what_the_api_server_accepts(tmp_path: Path) -> None:
+    """docs/webhook.md's openssl commands, run as written: the webhook serves the result, and a client that trusts
     only ca.crt verifies it for the Service's DNS name (what the API server checks)."""
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- webhook-certificate -->", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    document = (ROOT / "docs" / "webhook.md").read_text()
+    block = document.split("<!-- webhook-certificate -->", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     script = "\n".join(line.strip() for line in block.splitlines())
     done = subprocess.run(["sh", "-ec", script], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    (tmp_path / "ca.crt").rename(tmp_path / "readme-ca.crt")
+    (tmp_path / "ca.crt").rename(tmp_path / "docs-ca.crt")
     with running(tmp_path, tls=(tmp_path / "tls.crt", tmp_path / "tls.key")) as server:
-        server.ca_file = tmp_path / "readme-ca.crt"
+        server.ca_file = tmp_path / "docs-ca.crt"
         connection = server.connection(host="istio-iptables-webhook.istio-iptables.svc")
         connection.request("GET", "/ready")
         assert connection.getresponse().status == 200

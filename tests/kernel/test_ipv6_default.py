@@ -51,7 +51,7 @@ def test_no_ipv6_warns_once_naming_the_addresses_that_escape(lab: Lab, variant: 
     assert not any("IPv6 captured" in line for line in stderr.splitlines())
     assert lab.client(PEER4, 8080, data="4") == via(15001, reply("peer", POD4, PEER4, 8080, "4"))
     assert pod.single_event()["original_dst"] == [PEER4, 8080]
-    if variant != "native":  # Istio's inet tables capture IPv6 even with --no-ipv6 (README, native nftables)
+    if variant != "native":  # Istio's inet tables capture IPv6 even with --no-ipv6 (docs/capture.md, native nftables)
         assert "escapes the proxy" in warning
         assert lab.client(PEER6, 8080, data="6") == reply("peer", POD6, PEER6, 8080, "6")
         pod.no_new_event()

@@ -439,7 +439,7 @@ def refusing(directory: Path, tool: str, pattern: str) -> dict[str, str]:
     return wrapper(directory, tool, f'payload=$(cat)\n{refuse}\nprintf "%s\\n" "$payload" | "$REAL" "$@"')
 
 
-# A TPROXY switch takes four steps (README, "Switching backends"); whichever fails, the old copy stays whole.
+# A TPROXY switch takes four steps (docs/capture.md, "Switching backends"); whichever fails, the old copy stays whole.
 TO_NATIVE_STEPS = {
     "old copy's save-mark out": ("iptables-legacy-restore", "--save-mark"),
     "new copy in": ("nft", "flush table"),
