@@ -16,7 +16,7 @@ import yaml
 
 from istio_iptables.cni import install
 
-from .helpers import ROOT, kubernetes_validate
+from .helpers import ROOT, fake_cni_plugin, kubernetes_validate
 
 MANIFEST = ROOT / "deploy" / "istio-iptables-cni.yaml"
 DOCKERFILE = ROOT / "Dockerfile.cni"
@@ -87,8 +87,7 @@ def test_the_container_args_install_on_a_node_laid_out_as_the_mounts(tmp_path: P
     (node / "etc/cni/net.d/10-bridge.conf").write_text('{"cniVersion": "1.0.0", "name": "k8s", "type": "bridge"}')
     settings_file = tmp_path / "plugin.json"
     settings_file.write_text(_documents()["ConfigMap"]["data"]["plugin.json"])
-    plugin = tmp_path / "istio-iptables-cni"
-    plugin.write_bytes(b"plugin")
+    plugin = fake_cni_plugin(tmp_path / "istio-iptables-cni")
     account = tmp_path / "serviceaccount"
     account.mkdir()
     (account / "token").write_text("token")
@@ -115,7 +114,7 @@ def test_the_container_args_install_on_a_node_laid_out_as_the_mounts(tmp_path: P
         {**settings, "kubernetes": {"kubeconfig": f"/etc/cni/net.d/{install.KUBECONFIG_FILE}"}}
     )
     assert (node / "etc/cni/net.d" / install.KUBECONFIG_FILE).exists()
-    assert (node / "opt/cni/bin/istio-iptables-cni").read_bytes() == b"plugin"
+    assert (node / "opt/cni/bin/istio-iptables-cni").read_bytes() == plugin.read_bytes()
 
 
 # --- the installer's image ------------------------------------------------------------------------------

@@ -95,6 +95,15 @@ def parse_plugin_config(document: Mapping[str, object]) -> PluginConfig:
     )
 
 
+def check_plugin_config(document: Mapping[str, object]) -> PluginConfig:
+    """Everything this plugin will read of its settings, read now: ``parse_plugin_config`` and the injector
+    settings it builds from ``values`` and ``mesh_config`` (on a node, only for the pods it captures and on
+    DEL). The installer refuses with this what the plugin would refuse at a pod's ADD or DEL."""
+    plugin = parse_plugin_config(document)
+    _settings(plugin)
+    return plugin
+
+
 def _config_error(key: str, value: object, reason: str) -> CniError:
     shown = configuration.shown(json.dumps(value))
     return CniError(CniError.INVALID_CONFIG, f"invalid value for plugin setting {key}: {shown}: {reason}")
