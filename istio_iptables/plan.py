@@ -10,7 +10,7 @@ from __future__ import annotations
 from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_interface
 
 from .config import ALL, Config, Mode
-from .errors import HostError
+from .errors import NoAddressError
 from .hostfacts import HostFacts
 from .model import (
     COMMENT_PREFIX,
@@ -174,7 +174,7 @@ def ipv6_enabled(config: Config, facts: HostFacts) -> bool:
     if config.ipv6 is not None:
         return config.ipv6
     if not any(_usable(_unwrap(address)) for address in facts.addresses):
-        raise HostError("no valid local IP address found; pass --ipv6 or --no-ipv6 to choose without detection")
+        raise NoAddressError("no valid local IP address found; pass --ipv6 or --no-ipv6 to choose without detection")
     return bool(usable_ipv6(facts.addresses))
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 
 from .. import config as configuration
-from ..errors import ApplyError, ConfigError, HostError
+from ..errors import ApplyError, ConfigError, HostError, NoAddressError
 from ..logsetup import Log, configure
 from ..records import record, replace
 from .protocol import POD_ANNOTATIONS, CniError, Request, error_json, read_request, result_json, version_json
@@ -194,9 +194,18 @@ def handle(request: Request) -> str:
             return ""
         config = pod_capture(request, plugin)
         if config is not None:
+            if not os.path.exists(request.netns):
+                raise CniError(CniError.INVALID_ENVIRONMENT, f"CNI_NETNS '{request.netns}': no such network namespace")
             (add if request.command == "ADD" else check)(config)
     except ConfigError as error:  # a pod annotation (InjectionError names it), or its proxyMetadata
         raise CniError(CniError.POD_SETTINGS, str(error)) from None
+    except NoAddressError:
+        # The CLI's remedy (--ipv6) is no plugin user's: here the plugin ran before the pod had an address.
+        raise CniError(
+            CniError.APPLY_FAILED,
+            f"the pod has no usable IP address in its network namespace {request.netns}: {PROG} must come after "
+            "the plugin that gives pods their addresses in the conflist's plugins",
+        ) from None
     except (ApplyError, HostError) as error:
         raise CniError(CniError.APPLY_FAILED, str(error)) from None
     return result_json(request) if request.command == "ADD" else ""

@@ -184,6 +184,28 @@ def test_a_bad_annotation_fails_the_add_naming_it_and_leaves_no_rules(runtime: R
     assert our_rules(runtime, pod) == ""
 
 
+def test_a_plugin_placed_before_the_addresses_says_so_in_the_plugins_terms(runtime: Runtime) -> None:
+    """Our plugin alone, before any plugin gave the pod an address: the error speaks of the conflist, not of
+    the CLI's --ipv6 flags that no plugin user can pass."""
+    pod = runtime.new_pod(INJECTED)
+    invocation = runtime.ours(pod, "ADD")
+    assert invocation.returncode != 0
+    message = str(invocation.json()["msg"])
+    assert "must come after the plugin that gives pods their addresses" in message
+    assert "--" not in message
+    assert our_rules(runtime, pod) == ""
+
+
+def test_a_missing_pod_namespace_is_named_by_its_cni_variable(runtime: Runtime) -> None:
+    pod = runtime.new_pod(INJECTED)
+    runtime.remove_netns(pod)
+    invocation = runtime.ours(pod, "ADD")
+    error = invocation.json()
+    assert invocation.returncode != 0 and error["code"] == 4
+    assert str(error["msg"]).startswith(f"CNI_NETNS '{pod.netns_path}'")
+    assert "--network-namespace" not in str(error["msg"])
+
+
 def test_a_failed_apply_leaves_no_rule_of_ours(cni_lab: CniLab, tmp_path: Path) -> None:
     """IPv4 goes in first; the IPv6 restore is refused; the IPv4 rules must be rolled back. (IPv6 is captured
     for a dual-stack pod when the proxy's metadata says ISTIO_DUAL_STACK, as in the init container.)"""
