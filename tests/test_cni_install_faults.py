@@ -141,15 +141,15 @@ def test_watch_waits_while_the_first_file_has_no_primary_plugin(node: tuple[Path
     conf_dir, bin_dir, executable = node
     path = conf_dir / "10-net.conflist"
     empty = _write(path, {"cniVersion": "1.0.0", "name": "k8s", "plugins": []})
-    watcher = _watch(conf_dir, bin_dir, executable)
+    watcher, log = _watch(conf_dir, bin_dir, executable)
     try:
-        time.sleep(0.5)
+        _wait_for(lambda: "no primary" in log.read_text(), 30)
         assert path.read_bytes() == empty
         _write(path, CALICO)  # the network plugin is ready
         _wait_for(lambda: b"istio-iptables-cni" in path.read_bytes())
     finally:
-        stderr = _stop(watcher)
-    assert "no primary" in stderr and "Traceback" not in stderr
+        stderr = _stop(watcher, log)
+    assert "Traceback" not in stderr
 
 
 # --- never overwrite a file it did not create -----------------------------------------------------------
@@ -270,12 +270,12 @@ def test_a_read_only_conf_dir_is_one_line_and_watch_retries(node: tuple[Path, Pa
     assert str(conf_dir) in once.stderr and "Read-only file system" in once.stderr
     # The conf dir stays read-only for 1.5 s of --watch, then becomes writable (the mount goes).
     command = [CLI, "cni", "install", *arguments, "--watch", "--interval", "0.05"]
-    watcher = subprocess.Popen(_read_only(conf_dir, command, seconds=1.5), stderr=subprocess.PIPE)
+    watcher, log = _logged(_read_only(conf_dir, command, seconds=1.5), conf_dir.parent)
     try:
         _wait_for(lambda: b"istio-iptables-cni" in (conf_dir / "10-calico.conflist").read_bytes(), 20)
         assert watcher.poll() is None, "--watch exited instead of retrying"
     finally:
-        stderr = _stop(watcher)
+        stderr = _stop(watcher, log)
     assert "Traceback" not in stderr and "retrying in" in stderr
 
 
@@ -343,7 +343,7 @@ def test_watch_checks_the_bundle_by_metadata_and_is_quiet_in_a_steady_state(
     contents = executable.with_name("istio-iptables-cni.d")
     contents.mkdir()
     (contents / "lib.so").write_bytes(b"x" * 4 * 1024 * 1024)
-    watcher = _watch(conf_dir, bin_dir, executable, "--log_output_level=default:debug")
+    watcher, log = _watch(conf_dir, bin_dir, executable, "--log_output_level=default:debug")
     try:
         _wait_for(lambda: b"istio-iptables-cni" in path.read_bytes())
         time.sleep(0.5)
@@ -354,7 +354,7 @@ def test_watch_checks_the_bundle_by_metadata_and_is_quiet_in_a_steady_state(
         _wait_for(lambda: b"istio-iptables-cni" in path.read_bytes())
         time.sleep(0.3)
     finally:
-        stderr = _stop(watcher)
+        stderr = _stop(watcher, log)
     bundle = executable.stat().st_size + 4 * 1024 * 1024
     assert steady_reads < bundle, "the bundle was read again while nothing changed"
     infos = [line for line in stderr.splitlines() if "\tinfo\t" in line]
@@ -369,23 +369,26 @@ def _read_bytes(pid: int) -> int:
     raise AssertionError("no rchar")
 
 
-def _watch(conf_dir: Path, bin_dir: Path, executable: Path, *log_flags: str) -> subprocess.Popen[bytes]:
+def _watch(conf_dir: Path, bin_dir: Path, executable: Path, *log_flags: str) -> tuple[subprocess.Popen[bytes], Path]:
     command = [CLI, *log_flags, "cni", "install", "--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir)]
-    return subprocess.Popen(
-        [*command, "--plugin", str(executable), "--watch", "--interval", "0.05"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    return _logged([*command, "--plugin", str(executable), "--watch", "--interval", "0.05"], conf_dir.parent)
 
 
-def _stop(watcher: subprocess.Popen[bytes]) -> str:
+def _logged(command: list[str], directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """``command`` started with its log in a file, which the test can read while it runs."""
+    log = directory / "watch.log"
+    with log.open("wb") as file:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=file), log
+
+
+def _stop(watcher: subprocess.Popen[bytes], log: Path) -> str:
     watcher.send_signal(signal.SIGTERM)
     try:
-        _, stderr = watcher.communicate(timeout=10)
+        watcher.wait(timeout=10)
     finally:
         watcher.kill()
         watcher.wait()
-    return stderr.decode()
+    return log.read_text()
 
 
 def _wait_for(condition: Any, seconds: float = 10) -> None:
