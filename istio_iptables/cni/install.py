@@ -109,28 +109,32 @@ def install(
     root: Path = NODE_ROOT,
 ) -> list[str]:
     """Put the plugin in place; return what changed (nothing when already installed as asked)."""
-    changes = install_changes(conf_dir, bin_dir, plugin, settings, account, root=root, cache=None)
+    entry = _entry(settings, account)
+    changes = _install_changes(conf_dir, bin_dir, plugin, entry, account, root=root, cache=None)
     for change in changes or [f"{PLUGIN_TYPE} already installed as asked: nothing to change"]:
         log.info(change)
     return changes
 
 
-def install_changes(
+def _entry(settings: Mapping[str, Any], account: ServiceAccount | None) -> dict[str, Any]:
+    if account is not None:
+        if "kubernetes" in settings:
+            raise ConfigError("invalid value for --plugin-config: sets kubernetes, which --write-kubeconfig owns")
+        settings = {**settings, "kubernetes": {"kubeconfig": f"{account.host_conf_dir.rstrip('/')}/{KUBECONFIG_FILE}"}}
+    return checked_entry(settings)
+
+
+def _install_changes(
     conf_dir: Path,
     bin_dir: Path,
     plugin: Path,
-    settings: Mapping[str, Any],
+    entry: dict[str, Any],
     account: ServiceAccount | None,
     *,
     root: Path,
     cache: BundleCache | None,
 ) -> list[str]:
-    """``install`` without its log lines: the changes made."""
-    if account is not None:
-        if "kubernetes" in settings:
-            raise ConfigError("invalid value for --plugin-config: sets kubernetes, which --write-kubeconfig owns")
-        settings = {**settings, "kubernetes": {"kubeconfig": f"{account.host_conf_dir.rstrip('/')}/{KUBECONFIG_FILE}"}}
-    entry = checked_entry(settings)
+    """``install`` of a checked entry, without its log lines: the changes made."""
     with _locked(_existing_dir(conf_dir, "--cni-conf-dir")), _one_line("install"):
         _existing_dir(bin_dir, "--cni-bin-dir")
         network = _primary_network(conf_dir)
@@ -191,11 +195,11 @@ def watch(
     Each change is logged at info when it is made, and nothing else is: a steady state is silent. A failure
     (no configuration yet, a file system refusing a write) is a warning when it first appears, then retried
     with a growing delay until it clears."""
-    cache = BundleCache()
+    entry, cache = _entry(settings, account), BundleCache()
     failures, problem = 0, ""
     while not stop.is_set():
         try:
-            changes = install_changes(conf_dir, bin_dir, plugin, settings, account, root=root, cache=cache)
+            changes = _install_changes(conf_dir, bin_dir, plugin, entry, account, root=root, cache=cache)
         except HostError as error:
             failures += 1
             delay = min(interval * 2 ** min(failures - 1, 16), max(interval, MAX_BACKOFF))
