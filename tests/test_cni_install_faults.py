@@ -287,7 +287,7 @@ def _read_only(directory: Path, command: list[str], seconds: float | None = None
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(directory), *command]
 
 
-def test_a_link_where_an_old_bundle_directory_is_expected_is_one_line_not_a_traceback(
+def test_a_link_where_a_bundle_directory_is_expected_is_replaced_never_followed(
     node: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     conf_dir, bin_dir, executable = node
@@ -296,15 +296,25 @@ def test_a_link_where_an_old_bundle_directory_is_expected_is_one_line_not_a_trac
     contents.mkdir()
     (contents / "lib.so").write_bytes(b"one")
     install.install(conf_dir, bin_dir, executable, {})
+    first = (bin_dir / "istio-iptables-cni.d").resolve().name
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (elsewhere / "lib.so").write_bytes(b"not ours")
+    # An old release's directory that is a link now (once a traceback: rmtree refuses links)...
     (bin_dir / "istio-iptables-cni.d-0000000000000000").symlink_to(elsewhere)
     (contents / "lib.so").write_bytes(b"two")  # a new release
-
+    install.install(conf_dir, bin_dir, executable, {})
+    assert (bin_dir / "istio-iptables-cni.d" / "lib.so").read_bytes() == b"two"
+    # ...and a link at the very name of the release being installed (once taken for our own copy).
+    (contents / "lib.so").write_bytes(b"one")
+    install.nodefiles.remove(bin_dir / first)
+    (bin_dir / first).symlink_to(elsewhere)
     install.install(conf_dir, bin_dir, executable, {})
 
-    assert elsewhere.is_dir()
-    assert (bin_dir / "istio-iptables-cni.d" / "lib.so").read_bytes() == b"two"
+    assert (bin_dir / "istio-iptables-cni.d" / "lib.so").read_bytes() == b"one"
+    assert not (bin_dir / first).is_symlink()
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["lib.so"]
+    assert (elsewhere / "lib.so").read_bytes() == b"not ours"
 
 
 # --- libcni's reading of the conf dir ---------------------------------------------------------------------
