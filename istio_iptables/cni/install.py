@@ -75,7 +75,9 @@ def checked_entry(settings: Mapping[str, Any]) -> dict[str, Any]:
     try:
         check_plugin_config(entry)
     except CniError as error:
-        raise ConfigError(f"invalid value for --plugin-config: {error.message}") from None
+        # The plugin's own words, which name the setting and its value, without saying "invalid value" twice.
+        reason = error.message.removeprefix("plugin settings: ").removeprefix("invalid value for ")
+        raise ConfigError(f"invalid value for --plugin-config: {reason}") from None
     return entry
 
 
