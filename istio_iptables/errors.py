@@ -22,6 +22,10 @@ class HostError(IstioIptablesError):
     exit_code = 1
 
 
+class NoAddressError(HostError):
+    """The namespace has no usable address to tell whether to capture IPv6 (each face words its remedy)."""
+
+
 class ApplyError(IstioIptablesError):
     """A binary or the kernel refused; the message names the failing command and its stderr."""
 

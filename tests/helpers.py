@@ -99,3 +99,12 @@ def kubernetes_validate(path: Path) -> str:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def fake_cni_plugin(path: Path, message: str = "") -> Path:
+    """An executable that answers CNI VERSION as the plugin does (install runs the installed copy before any
+    configuration names it); ``message`` makes every copy distinct."""
+    answer = '{"cniVersion": "1.0.0", "supportedVersions": ["0.3.1", "0.4.0", "1.0.0"]}'
+    path.write_text(f"#!/bin/sh\n# {message}\necho '{answer}'\n")
+    path.chmod(0o755)
+    return path

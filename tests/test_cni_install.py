@@ -17,7 +17,7 @@ import pytest
 
 from istio_iptables.cni import install
 from istio_iptables.errors import ConfigError, HostError
-from tests.helpers import run_cli
+from tests.helpers import fake_cni_plugin, run_cli
 
 CLI = str(Path(sys.executable).with_name("istio-iptables"))
 
@@ -40,9 +40,7 @@ def node(tmp_path: Path) -> tuple[Path, Path, Path]:
     conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
     conf_dir.mkdir()
     bin_dir.mkdir()
-    plugin = tmp_path / "istio-iptables-cni.build"
-    plugin.write_bytes(b"\x7fELF not really, but bytes to copy\n")
-    return conf_dir, bin_dir, plugin
+    return conf_dir, bin_dir, fake_cni_plugin(tmp_path / "istio-iptables-cni.build")
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
@@ -385,8 +383,7 @@ def test_a_onedir_build_is_installed_with_its_contents_switched_whole(node: tupl
     (conf_dir / "10-bridge.conf").write_bytes(BRIDGE_CONF)
     build = conf_dir.parent / "dist"
     (build / "istio-iptables-cni.d" / "lib").mkdir(parents=True)
-    plugin = build / "istio-iptables-cni"
-    plugin.write_bytes(b"bootloader")
+    plugin = fake_cni_plugin(build / "istio-iptables-cni", "bootloader")
     (build / "istio-iptables-cni.d" / "lib" / "libpython.so").write_bytes(b"one")
 
     install.install(conf_dir, bin_dir, plugin, {})

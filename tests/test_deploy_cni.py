@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from istio_iptables.cni import install
-from tests.helpers import ROOT, kubernetes_validate
+from tests.helpers import ROOT, fake_cni_plugin, kubernetes_validate
 
 MANIFEST = ROOT / "deploy" / "istio-iptables-cni.yaml"
 DOCKERFILE = ROOT / "Dockerfile.cni"
@@ -44,11 +44,26 @@ def test_kubernetes_validate_accepts_every_document() -> None:
     assert kubernetes_validate(MANIFEST).count("passed") == len(_documents())
 
 
-def test_the_installer_runs_on_every_node_before_pod_networking() -> None:
+def test_the_installer_runs_on_every_linux_node_before_pod_networking() -> None:
     spec = _documents()["DaemonSet"]["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
     assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert spec["priorityClassName"] == "system-node-critical"
+
+
+def test_a_quota_scoped_to_the_priority_class_admits_it_outside_kube_system() -> None:
+    """GKE admits system-node-critical pods outside kube-system only in a namespace with a ResourceQuota whose
+    scope selects that priority class."""
+    documents = _documents()
+    namespace = documents["DaemonSet"]["metadata"]["namespace"]
+    quota = documents["ResourceQuota"]
+    assert namespace != "kube-system"
+    assert quota["metadata"]["namespace"] == namespace
+    [selector] = quota["spec"]["scopeSelector"]["matchExpressions"]
+    priority = documents["DaemonSet"]["spec"]["template"]["spec"]["priorityClassName"]
+    assert selector == {"operator": "In", "scopeName": "PriorityClass", "values": [priority]}
+    assert int(quota["spec"]["hard"]["pods"]) >= 5000  # one pod per node, Kubernetes' largest cluster
 
 
 def test_the_installer_needs_no_capability() -> None:
@@ -59,14 +74,14 @@ def test_the_installer_needs_no_capability() -> None:
     assert context["privileged"] is False
 
 
-def test_the_host_directories_are_mounted_where_the_args_point() -> None:
+def test_the_nodes_root_is_mounted_where_the_args_point() -> None:
     documents = _documents()
     spec = documents["DaemonSet"]["spec"]["template"]["spec"]
     host_paths = {volume["name"]: volume["hostPath"]["path"] for volume in spec["volumes"] if "hostPath" in volume}
     mounts = {mount["mountPath"]: host_paths.get(mount["name"]) for mount in _container()["volumeMounts"]}
     arguments = dict(argument.split("=", 1) for argument in _container()["args"] if "=" in argument)
-    assert mounts[arguments["--cni-conf-dir"]] == "/etc/cni/net.d"
-    assert mounts[arguments["--cni-bin-dir"]] == "/opt/cni/bin"
+    assert mounts[arguments["--node-root"]] == "/"
+    assert "--cni-conf-dir" not in arguments and "--cni-bin-dir" not in arguments  # the runtime's, found
     config_mount = str(Path(arguments["--plugin-config"]).parent)
     [volume] = [volume for volume in spec["volumes"] if volume["name"] in _mount_names(config_mount)]
     assert volume["configMap"]["name"] == documents["ConfigMap"]["metadata"]["name"]
@@ -79,21 +94,23 @@ def _mount_names(path: str) -> set[str]:
 
 
 def test_the_container_args_install_on_a_node_laid_out_as_the_mounts(tmp_path: Path) -> None:
-    """The DaemonSet's own args (without --watch), their /host and ConfigMap paths moved under tmp_path."""
+    """The DaemonSet's own args (without --watch), their /host and ConfigMap paths moved under tmp_path, on a
+    kubeadm node (containerd's configuration without CNI settings: the defaults)."""
     node = tmp_path / "host"
     (node / "etc/cni/net.d").mkdir(parents=True)
     (node / "opt/cni/bin").mkdir(parents=True)
+    (node / "etc/containerd").mkdir(parents=True)
+    (node / "etc/containerd/config.toml").write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n')
     (node / "etc/cni/net.d/10-bridge.conf").write_text('{"cniVersion": "1.0.0", "name": "k8s", "type": "bridge"}')
     settings_file = tmp_path / "plugin.json"
     settings_file.write_text(_documents()["ConfigMap"]["data"]["plugin.json"])
-    plugin = tmp_path / "istio-iptables-cni"
-    plugin.write_bytes(b"plugin")
+    plugin = fake_cni_plugin(tmp_path / "istio-iptables-cni")
     account = tmp_path / "serviceaccount"
     account.mkdir()
     (account / "token").write_text("token")
     (account / "ca.crt").write_text("ca")
     arguments = [
-        argument.replace("=/host/", f"={node}/").replace("=/etc/istio-iptables-cni/plugin.json", f"={settings_file}")
+        argument.replace("=/host", f"={node}").replace("=/etc/istio-iptables-cni/plugin.json", f"={settings_file}")
         for argument in _container()["args"]
         if argument != "--watch"
     ]
@@ -114,7 +131,7 @@ def test_the_container_args_install_on_a_node_laid_out_as_the_mounts(tmp_path: P
         {**settings, "kubernetes": {"kubeconfig": f"/etc/cni/net.d/{install.KUBECONFIG_FILE}"}}
     )
     assert (node / "etc/cni/net.d" / install.KUBECONFIG_FILE).exists()
-    assert (node / "opt/cni/bin/istio-iptables-cni").read_bytes() == b"plugin"
+    assert (node / "opt/cni/bin/istio-iptables-cni").read_bytes() == plugin.read_bytes()
 
 
 # --- the installer's image ------------------------------------------------------------------------------

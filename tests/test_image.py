@@ -43,9 +43,9 @@ def tool(name: str) -> str | None:
     return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which(name)
 
 
-def instructions() -> list[tuple[str, str]]:
+def instructions(dockerfile: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """The Dockerfile as (INSTRUCTION, arguments): comments dropped, continuation lines joined."""
-    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    lines = [line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
     result = []
     for line in joined.splitlines():
@@ -55,8 +55,8 @@ def instructions() -> list[tuple[str, str]]:
     return result
 
 
-def arguments(word: str) -> list[str]:
-    return [rest for instruction, rest in instructions() if instruction == word]
+def arguments(word: str, dockerfile: Path = DOCKERFILE) -> list[str]:
+    return [rest for instruction, rest in instructions(dockerfile) if instruction == word]
 
 
 def run_commands() -> list[list[str]]:
@@ -218,15 +218,16 @@ def test_lock_file_is_outside_the_read_only_root() -> None:
     assert posixpath.dirname(lock) == "/run/istio-iptables"
 
 
-def test_dockerignore_lets_in_only_what_the_dockerfile_copies() -> None:
+def test_dockerignore_lets_in_only_what_the_dockerfiles_copy() -> None:
+    """The legacy builder reads .dockerignore for every Dockerfile of the context, Dockerfile.cni's included."""
     lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
     patterns = [line for line in lines if line and not line.startswith("#")]
     assert patterns[0] == "*"
     allowed = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
     copied = set()
-    for rest in arguments("COPY"):
+    for rest in [*arguments("COPY"), *arguments("COPY", ROOT / "Dockerfile.cni")]:
         sources = [word for word in rest.split()[:-1] if not word.startswith("--")]
-        copied |= {source.rstrip("/") for source in sources}
+        copied |= {source.rstrip("/") for source in sources if not rest.startswith("--from")}
     assert copied == allowed
 
 

@@ -139,6 +139,8 @@ EXTERNAL_NAMES = {
     "NET_RAW": "a capability",
     "CAP_SYS_ADMIN": "a capability",
     "CNI_NETNS": "the CNI specification's variable",
+    "CNI_COMMAND": "the CNI specification's variable",
+    "O_NOFOLLOW": "an open(2) flag",
     "SO_MARK": "a socket option",
     "SO_ORIGINAL_DST": "a socket option",
     "GLIBC_2": "glibc's symbol versions (GLIBC_2.35)",

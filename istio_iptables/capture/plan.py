@@ -64,7 +64,7 @@ from istio_iptables.capture.model import (
     UidOwner,
     Verdict,
 )
-from istio_iptables.errors import HostError
+from istio_iptables.errors import NoAddressError
 from istio_iptables.records import record, replace
 
 DEFAULT_PROXY_UID = 1337
@@ -181,7 +181,7 @@ def ipv6_enabled(config: Config, facts: HostFacts) -> bool:
     if config.ipv6 is not None:
         return config.ipv6
     if not any(_usable(_unwrap(address)) for address in facts.addresses):
-        raise HostError("no valid local IP address found; pass --ipv6 or --no-ipv6 to choose without detection")
+        raise NoAddressError("no valid local IP address found; pass --ipv6 or --no-ipv6 to choose without detection")
     return bool(usable_ipv6(facts.addresses))
 
 

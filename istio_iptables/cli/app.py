@@ -12,6 +12,7 @@ import enum
 import inspect
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import typer
@@ -426,11 +427,17 @@ app.add_typer(cni_app, name="cni")
 CNI_PLUGIN_IN_IMAGE = "/opt/istio-iptables/cni/istio-iptables-cni"
 
 
+_CONF_DIR_HELP = "The node's CNI conf dir, as the node sees it [default: the runtime's, from its configuration]."
+_BIN_DIR_HELP = "The node's CNI bin dir, as the node sees it [default: the runtime's, from its configuration]."
+_NODE_ROOT_HELP = "Where the node's file system is mounted here (the DaemonSet mounts it at /host)."
+
+
 @cni_app.command("install")
 def cni_install_command(
     *,
-    conf_dir: str = typer.Option(..., "--cni-conf-dir", metavar="DIR", help="The node's CNI conf dir."),
-    bin_dir: str = typer.Option(..., "--cni-bin-dir", metavar="DIR", help="The node's CNI bin dir."),
+    conf_dir: str = typer.Option("", "--cni-conf-dir", metavar="DIR", envvar="CNI_CONF_DIR", help=_CONF_DIR_HELP),
+    bin_dir: str = typer.Option("", "--cni-bin-dir", metavar="DIR", envvar="CNI_BIN_DIR", help=_BIN_DIR_HELP),
+    node_root: str = typer.Option("/", "--node-root", metavar="DIR", envvar="CNI_NODE_ROOT", help=_NODE_ROOT_HELP),
     plugin: str = typer.Option(
         CNI_PLUGIN_IN_IMAGE, "--plugin", metavar="FILE", help="The self-contained plugin executable to copy."
     ),
@@ -448,44 +455,70 @@ def cni_install_command(
     service_account_dir: str = typer.Option(
         "/var/run/secrets/kubernetes.io/serviceaccount", "--service-account-dir", metavar="DIR", help="Its token."
     ),
-    host_conf_dir: str = typer.Option(
-        "/etc/cni/net.d", "--host-cni-conf-dir", metavar="DIR", help="The conf dir as the node sees it."
-    ),
 ) -> None:
     """Copy the plugin into the bin dir and append its entry to the first configuration file of the conf dir."""
     import os  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
 
     from istio_iptables.cni import install  # noqa: PLC0415
 
     settings = _plugin_settings(plugin_config)
+    root, node_conf_dir, node_bin_dir = _node_paths(node_root, conf_dir, bin_dir)
+    here = (root / node_conf_dir.lstrip("/"), root / node_bin_dir.lstrip("/"))
     account = None
     if write_kubeconfig:
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST", ""), os.environ.get("KUBERNETES_SERVICE_PORT", "")
         if not host or not port:
             raise ConfigError("--write-kubeconfig needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT (in a pod)")
         server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-        account = install.ServiceAccount(Path(service_account_dir), server, host_conf_dir)
-    node = (Path(conf_dir), Path(bin_dir), Path(plugin), settings, account)
+        account = install.ServiceAccount(Path(service_account_dir), server, node_conf_dir)
+    node = (*here, Path(plugin), settings, account)
     if not watch:
-        install.install(*node)
+        install.install(*node, root=root)
         return
     period = _checked("--interval", interval, _positive_seconds)
-    install.watch(*node, interval=period, stop=install.stop_on_signals())
+    install.watch(*node, interval=period, stop=install.stop_on_signals(), root=root)
 
 
 @cni_app.command("uninstall")
 def cni_uninstall_command(
     *,
-    conf_dir: str = typer.Option(..., "--cni-conf-dir", metavar="DIR", help="The node's CNI conf dir."),
-    bin_dir: str = typer.Option(..., "--cni-bin-dir", metavar="DIR", help="The node's CNI bin dir."),
+    conf_dir: str = typer.Option("", "--cni-conf-dir", metavar="DIR", envvar="CNI_CONF_DIR", help=_CONF_DIR_HELP),
+    bin_dir: str = typer.Option("", "--cni-bin-dir", metavar="DIR", envvar="CNI_BIN_DIR", help=_BIN_DIR_HELP),
+    node_root: str = typer.Option("/", "--node-root", metavar="DIR", envvar="CNI_NODE_ROOT", help=_NODE_ROOT_HELP),
 ) -> None:
     """Restore the configuration file as it was before install (byte for byte), then remove the plugin."""
-    from pathlib import Path  # noqa: PLC0415
-
     from istio_iptables.cni import install  # noqa: PLC0415
 
-    install.uninstall(Path(conf_dir), Path(bin_dir))
+    root, node_conf_dir, node_bin_dir = _node_paths(node_root, conf_dir, bin_dir)
+    install.uninstall(root / node_conf_dir.lstrip("/"), root / node_bin_dir.lstrip("/"), root=root)
+
+
+def _node_paths(node_root: str, conf_dir: str, bin_dir: str) -> tuple[Path, str, str]:
+    """The node's root here, and its CNI dirs as the node sees them: as given, else as its runtime says."""
+
+    from istio_iptables.cni import nodepaths  # noqa: PLC0415
+    from istio_iptables.log import Log  # noqa: PLC0415
+
+    root = Path(node_root)
+    if not root.is_dir():
+        raise ConfigError(f"invalid value for --node-root: '{node_root}': not a directory")
+    for flag, given in (("--cni-conf-dir", conf_dir), ("--cni-bin-dir", bin_dir)):
+        if given and not given.startswith("/"):
+            raise ConfigError(f"invalid value for {flag}: '{given}': must be an absolute path (as the node sees it)")
+    if conf_dir and bin_dir:
+        return root, conf_dir, bin_dir
+    found = nodepaths.discover(root)
+    Log(nodepaths.__name__).info(f"CNI conf dir {found.conf_dir}, bin dir {found.bin_dir}: from {found.source}")
+    for flag, given, node_dir, what in (
+        ("--cni-conf-dir", conf_dir, found.conf_dir, "conf dir"),
+        ("--cni-bin-dir", bin_dir, found.bin_dir, "bin dir"),
+    ):
+        if not given and not nodepaths.under(root, node_dir).is_dir():
+            raise ConfigError(
+                f"the runtime's CNI {what} {node_dir} (from {found.source}) is not a directory under {root}: "
+                f"pass {flag}"
+            )
+    return root, conf_dir or found.conf_dir, bin_dir or found.bin_dir
 
 
 def _plugin_settings(path: str) -> dict[str, Any]:

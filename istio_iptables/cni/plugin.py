@@ -26,7 +26,7 @@ from istio_iptables.cni.protocol import (
     result_json,
     version_json,
 )
-from istio_iptables.errors import ApplyError, ConfigError, HostError
+from istio_iptables.errors import ApplyError, ConfigError, HostError, NoAddressError
 from istio_iptables.log import Log, LogLevel, LogOptions, configure
 from istio_iptables.records import record, replace
 
@@ -101,6 +101,15 @@ def parse_plugin_config(document: Mapping[str, object]) -> PluginConfig:
         kubeconfig=str(kubernetes.get("kubeconfig", "")),
         iptables=iptables,
     )
+
+
+def check_plugin_config(document: Mapping[str, object]) -> PluginConfig:
+    """Everything this plugin will read of its settings, read now: ``parse_plugin_config`` and the injector
+    settings it builds from ``values`` and ``mesh_config`` (on a node, only for the pods it captures and on
+    DEL). The installer refuses with this what the plugin would refuse at a pod's ADD or DEL."""
+    plugin = parse_plugin_config(document)
+    _settings(plugin)
+    return plugin
 
 
 def _config_error(key: str, value: object, reason: str) -> CniError:
@@ -193,9 +202,18 @@ def handle(request: Request) -> str:
             return ""
         config = pod_capture(request, plugin)
         if config is not None:
+            if not os.path.exists(request.netns):
+                raise CniError(CniError.INVALID_ENVIRONMENT, f"CNI_NETNS '{request.netns}': no such network namespace")
             (add if request.command == "ADD" else check)(config)
     except ConfigError as error:  # a pod annotation (InjectionError names it), or its proxyMetadata
         raise CniError(CniError.POD_SETTINGS, str(error)) from None
+    except NoAddressError:
+        # The CLI's remedy (--ipv6) is no plugin user's: here the plugin ran before the pod had an address.
+        raise CniError(
+            CniError.APPLY_FAILED,
+            f"the pod has no usable IP address in its network namespace {request.netns}: {PROG} must come after "
+            "the plugin that gives pods their addresses in the conflist's plugins",
+        ) from None
     except (ApplyError, HostError) as error:
         raise CniError(CniError.APPLY_FAILED, str(error)) from None
     return result_json(request) if request.command == "ADD" else ""

@@ -183,6 +183,28 @@ def test_a_bad_annotation_fails_the_add_naming_it_and_leaves_no_rules(runtime: R
     assert our_rules(runtime, pod) == ""
 
 
+def test_a_plugin_placed_before_the_addresses_says_so_in_the_plugins_terms(runtime: Runtime) -> None:
+    """Our plugin alone, before any plugin gave the pod an address: the error speaks of the conflist, not of
+    the CLI's --ipv6 flags that no plugin user can pass."""
+    pod = runtime.new_pod(INJECTED)
+    invocation = runtime.ours(pod, "ADD")
+    assert invocation.returncode != 0
+    message = str(invocation.json()["msg"])
+    assert "must come after the plugin that gives pods their addresses" in message
+    assert "--" not in message
+    assert our_rules(runtime, pod) == ""
+
+
+def test_a_missing_pod_namespace_is_named_by_its_cni_variable(runtime: Runtime) -> None:
+    pod = runtime.new_pod(INJECTED)
+    runtime.remove_netns(pod)
+    invocation = runtime.ours(pod, "ADD")
+    error = invocation.json()
+    assert invocation.returncode != 0 and error["code"] == 4
+    assert str(error["msg"]).startswith(f"CNI_NETNS '{pod.netns_path}'")
+    assert "--network-namespace" not in str(error["msg"])
+
+
 def test_a_failed_apply_leaves_no_rule_of_ours(cni_lab: CniLab, tmp_path: Path) -> None:
     """IPv4 goes in first; the IPv6 restore is refused; the IPv4 rules must be rolled back. (IPv6 is captured
     for a dual-stack pod when the proxy's metadata says ISTIO_DUAL_STACK, as in the init container.)"""
@@ -363,3 +385,28 @@ def test_annotations_from_the_kubernetes_api_when_the_runtime_passes_none(cni_la
     error = error_of(failure.value)
     assert error["code"] == 103
     assert "names no kubeconfig" in str(error["msg"])
+
+
+def test_the_build_states_the_glibc_its_files_need_and_install_checks_it_on_this_node(
+    frozen_build: Path, tmp_path: Path
+) -> None:
+    """scripts/build-cni-plugin writes the highest GLIBC_x.y symbol version of the bundle (objdump -T); the
+    installer accepts this node (its glibc built the bundle) and runs the installed copy's VERSION."""
+    import re  # noqa: PLC0415
+
+    from istio_iptables.cni import install, nodecheck  # noqa: PLC0415
+
+    contents = frozen_build / f"{cnilab.PLUGIN_NAME}.d"
+    stated = json.loads((contents / nodecheck.REQUIREMENTS_FILE).read_text())["glibc"]
+    files = [frozen_build / cnilab.PLUGIN_NAME, *(path for path in contents.rglob("*.so*") if path.is_file())]
+    symbols = subprocess.run(["objdump", "-T", *map(str, files)], capture_output=True, text=True, check=False)
+    versions = {tuple(map(int, found)) for found in re.findall(r"GLIBC_(\d+)\.(\d+)", symbols.stdout)}
+    assert stated == "{}.{}".format(*max(versions))
+    assert nodecheck.node_glibc(Path("/")) >= max(versions)  # type: ignore[operator]
+
+    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
+    conf_dir.mkdir()
+    bin_dir.mkdir()
+    (conf_dir / "10-bridge.conflist").write_text('{"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "b"}]}')
+    install.install(conf_dir, bin_dir, frozen_build / cnilab.PLUGIN_NAME, {})
+    assert (bin_dir / f"{cnilab.PLUGIN_NAME}.d" / nodecheck.REQUIREMENTS_FILE).exists()
