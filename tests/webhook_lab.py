@@ -180,12 +180,13 @@ def running(
     authority: Authority | None = None,
     tls: tuple[Path, Path] | None = None,
     prefix: Sequence[str] = (),
-    address: str = "127.0.0.1",
+    address: str | None = "127.0.0.1",
     files: int | None = None,
 ) -> Iterator[Webhook]:
-    """The webhook serving on ``address`` with ``extra`` options and the certificate ``tls`` (default: a fresh
-    one from ``authority`` in ``directory``), its command after ``prefix`` (``ip netns exec NS``) and with at
-    most ``files`` file descriptors if given; stopped (SIGTERM, then SIGKILL) afterwards."""
+    """The webhook serving on ``address`` (None: its default) with ``extra`` options and the certificate
+    ``tls`` (default: a fresh one from ``authority`` in ``directory``), its command after ``prefix`` (``ip
+    netns exec NS``) and with at most ``files`` file descriptors if given; stopped (SIGTERM, then SIGKILL)
+    afterwards."""
     authority = authority or Authority()
     ca_file = directory / "ca.crt"
     ca_file.write_bytes(authority.pem())
@@ -193,7 +194,9 @@ def running(
         tls = directory / "tls.crt", directory / "tls.key"
         authority.issue(*tls)
     argv = command(
-        *("webhook", "--address", address, "--port", "0"),
+        "webhook",
+        *(("--address", address) if address is not None else ()),
+        *("--port", "0"),
         *("--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])),
         *extra,
     )
