@@ -14,8 +14,11 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..logsetup import Log
 from .inject import DEFAULT_IMAGE, Injector, inject_documents
-from .settings import Settings
+from .settings import DEFAULT_VALUES, Settings
+
+log = Log(__name__)
 
 
 def run_inject(
@@ -32,12 +35,17 @@ def run_inject(
     injector = load_injector(sets=sets, values_file=values_file, mesh_file=mesh_file, image=image, hardened=hardened)
     text = _read(source, "-f/--filename")
     documents = load_documents(text, "standard input" if source == "-" else source)
-    injected = inject_documents(documents, injector)
+    # Each workload left as it was is said (at warning level: inject's log shows nothing below it).
+    injected = inject_documents(documents, injector, skipped=_report_skipped)
     rendered = dump_documents(injected)
     if output:
         _write_whole(output, rendered)
     else:
         sys.stdout.write(rendered)
+
+
+def _report_skipped(workload: str, reason: str) -> None:
+    log.warning("skipped %s: %s", workload, reason)
 
 
 def load_injector(*, sets: Sequence[str], values_file: str, mesh_file: str, image: str, hardened: bool) -> Injector:
@@ -49,6 +57,15 @@ def load_injector(*, sets: Sequence[str], values_file: str, mesh_file: str, imag
     )
     if image and (not image.strip() or any(character.isspace() for character in image)):
         raise ConfigError(f"invalid value for --image: '{image}': must be an image reference without blanks")
+    configured = settings.text("global.proxy_init.image")
+    if "/" not in configured and configured != DEFAULT_VALUES["global"]["proxy_init"]["image"]:
+        # Istio combines a bare name with its hub and tag, which name Istio's images, not this project's.
+        log.warning(
+            "values.global.proxy_init.image '%s' is ignored: it names no registry path (no '/'); the init "
+            "container's image is %s (--image)",
+            configured,
+            image or DEFAULT_IMAGE,
+        )
     return Injector(settings=settings, image=image or DEFAULT_IMAGE, hardened=hardened)
 
 

@@ -446,12 +446,13 @@ async def _body(request: web.Request) -> bytes:
 
 
 def _refuse(request: web.Request, status: int, reason: str) -> web.Response:
-    """The one line said about a bad request, and its answer; the connection is closed after it, as the rest of
-    a refused body may still be on its way."""
+    """The one line said about a bad request, and its answer. A body refused before it was read whole may
+    still be on its way: that connection is closed after the answer, where one whose body was read stays."""
     reason = bounded(reason)
     log.warning("bad request to %s: %s", bounded(request.path, 200), reason)
     response = web.Response(status=status, text=f"{reason}\n")
-    response.force_close()
+    if not request.content.is_eof():
+        response.force_close()
     return response
 
 
