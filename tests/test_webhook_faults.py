@@ -196,7 +196,7 @@ def test_a_large_valid_review_does_not_stop_ready_or_other_reviews(webhook: Webh
         probes = []
         while big.is_alive() and len(probes) < 50:
             probes.append(ready(webhook))
-        assert all(probes), probes
+        assert probes and all(probes), probes
         assert post(webhook, small_review())[0] == 200
     finally:
         big.join(120)
