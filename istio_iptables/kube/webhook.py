@@ -291,7 +291,10 @@ def _raise_file_limit() -> None:
     """The soft limit on file descriptors up to the hard one: the connection cap, not the limit, decides."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as error:  # an unlimited hard limit the kernel caps lower (nr_open)
+            log.debug("kept the file descriptor limit %d: %s", soft, error)
 
 
 class _Drain:
