@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("aiohttp", reason="the webhook extra is not installed")
 pytest.importorskip("cryptography", reason="cryptography (dev extra) is not installed")
 
-from istio_iptables.kube.webhook import MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_DEPTH
+from istio_iptables.kube.webhook import MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_CONTAINERS, MAX_DEPTH, MAX_VALUES
 from tests.webhook_lab import Authority, Webhook, running, wait_for
 
 PROBE_TIMEOUT = 1.0
@@ -153,12 +153,23 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(webhook: Webhook) ->
 
 
 def test_deep_nesting_gets_400_not_500(webhook: Webhook) -> None:
-    for depth in (MAX_DEPTH + 1, 100_000):
+    """Past the limit (the walk after parsing), past the parser's recursion bound, and 100,000 deep (past
+    the count of arrays before parsing): each a 400 naming what is wrong, never a traceback."""
+    for depth, named in ((MAX_DEPTH + 1, b"nests deeper"), (5_000, b"nests deeper"), (100_000, b"arrays")):
         nested = "[" * depth + "]" * depth
         body = json.dumps(review({"metadata": {"name": "a"}, "spec": {}})).replace('"spec": {}', f'"spec": {nested}')
         status, text = post(webhook, body.encode())
-        assert status == 400 and b"nests deeper" in text, (depth, status, text[:200])
+        assert status == 400 and named in text, (depth, status, text[:200])
     assert "Traceback" not in webhook.stderr()
+
+
+def test_a_body_of_many_small_values_is_refused_before_parsing(webhook: Webhook) -> None:
+    """Six megabytes of ``[],`` or ``"ab",`` parse into millions of objects, hundreds of megabytes."""
+    for many in ("[]," * (MAX_CONTAINERS + 1), '"ab",' * (MAX_VALUES + 1)):
+        body = f'{{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": [{many} 0]}}'
+        assert len(body) < MAX_BODY_BYTES
+        status, text = post(webhook, body.encode())
+        assert status == 400 and b"JSON objects and arrays" in text, (status, text[:200])
 
 
 def test_a_huge_value_is_not_logged_or_echoed_in_full(webhook: Webhook) -> None:
@@ -185,7 +196,7 @@ def test_a_refused_pod_is_named_once_in_its_log_line(webhook: Webhook) -> None:
 def test_a_large_valid_review_does_not_stop_ready_or_other_reviews(webhook: Webhook) -> None:
     """A pod just under the body limit, whose parsing and injection take a while: the probe and a small
     review are answered meanwhile."""
-    env = [{"name": f"VARIABLE_{index}", "value": "v"} for index in range(110_000)]
+    env = [{"name": f"VARIABLE_{index}", "value": "v" * 20} for index in range(80_000)]
     pod = {"metadata": {"name": "big"}, "spec": {"containers": [{"name": "a", "env": env}]}}
     body = json.dumps(review(pod)).encode()
     assert MAX_BODY_BYTES * 0.6 < len(body) < MAX_BODY_BYTES

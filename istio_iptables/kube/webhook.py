@@ -23,7 +23,7 @@ import socket
 import ssl
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +55,11 @@ JSON around it included, fits twice over."""
 MAX_DEPTH = 100
 """The deepest nesting of a review's JSON. A pod's schema nests about 20 levels (managedFields included), and
 the API server prunes fields it does not know: deeper is not a pod."""
+MAX_CONTAINERS = 100_000
+MAX_VALUES = 500_000
+"""The most JSON objects and arrays, and the most values, in a body: a pod's containers, env entries, volumes
+and the like number in the thousands, while 6 MiB of ``[],`` would parse into 2 million lists (over 100 MB).
+Each is counted before parsing, as its brackets and commas (those within strings too: an overcount)."""
 MAX_CONNECTIONS = 128
 """Open connections at most. The API server keeps a few per replica; beyond this the one idle longest is
 closed to make room, so a new connection (the kubelet's probe, a review) is always served."""
@@ -140,20 +145,31 @@ def _request(review: Any) -> dict[str, Any]:
 
 
 def parse(body: bytes) -> Any:
-    """The JSON of a body, refused (NotAReviewError) when it is not JSON or nests deeper than MAX_DEPTH."""
+    """The JSON of a body, refused (NotAReviewError) when it is not JSON, holds more objects, arrays or values
+    than MAX_CONTAINERS and MAX_VALUES (counted before parsing: each costs tens of bytes parsed for 2 or 3 in
+    the body) or nests deeper than MAX_DEPTH."""
+    containers = body.count(b"{") + body.count(b"[")
+    if containers > MAX_CONTAINERS or containers + body.count(b",") > MAX_VALUES:
+        raise NotAReviewError(
+            f"the body holds more than {MAX_CONTAINERS} JSON objects and arrays or {MAX_VALUES} values"
+        )
     try:
         tree = json.loads(body)
     except RecursionError:  # the parser's own bound, far below what it would take to exhaust the stack
         raise NotAReviewError(f"the body nests deeper than {MAX_DEPTH} levels") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
         raise NotAReviewError(f"the body is not JSON: {bounded(str(error))}") from None
-    nested = [(tree, 1)]
-    while nested:
-        node, depth = nested.pop()
-        children = node.values() if isinstance(node, dict) else node
-        if depth > MAX_DEPTH:
-            raise NotAReviewError(f"the body nests deeper than {MAX_DEPTH} levels")
-        nested.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    # Depth first with one iterator per level: memory grows with the depth, never with a list's length.
+    levels: list[Iterator[Any]] = [iter((tree,))]
+    while levels:
+        for node in levels[-1]:
+            if isinstance(node, (dict, list)):
+                if len(levels) > MAX_DEPTH:
+                    raise NotAReviewError(f"the body nests deeper than {MAX_DEPTH} levels")
+                levels.append(iter(node.values() if isinstance(node, dict) else node))
+                break
+        else:
+            levels.pop()
     return tree
 
 
