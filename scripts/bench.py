@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -474,7 +475,7 @@ def webhook_reviews(runs: int, reviews: int, clients: int = 20) -> list[Row]:
         in_process.append(time.perf_counter() - started)
     baseline = statistics.median(in_process)
 
-    with tempfile.TemporaryDirectory(prefix="iibench-") as directory, _webhook(directory) as port:
+    with tempfile.TemporaryDirectory(prefix="iibench-") as directory, _webhook(directory) as (port, _):
         context = ssl.create_default_context(cafile=os.path.join(directory, "tls.crt"))
         sequential, _ = asyncio.run(_review_load(port, context, body, runs * 20, 1))
         latencies, seconds = asyncio.run(_review_load(port, context, body, reviews, clients))
@@ -498,7 +499,7 @@ def webhook_reviews(runs: int, reviews: int, clients: int = 20) -> list[Row]:
 
 
 @contextlib.contextmanager
-def _webhook(directory: str) -> Iterator[int]:
+def _webhook(directory: str) -> Iterator[tuple[int, int]]:
     """``istio-iptables webhook`` on 127.0.0.1, a port the kernel picks, with a self-signed certificate."""
     cert, key = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
     subprocess.run(
@@ -521,7 +522,9 @@ def _webhook(directory: str) -> Iterator[int]:
         match = re.search(r"https://127\.0\.0\.1:(\d+)", line)
         if not match:
             raise SystemExit(f"bench: the webhook did not start: {line}{server.stderr.read()[-2000:]}")
-        yield int(match[1])
+        # The log is read on (and dropped) so that the server never blocks on a full pipe.
+        threading.Thread(target=lambda: server.stderr.read() if server.stderr else None, daemon=True).start()
+        yield int(match[1]), server.pid
     finally:
         server.terminate()
         server.wait(10)
@@ -551,6 +554,110 @@ async def _review_load(
     share = -(-reviews // clients)
     await asyncio.gather(*(client(range(n * share, min(reviews, (n + 1) * share))) for n in range(clients)))
     return latencies, time.perf_counter() - started
+
+
+SOAK_TITLE = "Admission webhook soak: mixed requests, the server's RSS sampled (ratio: against RSS after warm-up)"
+
+
+def webhook_soak(requests: int, clients: int = 8) -> list[Row]:
+    """``requests`` requests from ``clients`` clients, mixed as an API server, a clumsy client and an attacker
+    would send them: reviews of pods (one in five on a new connection, as after an API server's restart), bad
+    JSON, gzip bombs, bodies labelled gzip that are not, a 256 KiB value, 100,000-deep nesting, and
+    connections left idle or half-sent. The
+    server's RSS after a warm-up of 1,000 is the baseline; the end and the peak are compared with it."""
+    import gzip  # noqa: PLC0415
+
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "soak",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE",
+            "namespace": "apps",
+            "object": {"metadata": {"generateName": "app-"}, "spec": {"containers": [{"name": "app"}]}},
+        },
+    }
+    deep = "[" * 100_000 + "]" * 100_000
+    valid = json.dumps(review).encode()
+    # One in 16 of each attack: (body, headers, the statuses it may get, on a new connection).
+    mix: list[tuple[bytes, dict[str, str], tuple[int, ...], bool]] = [
+        *[(valid, {}, (200,), new_connection) for new_connection in (False,) * 8 + (True,) * 2],
+        (b"{", {}, (400,), False),
+        (valid[:-1], {}, (400,), True),
+        (gzip.compress(b" " * (64 * 1024 * 1024)), {"Content-Encoding": "gzip"}, (413,), True),
+        (b"not gzip", {"Content-Encoding": "gzip"}, (400,), False),
+        (json.dumps({**review, "apiVersion": "v" * (256 * 1024)}).encode(), {}, (400,), False),
+        (json.dumps({**review, "request": deep}).encode(), {}, (400,), True),
+    ]
+    with tempfile.TemporaryDirectory(prefix="iibench-") as directory, _webhook(directory) as (port, pid):
+        context = ssl.create_default_context(cafile=os.path.join(directory, "tls.crt"))
+
+        def rss() -> int:
+            with open(f"/proc/{pid}/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+        samples: list[int] = []
+
+        async def soak(indexes: range) -> None:
+            await _mixed_load(port, context, mix, indexes, clients)
+            samples.append(rss())
+
+        started = time.perf_counter()
+        asyncio.run(soak(range(1000)))
+        warm = samples[-1]
+        for first in range(1000, requests, 1000):
+            asyncio.run(soak(range(first, min(requests, first + 1000))))
+        seconds = time.perf_counter() - started
+    mib = 1024 * 1024
+    note = f"{requests:,} requests in {seconds:.0f} s, {len(samples)} samples"
+    return [
+        Row("RSS after 1,000 requests (warm-up)", warm, baseline=warm, amount=f"{warm / mib:.1f}"),
+        Row(
+            f"RSS after {requests:,} requests", samples[-1], baseline=warm, amount=f"{samples[-1] / mib:.1f}", note=note
+        ),
+        Row("RSS, the highest sample", max(samples), baseline=warm, amount=f"{max(samples) / mib:.1f}"),
+    ]
+
+
+async def _mixed_load(
+    port: int,
+    context: Any,
+    mix: Sequence[tuple[bytes, dict[str, str], tuple[int, ...], bool]],
+    indexes: range,
+    clients: int,
+) -> None:
+    """Request ``index`` is ``mix[index % len(mix)]``: its body, headers, the statuses it may get and whether it
+    goes on a new connection; every client also leaves one connection idle and one with half a request."""
+    import aiohttp  # noqa: PLC0415
+
+    url = f"https://127.0.0.1:{port}/inject"
+
+    async def client(share: range) -> None:
+        _, idle = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        _, partial = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        partial.write(b"POST /inject HTTP/1.1\r\nHost: soak\r\n")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=1)) as session:
+            for index in share:
+                body, headers, statuses, new_connection = mix[index % len(mix)]
+                headers = {"Content-Type": "application/json", **headers}
+                if new_connection:
+                    headers["Connection"] = "close"
+                try:
+                    async with session.post(url, data=body, headers=headers) as reply:
+                        await reply.read()
+                        status = reply.status
+                except aiohttp.ClientError:
+                    status = 0  # closed while the body was being sent: a refusal of an oversized one
+                if status not in statuses and not (status == 0 and 413 in statuses):
+                    raise SystemExit(f"bench: soak request {index}: HTTP {status}, expected {statuses}")
+        for writer in (idle, partial):
+            writer.close()
+
+    share = -(-len(indexes) // clients)
+    await asyncio.gather(
+        *(client(indexes[n * share : (n + 1) * share]) for n in range(clients) if indexes[n * share : (n + 1) * share])
+    )
 
 
 def cni_setup(runs: int) -> list[Row]:
@@ -631,6 +738,7 @@ def machine() -> str:
 
 
 MEASURED = "<!-- Everything below this line is written by scripts/bench. -->\n"
+UNITS = {MEMORY_TITLE: "KiB", SOAK_TITLE: "MiB"}
 
 
 def main() -> None:
@@ -640,6 +748,7 @@ def main() -> None:
     parser.add_argument("--replay-sample", type=int, default=300, help="-C checks timed in Istio's re-run replay")
     parser.add_argument("--rate-seconds", type=float, default=3.0)
     parser.add_argument("--reviews", type=int, default=2000, help="reviews sent to the webhook by 20 clients")
+    parser.add_argument("--soak", type=int, default=20000, help="mixed requests of the webhook's soak")
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"))
     parser.add_argument("--only", help="run only the sections whose title contains this text; print, write nothing")
     args = parser.parse_args()
@@ -656,14 +765,13 @@ def main() -> None:
             lambda: connection_rate(args.rate_seconds, max(sizes)),
         ),
         (WEBHOOK_TITLE, lambda: webhook_reviews(args.runs, args.reviews)),
+        (SOAK_TITLE, lambda: webhook_soak(args.soak)),
         ("CNI mode: a pod's network set-up by the runtime (ADD of the whole list)", lambda: cni_setup(args.runs)),
         (MEMORY_TITLE, lambda: memory(max(sizes))),
     ]
     chosen = [(title, run) for title, run in sections if not args.only or args.only in title]
     report = f"Machine: {machine()}\n\nCommand: `sudo scripts/bench` ({args.runs} runs per median)\n\n"
-    report += "\n".join(
-        table(title, run(), unit="KiB" if title == MEMORY_TITLE else "median ms") for title, run in chosen
-    )
+    report += "\n".join(table(title, run(), unit=UNITS.get(title, "median ms")) for title, run in chosen)
     print(report)
     if args.only:
         return

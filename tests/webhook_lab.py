@@ -24,36 +24,50 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 SERVICE_NAME = "istio-iptables-webhook.istio-iptables.svc"
 START_SECONDS = 30.0
-_SERVING = re.compile(r"serving admission reviews on https://127\.0\.0\.1:(\d+)")
+_SERVING = re.compile(r"serving admission reviews on https://(\S+):(\d+) ")
 
 
 @dataclass
 class Authority:
-    """A CA that signs server certificates."""
+    """A CA that signs server certificates; with a ``parent``, an intermediate CA signed by it, whose
+    certificates are written with the intermediate's after them (a chain)."""
 
     key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
     name: str = "istio-iptables test CA"
+    parent: Authority | None = None
 
     def __post_init__(self) -> None:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.name)])
+        signer = self.parent or self
         self.certificate = (
-            _builder(subject, subject, self.key.public_key())
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(self.key, hashes.SHA256())
+            _builder(subject, signer.certificate.subject if self.parent else subject, self.key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0 if self.parent else 1), critical=True)
+            .sign(signer.key, hashes.SHA256())
         )
 
     def pem(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, cert_file: Path, key_file: Path, hosts: Sequence[str] = ("127.0.0.1", SERVICE_NAME)) -> int:
-        """Write a server certificate for ``hosts`` and its key (each file replaced in one rename, as a
-        Secret's update looks to the reader); returns the certificate's serial number."""
-        key = ec.generate_private_key(ec.SECP256R1())
+    def issue(
+        self,
+        cert_file: Path,
+        key_file: Path,
+        hosts: Sequence[str] = ("127.0.0.1", SERVICE_NAME),
+        key_type: str = "ec",
+    ) -> int:
+        """Write a server certificate for ``hosts`` and its key (``ec`` P-256 or ``rsa`` 2048 bits), each file
+        replaced in one rename, as a Secret's update looks to the reader; returns the certificate's serial
+        number."""
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if key_type == "rsa"
+            else ec.generate_private_key(ec.SECP256R1())
+        )
         names: list[x509.GeneralName] = []
         for host in hosts:
             try:
@@ -75,7 +89,8 @@ class Authority:
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             ),
         )
-        replace(cert_file, certificate.public_bytes(serialization.Encoding.PEM))
+        chain = certificate.public_bytes(serialization.Encoding.PEM) + (self.pem() if self.parent else b"")
+        replace(cert_file, chain)
         return certificate.serial_number
 
 
@@ -161,11 +176,17 @@ def command(*arguments: str) -> list[str]:
 def running(
     directory: Path,
     extra: Sequence[str] = (),
+    *,
     authority: Authority | None = None,
     tls: tuple[Path, Path] | None = None,
+    prefix: Sequence[str] = (),
+    address: str | None = "127.0.0.1",
+    files: int | None = None,
 ) -> Iterator[Webhook]:
-    """The webhook serving with ``extra`` options and the certificate ``tls`` (default: a fresh one from
-    ``authority`` in ``directory``); stopped (SIGTERM, then SIGKILL) afterwards."""
+    """The webhook serving on ``address`` (None: its default) with ``extra`` options and the certificate
+    ``tls`` (default: a fresh one from ``authority`` in ``directory``), its command after ``prefix`` (``ip
+    netns exec NS``) and with at most ``files`` file descriptors if given; stopped (SIGTERM, then SIGKILL)
+    afterwards."""
     authority = authority or Authority()
     ca_file = directory / "ca.crt"
     ca_file.write_bytes(authority.pem())
@@ -173,12 +194,19 @@ def running(
         tls = directory / "tls.crt", directory / "tls.key"
         authority.issue(*tls)
     argv = command(
-        *("webhook", "--address", "127.0.0.1", "--port", "0"),
+        "webhook",
+        *(("--address", address) if address is not None else ()),
+        *("--port", "0"),
         *("--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])),
         *extra,
     )
+    limit = [] if files is None else ["prlimit", f"--nofile={files}:{files}", "--"]
     process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*prefix, *limit, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     log: list[str] = []
     try:
@@ -199,7 +227,7 @@ def _wait_until_serving(process: subprocess.Popen[str], log: list[str]) -> int:
         for line in process.stderr:
             log.append(line)
             if not found and (match := _SERVING.search(line)):
-                found.append(int(match[1]))
+                found.append(int(match[2]))
                 ready.set()
         ready.set()
 

@@ -393,7 +393,9 @@ def webhook_command(
     tls_cert_file: str = typer.Option(..., "--tls-cert-file", metavar="FILE", help="PEM certificate chain."),
     tls_key_file: str = typer.Option(..., "--tls-key-file", metavar="FILE", help="Its PEM private key."),
     port: str = typer.Option("9443", "--port", metavar="PORT", help="HTTPS port (0: any free port, logged)."),
-    address: str = typer.Option("0.0.0.0", "--address", metavar="ADDRESS", help="Address to listen on."),
+    address: str = typer.Option(
+        "::", "--address", metavar="ADDRESS", help="Address to listen on (default: every address, IPv4 and IPv6)."
+    ),
     sets: list[str] = typer.Option(  # noqa: B008 (Typer's way of declaring a repeatable option)
         [], "--set", metavar="PATH=VALUE", help="An Istio setting, as for inject."
     ),

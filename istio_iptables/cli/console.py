@@ -1,10 +1,12 @@
 """The console commands ``istio-iptables``, ``istio-clean-iptables`` and the CNI plugin ``istio-iptables-cni``.
 
-An init container's run is mostly start-up and exit, so this process does not collect garbage: each module
+An init container's run is mostly start-up and exit, so a one-shot run does not collect garbage: each module
 loaded would otherwise set off collections that find nothing to free (the objects made are acyclic records,
 strings and tables that live until exit), and exit would scan every object once more. The collector stays
-off, and what is left is frozen before the interpreter tears down. Only the console commands do this; the
-library, and tests that call ``cli.main``, keep the collector as they found it.
+off, and what is left is frozen before the interpreter tears down. The commands that keep running (the
+webhook, the CNI installer's --watch and node agent) keep the collector: without it their memory grows with
+every request. Only the console commands do this; the library, and tests that call ``cli.main``, keep the
+collector as they found it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import io
 import sys
 from collections.abc import Callable
 
-gc.disable()
+LONG_RUNNING = frozenset({"webhook", "cni"})
+"""Subcommands that may run for days. A flag's value that happens to be one of these words only leaves the
+collector on, which costs a one-shot run a little time and nothing else."""
+
+if LONG_RUNNING.isdisjoint(sys.argv[1:]):
+    gc.disable()
 
 from istio_iptables.host import interrupts  # noqa: E402
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from istio_iptables.kube import capture
@@ -66,6 +66,10 @@ WORKLOAD_GROUPS: Mapping[str, frozenset[str]] = {
 """The kinds that hold a pod, and their API groups: a custom resource that reuses a name is not one."""
 
 
+Skipped = Callable[[str, str], None]
+"""Told of each workload left as it was: its name (``Deployment default/app``) and why."""
+
+
 @record
 class Injector:
     settings: Settings
@@ -74,10 +78,17 @@ class Injector:
     """Our init container instead of Istio's root one: non-root, read-only root filesystem, same capabilities."""
 
 
-def inject_pod(pod: Mapping[str, Any], injector: Injector, *, workload: str, namespace: str = "") -> dict[str, Any]:
+def inject_pod(
+    pod: Mapping[str, Any],
+    injector: Injector,
+    *,
+    workload: str,
+    namespace: str = "",
+    skipped: Skipped | None = None,
+) -> dict[str, Any]:
     """The pod (or pod template: ``metadata`` + ``spec``) after injection, as a new object; equal to the input
-    when Istio would skip it. ``workload`` (e.g. ``Deployment default/app``) is named in errors; ``namespace``
-    is the workload's, for Istio's never-injected system namespaces."""
+    when Istio would skip it, and then ``skipped`` is told why. ``workload`` (e.g. ``Deployment default/app``)
+    is named in errors; ``namespace`` is the workload's, for Istio's never-injected system namespaces."""
     metadata = dict(_mapping(pod.get("metadata"), "metadata", workload))
     spec = dict(_mapping(pod.get("spec"), "spec", workload))
     annotations = dict(_mapping(metadata.get("annotations"), "metadata.annotations", workload))
@@ -86,11 +97,14 @@ def inject_pod(pod: Mapping[str, Any], injector: Injector, *, workload: str, nam
     settings = injector.settings
     unchanged = copy.deepcopy(dict(pod))
     namespace = namespace or go_text(metadata.get("namespace"))
-    if not _wanted(spec, annotations=annotations, labels=labels, namespace=namespace, settings=settings):
-        return unchanged
+    reason = _skip_reason(spec, annotations=annotations, labels=labels, namespace=namespace, settings=settings)
     try:
-        mode = capture.interception_mode(annotations, settings)
+        mode = "" if reason else capture.interception_mode(annotations, settings)
         if mode == "NONE":
+            reason = f"the interception mode is NONE ({capture.INTERCEPTION_MODE} or the mesh's default)"
+        if reason:
+            if skipped is not None:
+                skipped(workload, reason)
             return unchanged
         proxy = _security_context(_find(spec, PROXY_CONTAINER), workload)
         container = _init_container(annotations, settings, mode, proxy, injector)
@@ -183,9 +197,10 @@ def append_multus_network(existing: str, network: str) -> str:
     return f"{existing}, {network}"
 
 
-def inject_documents(documents: Iterable[Any], injector: Injector) -> list[Any]:
-    """Every workload of the documents (and of ``kind: List`` items) injected; other objects unchanged."""
-    return [_inject_object(document, injector) for document in documents]
+def inject_documents(documents: Iterable[Any], injector: Injector, skipped: Skipped | None = None) -> list[Any]:
+    """Every workload of the documents (and of ``kind: List`` items) injected; other objects unchanged;
+    ``skipped`` told of each workload left as it was."""
+    return [_inject_object(document, injector, skipped) for document in documents]
 
 
 _POD_PATHS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -202,12 +217,12 @@ _POD_PATHS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 """Where each kind that holds a pod keeps the metadata Istio reads and writes, and the pod spec."""
 
 
-def _inject_object(document: Any, injector: Injector) -> Any:
+def _inject_object(document: Any, injector: Injector, skipped: Skipped | None) -> Any:
     if not isinstance(document, Mapping):
         return document
     kind = document.get("kind")
     if kind == "List" and isinstance(document.get("items"), list):
-        return {**document, "items": [_inject_object(item, injector) for item in document["items"]]}
+        return {**document, "items": [_inject_object(item, injector, skipped) for item in document["items"]]}
     paths = pod_paths(document)
     if paths is None:
         return copy.deepcopy(document)
@@ -218,7 +233,7 @@ def _inject_object(document: Any, injector: Injector) -> Any:
     metadata_path, spec_path = paths
     pod = {"metadata": _at(document, metadata_path), "spec": _at(document, spec_path)}
     pod = {key: {} if value is None else value for key, value in pod.items()}
-    injected = inject_pod(pod, injector, workload=workload, namespace=namespace)
+    injected = inject_pod(pod, injector, workload=workload, namespace=namespace, skipped=skipped)
     result = copy.deepcopy(dict(document))
     if injected != pod:
         for path, key in zip(paths, ("metadata", "spec"), strict=True):
@@ -252,29 +267,37 @@ def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _wanted(
+def _skip_reason(
     spec: Mapping[str, Any],
     *,
     annotations: Mapping[str, str],
     labels: Mapping[str, Any],
     namespace: str,
     settings: Settings,
-) -> bool:
-    """Istio's decision (``injectRequired`` and the template choice) as far as the capture goes."""
-    if spec.get("hostNetwork") is True or namespace in IGNORED_NAMESPACES:
-        return False
+) -> str:
+    """Why Istio leaves the workload alone (``injectRequired`` and the template choice, as far as the capture
+    goes); empty when it injects it."""
+    if spec.get("hostNetwork") is True:
+        return "it uses the host's network (spec.hostNetwork)"
+    if namespace in IGNORED_NAMESPACES:
+        return f"namespace {namespace} is one Istio never injects"
     if SIDECAR_STATUS in annotations:
-        return False  # already injected: injecting again changes nothing
+        return f"it is injected already (annotation {SIDECAR_STATUS})"  # injecting again changes nothing
     # The label is the newer API and wins over the annotation. Only y/yes/true/on (any case) ask for it; any
     # other non-empty value, "enabled" included (istio#33618), turns injection off.
-    selector = go_text(labels[INJECT]) if INJECT in labels else annotations.get(INJECT, "")
+    where, selector = (
+        ("label", go_text(labels[INJECT])) if INJECT in labels else ("annotation", annotations.get(INJECT, ""))
+    )
     if selector and selector.lower() not in ("y", "yes", "true", "on"):
-        return False
+        return f"{where} {INJECT} is '{selector}'"
     templates = [name.strip() for name in annotations[TEMPLATES].split(",")] if TEMPLATES in annotations else None
     if templates is None:
         defaults = settings.value("sidecarInjectorWebhook.defaultTemplates")
         templates = [go_text(name) for name in defaults] if isinstance(defaults, list) and defaults else ["sidecar"]
-    return CAPTURE_TEMPLATE in templates
+    if CAPTURE_TEMPLATE not in templates:
+        chosen = ", ".join(templates)
+        return f"its injection templates ({chosen}) do not include '{CAPTURE_TEMPLATE}', the one with the capture"
+    return ""
 
 
 def _native_sidecar(annotations: Mapping[str, str], init_containers: list[Any]) -> bool:

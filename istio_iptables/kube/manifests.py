@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,10 @@ import yaml
 from istio_iptables.errors import ConfigError
 from istio_iptables.kube.capture import load_settings
 from istio_iptables.kube.inject import DEFAULT_IMAGE, Injector, inject_documents
+from istio_iptables.kube.settings import DEFAULT_VALUES
+from istio_iptables.log import Log
+
+log = Log(__name__)
 
 
 def run_inject(
@@ -31,12 +36,17 @@ def run_inject(
     injector = load_injector(sets=sets, values_file=values_file, mesh_file=mesh_file, image=image, hardened=hardened)
     text = _read(source, "-f/--filename")
     documents = load_documents(text, "standard input" if source == "-" else source)
-    injected = inject_documents(documents, injector)
+    # Each workload left as it was is said (at warning level: inject's log shows nothing below it).
+    injected = inject_documents(documents, injector, skipped=_report_skipped)
     rendered = dump_documents(injected)
     if output:
         _write_whole(output, rendered)
     else:
         sys.stdout.write(rendered)
+
+
+def _report_skipped(workload: str, reason: str) -> None:
+    log.warning("skipped %s: %s", workload, reason)
 
 
 def load_injector(*, sets: Sequence[str], values_file: str, mesh_file: str, image: str, hardened: bool) -> Injector:
@@ -48,6 +58,15 @@ def load_injector(*, sets: Sequence[str], values_file: str, mesh_file: str, imag
     )
     if image and (not image.strip() or any(character.isspace() for character in image)):
         raise ConfigError(f"invalid value for --image: '{image}': must be an image reference without blanks")
+    configured = settings.text("global.proxy_init.image")
+    if "/" not in configured and configured != DEFAULT_VALUES["global"]["proxy_init"]["image"]:
+        # Istio combines a bare name with its hub and tag, which name Istio's images, not this project's.
+        log.warning(
+            "values.global.proxy_init.image '%s' is ignored: it names no registry path (no '/'); the init "
+            "container's image is %s (--image)",
+            configured,
+            image or DEFAULT_IMAGE,
+        )
     return Injector(settings=settings, image=image or DEFAULT_IMAGE, hardened=hardened)
 
 
@@ -61,7 +80,58 @@ def load_documents(text: str, source: str) -> list[Any]:
 
 
 def dump_documents(documents: Sequence[Any]) -> str:
-    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    """The documents as YAML that kubectl reads back the same: every string that a YAML 1.1 reader would take
+    for something else is quoted (_KubectlSafeDumper)."""
+    return yaml.dump_all(
+        documents, Dumper=_KubectlSafeDumper, sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
+
+
+class _KubectlSafeDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper quotes the strings that its own YAML 1.1 resolver would read as another type. The
+    reader kubectl and client-go use (sigs.k8s.io/yaml, a go-yaml v2) resolves more plain scalars: ``y`` and
+    ``n`` as booleans, and numbers as Go's parsers take them (``1e3``, ``0o17``, ``0999``, ``1_0``, ``.5``).
+    Such a string is written quoted, as a string is that PyYAML itself would misread."""
+
+    def resolve(self, kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
+        tag: str = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
+        if kind is yaml.ScalarNode and implicit[0] and tag == _STRING and _go_yaml_reads_as_non_string(value):
+            return _NOT_A_STRING
+        return tag
+
+
+_STRING = "tag:yaml.org,2002:str"
+_NOT_A_STRING = "tag:yaml.org,2002:go-yaml-v2-non-string"
+"""Any tag but the string's makes the emitter quote the scalar (an implicit string cannot be plain)."""
+
+_GO_YAML_WORDS = frozenset(
+    {
+        *("y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"),
+        *("n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"),
+        *("", "~", "null", "Null", "NULL", "<<"),
+        *(".nan", ".NaN", ".NAN", ".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF", "-.inf", "-.Inf", "-.INF"),
+    }
+)
+"""go-yaml v2's resolve table (resolve.go): the words it reads as booleans, null, a merge key or a float."""
+_GO_INTEGER = re.compile(r"[-+]?(0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+|0[0-7]*|[1-9][0-9]*)")
+"""Go's strconv.ParseInt/ParseUint in base 0, which go-yaml v2 applies once every ``_`` is removed."""
+_GO_YAML_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+"""go-yaml v2's yamlStyleFloat, also applied once every ``_`` is removed."""
+_DOT_FLOAT = re.compile(r"\.[0-9]+([eE][-+]?[0-9]+)?")
+"""A plain scalar starting with ``.``: go-yaml v2 tries strconv.ParseFloat on it as it is."""
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}([Tt ].*)?")
+
+
+def _go_yaml_reads_as_non_string(value: str) -> bool:
+    """Whether go-yaml v2 reads the plain scalar ``value`` as anything but a string (resolve.go's resolve)."""
+    if value in _GO_YAML_WORDS:
+        return True
+    if value[:1] == ".":
+        return _DOT_FLOAT.fullmatch(value) is not None
+    if value[:1] not in tuple("+-0123456789"):
+        return False
+    plain = value.replace("_", "")
+    return any(pattern.fullmatch(plain) for pattern in (_GO_INTEGER, _GO_YAML_FLOAT, _TIMESTAMP))
 
 
 def read_tree(path: str, flag: str, *, configmap_key: str) -> Mapping[str, Any]:

@@ -9,6 +9,7 @@ capture are kept and ignored. Pure: the caller reads the files.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,6 +79,22 @@ _MAPS = (
     "meshConfig.defaultConfig",
 )
 """The branches the capture reads below: a scalar there would silently read as all defaults."""
+_KNOWN_KEYS: Mapping[str, frozenset[str]] = {
+    "values.global.proxy": frozenset(
+        {
+            *("autoInject", "clusterDomain", "componentLogLevel", "concurrency", "enableCoreDump", "image"),
+            *("includeIPRanges", "excludeIPRanges", "includeInboundPorts", "excludeInboundPorts"),
+            *("includeOutboundPorts", "excludeOutboundPorts", "holdApplicationUntilProxyStarts", "lifecycle"),
+            *("logLevel", "outlierLogPath", "privileged", "readinessFailureThreshold", "readinessInitialDelaySeconds"),
+            *("readinessPeriodSeconds", "resources", "seccompProfile", "startupProbe", "statusPort", "tracer"),
+        }
+    ),
+    "values.global.proxy_init": frozenset({"image", "forceApplyIptables", "resources"}),
+}
+"""The keys Istio's chart knows in the branches the capture reads (``values.global.proxy``'s and
+``proxy_init``'s, from istio-discovery's values.yaml and values_types.proto): a key beside them is a
+misspelling that Istio too would ignore, refused here. Elsewhere Istio's settings are many and not ours to
+list: they are kept and ignored."""
 _PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
 _INTERCEPTION_MODES = ("REDIRECT", "TPROXY", "NONE")
 
@@ -104,7 +121,14 @@ class Settings:
         tree["meshConfig"] = _merged(DEFAULT_MESH, _tree(mesh_config, "--mesh-config"))
         for assignment in sets:
             path, value = _parse_set(assignment)
+            if problem := _unknown(path):
+                raise ConfigError(f"invalid value for --set: '{assignment}': {problem}")
             _put(tree, path, value, assignment)
+        for branch in _KNOWN_KEYS:
+            keys = _lookup(values, tuple(branch.split("."))[1:])
+            for key in keys if isinstance(keys, Mapping) else ():
+                if problem := _unknown((*branch.split("."), str(key))):
+                    raise ConfigError(f"invalid value for --values: {problem}")
         for branch in _MAPS:
             _check(tree, branch, lambda value: isinstance(value, Mapping), "must be a map of settings")
         for boolean in _BOOLEANS:
@@ -180,6 +204,18 @@ def _parse_set(assignment: str) -> tuple[tuple[str, ...], Any]:
             "(values.…, meshConfig.…, components.… or another IstioOperator field)"
         )
     return keys, parse_set_value(text)
+
+
+def _unknown(path: tuple[str, ...]) -> str:
+    """What is wrong with a key that Istio's chart does not have in a branch whose keys it lists, naming the
+    nearest known key; empty when the path is known or not ours to know."""
+    for depth in range(1, len(path)):
+        known = _KNOWN_KEYS.get(".".join(path[:depth]))
+        if known is not None and path[depth] not in known:
+            nearest = difflib.get_close_matches(path[depth], sorted(known), n=1)
+            hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
+            return f"unknown setting '{'.'.join(path[: depth + 1])}'{hint}"
+    return ""
 
 
 def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any, assignment: str) -> None:
