@@ -59,9 +59,7 @@ from istio_iptables.log import Log, LogLevel, logs
 from istio_iptables.records import field, record, replace
 from istio_iptables.render.nft import TABLE_NAMES
 from istio_iptables.render.restore import render_restore
-from istio_iptables.state import nft as nft_state
-from istio_iptables.state.changes import table_changes
-from istio_iptables.state.tables import (
+from istio_iptables.state import (
     Chains,
     Layout,
     LayoutDiff,
@@ -79,7 +77,8 @@ from istio_iptables.state.tables import (
     planned_layout,
     saved_as_planned,
 )
-from istio_iptables.state.transitions import render_deletes, render_transition, render_undo
+from istio_iptables.state import nft as nft_state
+from istio_iptables.state.changes import render_deletes, render_transition, render_undo, table_changes
 
 log = Log(__name__)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from istio_iptables.capture.model import Table
+from istio_iptables.state import Layout
 from istio_iptables.state.changes import TableChange, table_changes
-from istio_iptables.state.tables import Layout
 
 PLANNED: Layout = {
     Table.NAT: {

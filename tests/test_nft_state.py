@@ -46,6 +46,8 @@ from istio_iptables.explain.trace import Flow, trace
 from istio_iptables.records import replace
 from istio_iptables.render.nft import render_nft
 from istio_iptables.render.restore import render_restore
+from istio_iptables.state import SavedRule, TableState, compare, drift, parse_tables
+from istio_iptables.state.changes import render_transition as render_restore_transition
 from istio_iptables.state.nft import (
     NftRule,
     NftState,
@@ -60,8 +62,6 @@ from istio_iptables.state.nft import (
     set_text,
     stale_tables,
 )
-from istio_iptables.state.tables import SavedRule, TableState, compare, drift, parse_tables
-from istio_iptables.state.transitions import render_transition as render_restore_transition
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nft-everything.json"
 V4, V6 = Family.V4, Family.V6

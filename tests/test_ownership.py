@@ -10,7 +10,7 @@ from istio_iptables.capture.model import BUILTIN_CHAINS, InInterface, Jump, Plan
 from istio_iptables.capture.plan import HostFacts, build_plan
 from istio_iptables.records import replace
 from istio_iptables.render.iptables import save_text
-from istio_iptables.state.tables import (
+from istio_iptables.state import (
     TableState,
     canonical,
     foreign_entries,
@@ -21,7 +21,7 @@ from istio_iptables.state.tables import (
     plan_places,
     tables_holding,
 )
-from istio_iptables.state.transitions import render_undo
+from istio_iptables.state.changes import render_undo
 from tests.test_properties import SETTINGS, configs_and_facts
 
 F = Config(inbound_ports=ALL, service_cidrs=ALL, local_exclude_ports=(15090, 15021, 15020), ipv6=False)

@@ -39,7 +39,7 @@ from istio_iptables.records import replace
 from istio_iptables.render.commands import render_commands
 from istio_iptables.render.json import render_json
 from istio_iptables.render.restore import render_restore
-from istio_iptables.state.tables import parse_tables
+from istio_iptables.state import parse_tables
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

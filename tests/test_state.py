@@ -38,7 +38,7 @@ from istio_iptables.capture.model import (
 )
 from istio_iptables.capture.plan import HostFacts, build_plan
 from istio_iptables.render.restore import render_restore
-from istio_iptables.state.tables import UnparsedRuleError, parse_rule, parse_tables
+from istio_iptables.state import UnparsedRuleError, parse_rule, parse_tables
 
 TCP, UDP = Protocol(Proto.TCP), Protocol(Proto.UDP)
 LO4 = IPv4Interface("127.0.0.1/32")

@@ -56,7 +56,7 @@ from istio_iptables.explain.trace import (
 from istio_iptables.explain.trace_output import render_trace_json, render_trace_text
 from istio_iptables.records import replace
 from istio_iptables.render.restore import render_restore
-from istio_iptables.state.tables import parse_tables
+from istio_iptables.state import parse_tables
 from tests.test_properties import configs_and_facts
 
 # The injector's flags (reference 2.3 / 3.8): -p 15001 -z 15006 -u 1337 -i '*' -x "" -b '*' -d 15090,15021,15020

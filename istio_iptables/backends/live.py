@@ -17,8 +17,8 @@ from istio_iptables.host import netlink
 from istio_iptables.host.hostfacts import which
 from istio_iptables.log import Log
 from istio_iptables.records import record
+from istio_iptables.state import TableState, holds_own, parse_tables
 from istio_iptables.state.nft import NftState
-from istio_iptables.state.tables import TableState, holds_own, parse_tables
 
 log = Log(__name__)
 

@@ -8,8 +8,8 @@ from istio_iptables.render.commands import render_commands
 from istio_iptables.render.iptables import ipset_payload
 from istio_iptables.render.json import render_json
 from istio_iptables.render.restore import render_restore
-from istio_iptables.state.tables import tables_holding
-from istio_iptables.state.transitions import render_transition
+from istio_iptables.state import tables_holding
+from istio_iptables.state.changes import render_transition
 
 RESTORE_COMMAND = {Family.V4: "iptables-restore --noflush", Family.V6: "ip6tables-restore --noflush"}
 

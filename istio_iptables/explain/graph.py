@@ -47,7 +47,7 @@ from istio_iptables.capture.model import (
 )
 from istio_iptables.explain.trace import kernel_chains
 from istio_iptables.records import field, mutable_record
-from istio_iptables.state.tables import tables_holding
+from istio_iptables.state import tables_holding
 
 GraphFormat = Literal["mermaid", "dot"]
 FORMATS: tuple[GraphFormat, ...] = ("mermaid", "dot")

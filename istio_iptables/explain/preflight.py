@@ -24,7 +24,7 @@ from istio_iptables.host.hostfacts import local_addresses
 from istio_iptables.records import field, mutable_record
 from istio_iptables.render.nft import BASE_CHAINS, TABLE_NAMES, render_nft
 from istio_iptables.render.restore import render_restore
-from istio_iptables.state.tables import foreign_entries, own_entries
+from istio_iptables.state import foreign_entries, own_entries
 
 
 @mutable_record

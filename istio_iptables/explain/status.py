@@ -15,8 +15,8 @@ from istio_iptables.host import routes
 from istio_iptables.host.hostfacts import which
 from istio_iptables.records import field, record
 from istio_iptables.render.nft import TABLE_NAMES
+from istio_iptables.state import Layout, compare, foreign_entries, holds_own, live_layout, own_entries
 from istio_iptables.state.nft import planned_layout
-from istio_iptables.state.tables import Layout, compare, foreign_entries, holds_own, live_layout, own_entries
 
 NATIVE = "native"
 """The variant of the native nftables tables (``--native-nftables``), which hold both families."""

@@ -100,8 +100,8 @@ from istio_iptables.records import field, mutable_record, record, replace
 from istio_iptables.render.iptables import match_arguments
 from istio_iptables.render.nft import chain_name
 from istio_iptables.render.nft import match_text as nft_match_text
+from istio_iptables.state import SavedRule, TableState, tables_holding
 from istio_iptables.state.nft import rule_text as nft_rule_text
-from istio_iptables.state.tables import SavedRule, TableState, tables_holding
 
 # ---- the flow ------------------------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ from istio_iptables.render.nft import (
     set_name,
 )
 from istio_iptables.render.nft import rule_expression as nft_rule_expression
-from istio_iptables.state.tables import Layout, SavedRule, TableState, canonical
+from istio_iptables.state import Layout, SavedRule, TableState, canonical
 
 TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
 if TYPE_CHECKING:

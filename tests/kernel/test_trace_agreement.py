@@ -47,8 +47,8 @@ from istio_iptables.capture.plan import HostFacts, build_plan
 from istio_iptables.cli import app
 from istio_iptables.explain.trace import Flow, Trace, trace
 from istio_iptables.explain.trace_output import render_trace_text
+from istio_iptables.state import TableState, parse_tables
 from istio_iptables.state.nft import parse_ruleset
-from istio_iptables.state.tables import TableState, parse_tables
 from tests.helpers import run_cli
 from tests.kernel import netlab
 from tests.kernel.netlab import (
