@@ -32,6 +32,16 @@ class ApplyError(IstioIptablesError):
     exit_code = 1
 
 
+class MissingExtraError(IstioIptablesError):
+    """A command needs Python packages the plain install does not carry: the message names the extra that
+    brings them. Raised before anything is changed."""
+
+    exit_code = 2
+
+    def __init__(self, command: str, extra: str) -> None:
+        super().__init__(f"{command} needs the {extra} extra: pip install 'istio-iptables[{extra}]'")
+
+
 class ValidationProbeError(IstioIptablesError):
     """The ``--run-validation`` probe saw no redirected connection in time (Istio's exit code)."""
 

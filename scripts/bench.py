@@ -1,7 +1,8 @@
 """Benchmarks behind scripts/bench: every figure is a median of whole-process runs, every comparison a ratio
 against a baseline measured in the same run. Everything runs in network namespaces made for it.
 
-Sections: start-up cost; apply latency of the init container's default flags (ours per backend, the bare
+Sections: start-up cost; the imports of an apply (the biggest, and their count and summed time against the
+interpreter's own); apply latency of the init container's default flags (ours per backend, the bare
 iptables-restore "floor", and "Istio's way" replayed as plain commands); scale with 10 to 10,000 entries
 (time and processes for apply, unchanged re-run, status and reconcile, and Istio's per-rule checks
 replayed); new connections per second through the capture with 0 and 10,000 exclusions; peak memory; the
@@ -230,6 +231,48 @@ def import_costs(runs: int, shown: int = 12) -> list[Row]:
         Row(f"all {len(own)} modules (the interpreter's own start-up modules included)", sum(own.values())),
         *(Row(module, seconds) for module, seconds in biggest),
     ]
+
+
+def import_counts(runs: int) -> list[Row]:
+    """A plain apply's imports (the init container's flags, applied in a fresh namespace) against the
+    interpreter's own (``python -c pass``), both under ``python -X importtime`` in this run: how many modules
+    each imports (and how many of this package), and the import time summed over them (median over runs;
+    ratio: against the interpreter's). The apply runs as ``-c 'import istio_iptables.__main__'``, so that the
+    runpy machinery of ``-m`` is not counted, and so that PYTHONPATH can point it at another checkout."""
+    baseline: list[tuple[list[str], float]] = []
+    applies: list[tuple[list[str], float]] = []
+    for _ in range(runs):
+        baseline.append(_imports([PYTHON, "-X", "importtime", "-c", "pass"]))
+        with namespace() as name:
+            apply = [PYTHON, "-X", "importtime", "-c", "import istio_iptables.__main__", *INIT_FLAGS]
+            applies.append(_imports(inside(name, apply)))
+    interpreter = statistics.median(seconds for _, seconds in baseline)
+    modules = len(baseline[0][0])
+    package = [module for module in applies[0][0] if module.partition(".")[0] == "istio_iptables"]
+    return [
+        Row(
+            "python -c pass (the interpreter's start-up)", interpreter, baseline=interpreter, note=f"{modules} modules"
+        ),
+        Row(
+            "a plain apply (the init container's flags, a fresh namespace)",
+            statistics.median(seconds for _, seconds in applies),
+            baseline=interpreter,
+            note=f"{len(applies[0][0])} modules, {len(package)} of istio_iptables",
+        ),
+    ]
+
+
+def _imports(command: list[str]) -> tuple[list[str], float]:
+    """The modules ``python -X importtime`` reports, in order, and the sum of their own times (seconds)."""
+    result = subprocess.run(command, capture_output=True, text=True, env=POD_ENV, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(command[:8])}... failed: {result.stderr.strip()[-2000:]}")
+    found = [
+        (match[2], int(match[1]) / 1e6)
+        for line in result.stderr.splitlines()
+        if (match := re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line))
+    ]
+    return [module for module, _ in found], sum(seconds for _, seconds in found)
 
 
 def apply_latency(runs: int) -> list[Row]:
@@ -758,6 +801,10 @@ def main() -> None:
     sections: list[tuple[str, Callable[[], list[Row]]]] = [
         ("Start-up", lambda: startup(args.runs)),
         ("Imports of an apply: python -X importtime, each module's own time", lambda: import_costs(args.runs)),
+        (
+            "Imports of a plain apply against the interpreter's: modules, import time summed",
+            lambda: import_counts(args.runs),
+        ),
         ("Apply latency: init container's default flags, fresh namespace per run", lambda: apply_latency(args.runs)),
         ("Scale: entries in -x, -o, -d", lambda: scale(sizes, args.replay_sample)),
         (

@@ -15,7 +15,7 @@ import pytest
 from istio_iptables.backends import libiptc
 from istio_iptables.capture.config import IptablesVariant
 from istio_iptables.capture.model import Family
-from istio_iptables.errors import ApplyError
+from istio_iptables.errors import ApplyError, MissingExtraError
 
 
 class FakeIPTCError(Exception):
@@ -48,7 +48,9 @@ def test_without_python_iptables_the_extra_is_named(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(libiptc, "_import_iptc", missing)
     monkeypatch.delenv("XTABLES_LIBDIR", raising=False)  # set on the way, undone after the test
     libiptc._iptc.cache_clear()  # an earlier test may have imported it for real
-    with pytest.raises(ApplyError, match=r"pip install 'istio-iptables\[libiptc\]'"):
+    with pytest.raises(
+        MissingExtraError, match=r"^--backend libiptc needs the libiptc extra: pip install 'istio-iptables\[libiptc\]'$"
+    ):
         libiptc.detect(Family.V4, {})
 
 

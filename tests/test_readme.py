@@ -146,6 +146,7 @@ EXTERNAL_NAMES = {
     "IPV6_V6ONLY": "a socket option",
     "GLIBC_2": "glibc's symbol versions (GLIBC_2.35)",
     "CA_BUNDLE_BASE64": "the placeholder deploy/webhook.yaml holds for the webhook's caBundle",
+    "APT_LOCK_SECONDS": "the bound of scripts/apt-get-waiting, which reads it",
 }
 
 

@@ -33,7 +33,7 @@ from functools import cache
 from istio_iptables.backends.restore import PROBE_CHAIN, Feature, Iptables, _run, _save, command, features_of
 from istio_iptables.capture.config import IptablesVariant
 from istio_iptables.capture.model import Family, Table
-from istio_iptables.errors import ApplyError
+from istio_iptables.errors import ApplyError, MissingExtraError
 from istio_iptables.host import locks, netns
 from istio_iptables.host.hostfacts import which
 from istio_iptables.log import Log
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = Log(__name__)
 
 LEGACY, NFT = IptablesVariant.LEGACY, IptablesVariant.NFT
-INSTALL_HINT = "install the libiptc extra: pip install 'istio-iptables[libiptc]'"
 _LOCK_TIMEOUT = 60.0
 _WORKER_TIMEOUT = 60.0
 _WORKER_REFUSED = 3
@@ -602,7 +601,7 @@ def _iptc() -> Any:
             iptc = _import_iptc()
     except ImportError as error:
         if error.name == "iptc":
-            raise ApplyError(f"--backend libiptc needs python-iptables: {INSTALL_HINT}") from None
+            raise MissingExtraError("--backend libiptc", "libiptc") from None
         raise ApplyError(f"python-iptables cannot be loaded: {error}; or use --backend restore") from None
     except Exception as error:
         raise ApplyError(

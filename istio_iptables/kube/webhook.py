@@ -28,11 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import jsonpatch
-from aiohttp import web
-
-from istio_iptables.errors import ConfigError, HostError
+from istio_iptables.errors import ConfigError, HostError, MissingExtraError
 from istio_iptables.log import Log
+
+try:
+    import jsonpatch
+    from aiohttp import web
+except ModuleNotFoundError:  # the plain install has neither; this module is the only one that needs them
+    raise MissingExtraError("webhook", "webhook") from None
 
 log = Log(__name__)
 
