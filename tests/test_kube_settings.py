@@ -52,7 +52,7 @@ def test_settings_not_about_the_capture_are_accepted() -> None:
             "values.sidecarInjectorWebhook.rewriteAppHTTPProbe=false",
             "profile=demo",
             "hub=example.com/istio",
-            "components.ingressGateways.enabled=false",
+            "components.ingressGateways[0].enabled=false",
             "meshConfig.accessLogFile=/dev/stdout",
         ]
     )
@@ -85,8 +85,8 @@ def test_a_bad_setting_is_refused_naming_it(assignment: str, named: str) -> None
 
 
 def test_a_set_through_a_scalar_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"values\.global\.hub is not a map"):
-        load_settings(["values.global.hub=x", "values.global.hub.y=1"])
+    with pytest.raises(ConfigError, match=r"values\.pilot\.env is not a map"):
+        load_settings(["values.pilot.env=x", "values.pilot.env.A=1"])
 
 
 def test_a_values_tree_must_be_a_map() -> None:

@@ -3,15 +3,19 @@
 
 They come from ``--set PATH=VALUE`` (istioctl's syntax), a values tree as the ``istio-sidecar-injector``
 ConfigMap holds it, and a mesh config, and are laid over the chart's defaults. Settings that do not concern the
-capture are kept and ignored. Pure: the caller reads the files.
+capture are kept and ignored; a setting Istio does not have is refused. Pure: the caller reads the files (this
+module reads only its vendored list of Istio's settings).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from istio_iptables.errors import ConfigError
@@ -52,12 +56,6 @@ DEFAULT_MESH: Mapping[str, Any] = {
     "defaultConfig": {"interceptionMode": "REDIRECT", "proxyMetadata": {}},
 }
 
-_OPERATOR_FIELDS = frozenset(
-    {"profile", "installPackagePath", "hub", "tag", "namespace", "revision", "compatibilityVersion", "components"}
-)
-"""The other top-level fields of an IstioOperator spec, which istioctl's --set also takes: accepted, and
-(but for components.cni.enabled) of no concern to the capture."""
-
 _BOOLEANS = (
     "values.global.logAsJson",
     "values.global.nativeNftables",
@@ -79,22 +77,11 @@ _MAPS = (
     "meshConfig.defaultConfig",
 )
 """The branches the capture reads below: a scalar there would silently read as all defaults."""
-_KNOWN_KEYS: Mapping[str, frozenset[str]] = {
-    "values.global.proxy": frozenset(
-        {
-            *("autoInject", "clusterDomain", "componentLogLevel", "concurrency", "enableCoreDump", "image"),
-            *("includeIPRanges", "excludeIPRanges", "includeInboundPorts", "excludeInboundPorts"),
-            *("includeOutboundPorts", "excludeOutboundPorts", "holdApplicationUntilProxyStarts", "lifecycle"),
-            *("logLevel", "outlierLogPath", "privileged", "readinessFailureThreshold", "readinessInitialDelaySeconds"),
-            *("readinessPeriodSeconds", "resources", "seccompProfile", "startupProbe", "statusPort", "tracer"),
-        }
-    ),
-    "values.global.proxy_init": frozenset({"image", "forceApplyIptables", "resources"}),
-}
-"""The keys Istio's chart knows in the branches the capture reads (``values.global.proxy``'s and
-``proxy_init``'s, from istio-discovery's values.yaml and values_types.proto): a key beside them is a
-misspelling that Istio too would ignore, refused here. Elsewhere Istio's settings are many and not ours to
-list: they are kept and ignored."""
+KNOWN_KEYS_FILE = Path(__file__).with_name("istio_keys.json")
+"""Every setting path Istio knows, as an IstioOperator spec (``values``, ``meshConfig``, ``components``, ...),
+vendored from Istio's sources by scripts/vendor_istio_keys.py: a node maps its keys to their nodes, or is
+ANY_KEY (a free-form map such as labels or proxyMetadata: any key below) or a value (nothing below)."""
+ANY_KEY = "*"
 _PULL_POLICIES = ("", "Always", "IfNotPresent", "Never")
 _INTERCEPTION_MODES = ("REDIRECT", "TPROXY", "NONE")
 
@@ -119,16 +106,15 @@ class Settings:
         Raises ConfigError naming the setting when one is malformed or of the wrong type."""
         tree: dict[str, Any] = {"values": _merged(DEFAULT_VALUES, _tree(values, "--values")), "components": {}}
         tree["meshConfig"] = _merged(DEFAULT_MESH, _tree(mesh_config, "--mesh-config"))
+        for what, root, document in (("--values", "values", values), ("--mesh-config", "meshConfig", mesh_config)):
+            for path in _key_paths(document, (root,)):
+                if problem := unknown_setting(path):
+                    raise ConfigError(f"invalid value for {what}: {problem}")
         for assignment in sets:
             path, value = _parse_set(assignment)
-            if problem := _unknown(path):
+            if problem := unknown_setting(path):
                 raise ConfigError(f"invalid value for --set: '{assignment}': {problem}")
             _put(tree, path, value, assignment)
-        for branch in _KNOWN_KEYS:
-            keys = _lookup(values, tuple(branch.split("."))[1:])
-            for key in keys if isinstance(keys, Mapping) else ():
-                if problem := _unknown((*branch.split("."), str(key))):
-                    raise ConfigError(f"invalid value for --values: {problem}")
         for branch in _MAPS:
             _check(tree, branch, lambda value: isinstance(value, Mapping), "must be a map of settings")
         for boolean in _BOOLEANS:
@@ -198,24 +184,42 @@ def _parse_set(assignment: str) -> tuple[tuple[str, ...], Any]:
     keys = tuple(path.split("."))
     if not equals or not path or "" in keys:
         raise ConfigError(f"invalid value for --set: '{assignment}': must be PATH=VALUE (e.g. values.global.x=y)")
-    if keys[0] not in ("values", "meshConfig") and keys[0] not in _OPERATOR_FIELDS:
-        raise ConfigError(
-            f"invalid value for --set: '{assignment}': unknown setting '{keys[0]}' "
-            "(values.…, meshConfig.…, components.… or another IstioOperator field)"
-        )
     return keys, parse_set_value(text)
 
 
-def _unknown(path: tuple[str, ...]) -> str:
-    """What is wrong with a key that Istio's chart does not have in a branch whose keys it lists, naming the
-    nearest known key; empty when the path is known or not ours to know."""
-    for depth in range(1, len(path)):
-        known = _KNOWN_KEYS.get(".".join(path[:depth]))
-        if known is not None and path[depth] not in known:
-            nearest = difflib.get_close_matches(path[depth], sorted(known), n=1)
+@functools.cache
+def known_keys() -> Mapping[str, Any]:
+    """The vendored tree of Istio's setting paths (KNOWN_KEYS_FILE), read when a setting is given."""
+    keys: Mapping[str, Any] = json.loads(KNOWN_KEYS_FILE.read_text())["keys"]
+    return keys
+
+
+def unknown_setting(path: tuple[str, ...]) -> str:
+    """What is wrong with a setting path Istio does not know (a misspelling that Istio too would ignore, or
+    refuse), naming the nearest known key; empty when the path is known."""
+    node: Any = known_keys()
+    for depth, key in enumerate(path):
+        if node == ANY_KEY:
+            return ""
+        name = key.partition("[")[0]
+        if isinstance(node, Mapping) and name in node and name != key:
+            return ""  # istioctl's list element (ingressGateways[0]): a list's elements are not listed
+        if not isinstance(node, Mapping) or key not in node:
+            nearest = difflib.get_close_matches(key, sorted(node), n=1) if isinstance(node, Mapping) else []
             hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
             return f"unknown setting '{'.'.join(path[: depth + 1])}'{hint}"
+        node = node[key]
     return ""
+
+
+def _key_paths(document: Any, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    """The path of each key of a settings tree, down to the values (lists and scalars are not entered)."""
+    for key, value in document.items() if isinstance(document, Mapping) else ():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping) and value:
+            yield from _key_paths(value, path)
+        else:
+            yield path
 
 
 def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any, assignment: str) -> None:
