@@ -50,7 +50,8 @@ def frozen_build() -> Path:
     again here when any source file is newer than the build."""
     build = netlab.ROOT / "dist" / cnilab.PLUGIN_NAME
     executable = build / cnilab.PLUGIN_NAME
-    sources = [*netlab.ROOT.joinpath("istio_iptables").rglob("*.py"), netlab.ROOT / "scripts" / "build-cni-plugin"]
+    package = netlab.ROOT / "istio_iptables"
+    sources = [*package.rglob("*.py"), *package.rglob("*.json"), netlab.ROOT / "scripts" / "build-cni-plugin"]
     if not executable.exists() or executable.stat().st_mtime < max(path.stat().st_mtime for path in sources):
         built = subprocess.run(
             [str(netlab.ROOT / "scripts" / "build-cni-plugin")],
