@@ -71,6 +71,13 @@ def test_a_misspelt_values_or_mesh_config_key_is_refused() -> None:
         load_settings(mesh_config={"defaultConfg": {"interceptionMode": "TPROXY"}})
 
 
+def test_a_mesh_config_in_the_proto_spelling_is_refused_not_ignored() -> None:
+    """Istio reads default_config as defaultConfig; the capture reads only the JSON spelling, so the other is
+    refused, with the spelling to use, rather than silently left out."""
+    with pytest.raises(ConfigError, match=r"'meshConfig\.default_config'; did you mean 'defaultConfig'\?$"):
+        load_settings(mesh_config={"default_config": {"interceptionMode": "TPROXY"}})
+
+
 def test_istios_own_settings_load() -> None:
     """A values tree as istiod's injector ConfigMap holds it, with Istio's chart keys the capture ignores."""
     load_settings(
