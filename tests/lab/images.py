@@ -44,7 +44,7 @@ BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 # step keeps them) and pip told to use it, as pip on this machine is.
 BASE_HOOK = (
     'cp -a /etc/ssl/certs/. "$1/etc/ssl/certs/"; '
-    'if [ -d /usr/local/share/ca-certificates ]; then '
+    "if [ -d /usr/local/share/ca-certificates ]; then "
     'cp -a /usr/local/share/ca-certificates/. "$1/usr/local/share/ca-certificates/"; fi; '
     'printf "[global]\\ncert = /etc/ssl/certs/ca-certificates.crt\\n" >"$1/etc/pip.conf"; '
     'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin'
@@ -165,7 +165,12 @@ def pause_image() -> Image:
                 layer = Path(work, "layer.tar")
                 with tarfile.open(layer, "w") as tar:
                     tar.add(binary, "pause")
-                write_oci_archive(archive, PAUSE_IMAGE, layer, {"Entrypoint": ["/pause"], "User": "65535:65535"}, "gcc -static pause.c"
+                write_oci_archive(
+                    archive,
+                    PAUSE_IMAGE,
+                    layer,
+                    {"Entrypoint": ["/pause"], "User": "65535:65535"},
+                    "gcc -static pause.c",
                 )
     return Image(PAUSE_IMAGE, archive)
 
@@ -189,7 +194,9 @@ def apt_sources(suite: str) -> str:
                 if "deb" not in fields.get("Types", "").split() or fields.get("Enabled", "yes").lower() == "no":
                     continue
                 for uri in fields.get("URIs", "").split():
-                    lines += [f"deb {uri} {s} {fields.get('Components', 'main')}" for s in fields.get("Suites", "").split()]
+                    lines += [
+                        f"deb {uri} {s} {fields.get('Components', 'main')}" for s in fields.get("Suites", "").split()
+                    ]
         else:
             for line in text.splitlines():
                 words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
@@ -243,9 +250,7 @@ def dockerfile_image(dockerfile: str, name: str) -> Image:
     exported as an archive ``ctr`` imports. The base is made locally under the FROM name; nothing is pulled."""
     path = ROOT / dockerfile
     text = path.read_text()
-    base_name = next(
-        line.split()[1] for line in text.splitlines() if line.strip().upper().startswith("FROM ")
-    )
+    base_name = next(line.split()[1] for line in text.splitlines() if line.strip().upper().startswith("FROM "))
     base = base_image(base_name)
     ignore = dockerignore(path)
     key = _digest(json.dumps([dockerfile, name, text, base.archive.name, _context_digest(ignore)]).encode())
@@ -260,10 +265,11 @@ def dockerfile_image(dockerfile: str, name: str) -> Image:
                       "--storage-driver", "overlay"]  # fmt: skip
             _run([*wrap, *common, "pull", "--quiet", f"oci-archive:{base.archive}"], timeout=BUILD_TIMEOUT)
             # RUN steps share this machine's network (to reach apt's mirror and PyPI) but not its
-            # capabilities: buildah gives them Docker's default set, without NET_ADMIN.
+            # capabilities: buildah gives them Docker's default set, without NET_ADMIN. The docker format
+            # keeps SHELL (the OCI format ignores it, and the steps rely on bash's pipefail).
             _run(
-                [*wrap, *common, "bud", "--pull=never", "--layers", "--network", "host", "--isolation", "oci", "--format", "docker",
-                 "--ignorefile", str(ignore), "-f", str(path), "-t", normalized(name), str(ROOT)],
+                [*wrap, *common, "bud", "--pull=never", "--layers", "--network", "host", "--isolation", "oci",
+                 "--format", "docker", "--ignorefile", str(ignore), "-f", str(path), "-t", normalized(name), str(ROOT)],
                 timeout=BUILD_TIMEOUT,
             )  # fmt: skip
             partial = archive.with_suffix(".partial")
@@ -304,7 +310,7 @@ def _shadowed_var_lib() -> Iterator[tuple[Path, list[str]]]:
             (work / folder).mkdir()
         script = work / "inner.sh"
         script.write_text(
-            'set -eu\nwork=$1\nshift\nmount -t tmpfs -o mode=0755 tmpfs /run\n'
+            "set -eu\nwork=$1\nshift\nmount -t tmpfs -o mode=0755 tmpfs /run\n"
             'mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$work/upper,workdir=$work/work" /var/lib\n'
             'exec "$@"\n'
         )
