@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("ISTIO_IPTABLES_LAB_CACHE", "/var/cache/istio-iptables-lab"))
 PAUSE_IMAGE = "lab.local/pause:1"
 BUILD_TIMEOUT = 1200
+KEEP = 4
+"""Archives kept per kind (the most recently used): other worktrees and branches build other keys."""
 FORMAT = 2
 """Bumped when the archives this module writes change shape (part of every cache key)."""
 
@@ -158,7 +160,7 @@ def pause_image() -> Image:
     source = HERE / "pause.c"
     archive = CACHE / f"pause-{_digest(source.read_bytes() + bytes([FORMAT]))}.tar"
     with _cache_lock():
-        if not archive.exists():
+        if not _cached(archive):
             with tempfile.TemporaryDirectory() as work:
                 binary = Path(work, "pause")
                 _run(["gcc", "-static", "-O2", "-o", str(binary), str(source)], timeout=120)
@@ -227,7 +229,7 @@ def base_image(name: str, suite: str = "bookworm") -> Image:
     key = _digest(json.dumps([name, suite, BASE_PACKAGES, BASE_ENV, BASE_HOOK, sources, FORMAT]).encode())
     archive = CACHE / f"base-{key}.tar"
     with _cache_lock():
-        if not archive.exists():
+        if not _cached(archive):
             with tempfile.TemporaryDirectory(dir=CACHE) as work:
                 layer = Path(work, "rootfs.tar")
                 sources_file = Path(work, "sources.list")
@@ -239,6 +241,7 @@ def base_image(name: str, suite: str = "bookworm") -> Image:
                 )  # fmt: skip
                 env = [f"{key}={value}" for key, value in BASE_ENV.items()]
                 write_oci_archive(archive, normalized(name), layer, {"Env": env, "Cmd": ["python3.11"]}, "mmdebstrap")
+            _prune(archive)
     return Image(name, archive)
 
 
@@ -256,7 +259,7 @@ def dockerfile_image(dockerfile: str, name: str) -> Image:
     key = _digest(json.dumps([dockerfile, name, text, base.archive.name, _context_digest(ignore)]).encode())
     archive = CACHE / f"{path.name.lower().replace('.', '-')}-{key}.tar"
     with _cache_lock():
-        if archive.exists():
+        if _cached(archive):
             return Image(name, archive)
         storage = CACHE / "buildah"
         storage.mkdir(exist_ok=True)
@@ -276,6 +279,7 @@ def dockerfile_image(dockerfile: str, name: str) -> Image:
             partial.unlink(missing_ok=True)
             _run([*wrap, *common, "push", "--quiet", normalized(name), f"docker-archive:{partial}:{name}"], timeout=600)
             partial.rename(archive)
+        _prune(archive)
     return Image(name, archive)
 
 
@@ -324,6 +328,22 @@ def _cache_lock() -> Iterator[None]:
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def _cached(archive: Path) -> bool:
+    """Whether ``archive`` is built; a hit counts as a use (its mtime), which pruning goes by."""
+    if not archive.exists():
+        return False
+    os.utime(archive)
+    return True
+
+
+def _prune(archive: Path) -> None:
+    """Drop all but the KEEP most recently used archives of ``archive``'s kind (its name up to the key)."""
+    kind = archive.name.rsplit("-", 1)[0]
+    siblings = sorted(CACHE.glob(f"{kind}-*.tar"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for stale in [path for path in siblings if path.name.rsplit("-", 1)[0] == kind][KEEP:]:
+        stale.unlink(missing_ok=True)
 
 
 def _digest(data: bytes) -> str:
