@@ -41,6 +41,8 @@ NETWORK_NAME = "lab"
 CONFLIST = "10-lab.conflist"
 K8S_NAMESPACE = "k8s.io"
 STOP_TIMEOUT = 20.0
+CONTAINERD_STOP_TIMEOUT = 5.0
+"""containerd sometimes takes long to shut down; its state is thrown away anyway, so it is then killed."""
 _counter = itertools.count()
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
 
@@ -325,7 +327,7 @@ def teardown(tag: str, process: subprocess.Popen[bytes] | None = None) -> None:
     if process is not None and process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=STOP_TIMEOUT)
+            process.wait(timeout=CONTAINERD_STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=STOP_TIMEOUT)
