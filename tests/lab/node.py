@@ -312,6 +312,10 @@ INNER_SCRIPT = """\
 set -eu
 top=$1
 mount -t tmpfs -o mode=0755 tmpfs /run
+# containerd's root (content store, unpacked images) in memory: removing tens of thousands of files from
+# disk took longer than the whole session's pods, and the files go with the mount namespace.
+mkdir -p "$top/root"
+mount -t tmpfs -o mode=0711 tmpfs "$top/root"
 mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$top/var-lib/upper,workdir=$top/var-lib/work" /var/lib
 exec containerd --config "$top/containerd.toml"
 """
