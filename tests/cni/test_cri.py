@@ -1,0 +1,89 @@
+"""The CRI client's pure parts: records to messages (as containerd 1.6 reads them) and the CRI log format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from istio_iptables.cni import cri
+from istio_iptables.cni.cri import _container_config, _sandbox_config
+from istio_iptables.cni.cri_api import api_pb2 as api
+
+PROTO = Path(api.__file__).with_name("api.proto")
+
+
+def test_env_values_are_bytes_as_containerd_1_6_reads_them() -> None:
+    message = _container_config(cri.ContainerConfig(name="app", image="app:1", env={"GREETING": "grüß"}))
+    (pair,) = message.envs
+    assert (pair.key, pair.value) == ("GREETING", "grüß".encode())
+
+
+def test_the_security_context_maps_field_by_field() -> None:
+    security = cri.SecurityContext(
+        run_as_user=1337,
+        run_as_group=1337,
+        readonly_rootfs=True,
+        no_new_privs=True,
+        add_capabilities=("NET_ADMIN",),
+        drop_capabilities=("ALL",),
+        seccomp_runtime_default=True,
+        masked_paths=("/proc/kcore",),
+        readonly_paths=("/proc/sys",),
+    )
+    context = _container_config(cri.ContainerConfig(name="a", image="a:1", security=security)).linux.security_context
+    assert (context.run_as_user.value, context.run_as_group.value) == (1337, 1337)
+    assert context.readonly_rootfs and context.no_new_privs and not context.privileged
+    assert list(context.capabilities.add_capabilities) == ["NET_ADMIN"]
+    assert list(context.capabilities.drop_capabilities) == ["ALL"]
+    assert context.seccomp.profile_type == api.SecurityProfile.RuntimeDefault
+    assert context.seccomp_profile_path == "runtime/default"
+    assert (list(context.masked_paths), list(context.readonly_paths)) == (["/proc/kcore"], ["/proc/sys"])
+    # Root is not asked for when no user is given: the image's USER applies.
+    unset = _container_config(cri.ContainerConfig(name="a", image="a:1")).linux.security_context
+    assert not unset.HasField("run_as_user")
+    assert unset.seccomp.profile_type == api.SecurityProfile.Unconfined
+
+
+def test_a_host_network_sandbox_shares_the_nodes_network_and_hostname() -> None:
+    pod = _sandbox_config(cri.SandboxConfig(name="p", namespace="n", uid="u"))
+    host = _sandbox_config(cri.SandboxConfig(name="p", namespace="n", uid="u", host_network=True))
+    assert (pod.linux.security_context.namespace_options.network, pod.hostname) == (api.POD, "p")
+    assert (host.linux.security_context.namespace_options.network, host.hostname) == (api.NODE, "")
+
+
+def test_log_lines_join_partial_lines_and_keep_the_stream(tmp_path: Path) -> None:
+    log = tmp_path / "0.log"
+    log.write_text(
+        "2026-01-01T00:00:00.000000001Z stdout P hello \n"
+        "2026-01-01T00:00:00.000000002Z stdout F world\n"
+        "2026-01-01T00:00:00.000000003Z stderr F a  spaced  line\n"
+    )
+    assert list(cri.log_lines(str(log))) == [("stdout", "hello world"), ("stderr", "a  spaced  line")]
+
+
+def test_the_committed_stubs_are_those_of_the_vendored_proto(tmp_path: Path) -> None:
+    """scripts/regen-cri was run after the last change of api.proto (the descriptor compiled into api_pb2
+    is the one protoc makes of the proto now)."""
+    protoc = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools (the dev extra) compiles the proto")
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "api.desc"
+    assert protoc.main(["protoc", "-I", str(root), f"--descriptor_set_out={out}", str(PROTO.relative_to(root))]) == 0
+    (compiled,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    committed = descriptor_pb2.FileDescriptorProto.FromString(api.DESCRIPTOR.serialized_pb)
+    assert _without_json_names(compiled) == _without_json_names(committed)
+
+
+def _without_json_names(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    """The descriptor without the json_name of each field, which a descriptor set carries and the Python
+    generator leaves out."""
+    copy = descriptor_pb2.FileDescriptorProto()
+    copy.CopyFrom(file)
+    messages = list(copy.message_type)
+    while messages:
+        message = messages.pop()
+        messages.extend(message.nested_type)
+        for item in message.field:
+            item.ClearField("json_name")
+    return copy
