@@ -144,6 +144,7 @@ EXTERNAL_NAMES = {
     "SO_MARK": "a socket option",
     "SO_ORIGINAL_DST": "a socket option",
     "IPV6_V6ONLY": "a socket option",
+    "ISTIO_IPTABLES_LAB_CACHE": "the kubelet lab's image cache (tests/lab/images.py)",
     "GLIBC_2": "glibc's symbol versions (GLIBC_2.35)",
     "CA_BUNDLE_BASE64": "the placeholder deploy/webhook.yaml holds for the webhook's caBundle",
     "APT_LOCK_SECONDS": "the bound of scripts/apt-get-waiting, which reads it",
