@@ -196,7 +196,12 @@ class Kubelet:
             host_network=bool(spec.get("hostNetwork", False)),
         )
         volumes = self._volumes(spec, uid, config_maps or {})
-        sandbox_id = self.node.runtime.run_sandbox(config)
+        try:
+            sandbox_id = self.node.runtime.run_sandbox(config)
+        except cri.CriError:
+            # A failed ADD fails RunPodSandbox; containerd has removed the sandbox, the volumes are ours.
+            shutil.rmtree(self.node.paths.volumes / uid, ignore_errors=True)
+            raise
         pod = Pod(self.node, pod_doc, sandbox_id, config)
         self.pods.append(pod)
         try:
