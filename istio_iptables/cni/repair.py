@@ -217,8 +217,10 @@ def _name(sandbox: cri.Sandbox) -> str:
 
 
 def _identity(path: str) -> tuple[int, int] | None:
+    """The namespace a path holds, or None when it holds none: a runtime's bind mount seen from another mount
+    namespace is the empty file under it, which only the namespace file system (nsfs) tells apart."""
     try:
-        found = os.stat(path)
+        found, namespaces = os.stat(path), os.stat("/proc/thread-self/ns/net")
     except OSError:
         return None
-    return found.st_dev, found.st_ino
+    return (found.st_dev, found.st_ino) if found.st_dev == namespaces.st_dev else None
