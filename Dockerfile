@@ -41,7 +41,7 @@
 # Try it:  docker run --rm --read-only --cap-drop ALL --cap-add NET_ADMIN --cap-add NET_RAW \
 #            --tmpfs /run/istio-iptables istio-iptables:0.1.0 --dry-run -p 15001 -z 15006 -u 1337 ...
 #          (outside Kubernetes, applying needs --allow-host-namespace: no KUBERNETES_SERVICE_HOST there)
-# scripts/check-image-install checks these install steps on a Debian 12 machine without Docker.
+# The tests build this file unchanged with buildah and run its pods on containerd (docs/development.md).
 
 # A tag of the official image, not a digest: the release pipeline may pin @sha256:... on top.
 FROM python:3.11-slim-bookworm

@@ -263,8 +263,9 @@ class Runtime:
         """A command in a running container, with its user and security context; its output as text."""
         request = api.ExecSyncRequest(container_id=container_id, cmd=list(argv), timeout=timeout)
         response = self._call("ExecSync", request)
-        decode = lambda data: data.decode(errors="replace")  # noqa: E731
-        return ExecResult(response.exit_code, decode(response.stdout), decode(response.stderr))
+        stdout: bytes = response.stdout
+        stderr: bytes = response.stderr
+        return ExecResult(response.exit_code, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
 
     # --- images ------------------------------------------------------------------------------------------
 
@@ -312,7 +313,8 @@ def _sandbox(item: Any) -> Sandbox:
 def _sandbox_config(config: SandboxConfig) -> Any:
     message = api.PodSandboxConfig(
         metadata=api.PodSandboxMetadata(name=config.name, namespace=config.namespace, uid=config.uid),
-        hostname=config.hostname or config.name,
+        # A pod on the node's network has the node's UTS namespace, hence its hostname (as the kubelet does).
+        hostname="" if config.host_network else config.hostname or config.name,
         log_directory=config.log_directory,
         labels=dict(config.labels),
         annotations=dict(config.annotations),

@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("ISTIO_IPTABLES_LAB_CACHE", "/var/cache/istio-iptables-lab"))
 PAUSE_IMAGE = "lab.local/pause:1"
 BUILD_TIMEOUT = 1200
+KEEP = 4
+"""Archives kept per kind (the most recently used): other worktrees and branches build other keys."""
 FORMAT = 2
 """Bumped when the archives this module writes change shape (part of every cache key)."""
 
@@ -44,7 +46,7 @@ BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 # step keeps them) and pip told to use it, as pip on this machine is.
 BASE_HOOK = (
     'cp -a /etc/ssl/certs/. "$1/etc/ssl/certs/"; '
-    'if [ -d /usr/local/share/ca-certificates ]; then '
+    "if [ -d /usr/local/share/ca-certificates ]; then "
     'cp -a /usr/local/share/ca-certificates/. "$1/usr/local/share/ca-certificates/"; fi; '
     'printf "[global]\\ncert = /etc/ssl/certs/ca-certificates.crt\\n" >"$1/etc/pip.conf"; '
     'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin'
@@ -158,14 +160,19 @@ def pause_image() -> Image:
     source = HERE / "pause.c"
     archive = CACHE / f"pause-{_digest(source.read_bytes() + bytes([FORMAT]))}.tar"
     with _cache_lock():
-        if not archive.exists():
+        if not _cached(archive):
             with tempfile.TemporaryDirectory() as work:
                 binary = Path(work, "pause")
                 _run(["gcc", "-static", "-O2", "-o", str(binary), str(source)], timeout=120)
                 layer = Path(work, "layer.tar")
                 with tarfile.open(layer, "w") as tar:
                     tar.add(binary, "pause")
-                write_oci_archive(archive, PAUSE_IMAGE, layer, {"Entrypoint": ["/pause"], "User": "65535:65535"}, "gcc -static pause.c"
+                write_oci_archive(
+                    archive,
+                    PAUSE_IMAGE,
+                    layer,
+                    {"Entrypoint": ["/pause"], "User": "65535:65535"},
+                    "gcc -static pause.c",
                 )
     return Image(PAUSE_IMAGE, archive)
 
@@ -189,7 +196,9 @@ def apt_sources(suite: str) -> str:
                 if "deb" not in fields.get("Types", "").split() or fields.get("Enabled", "yes").lower() == "no":
                     continue
                 for uri in fields.get("URIs", "").split():
-                    lines += [f"deb {uri} {s} {fields.get('Components', 'main')}" for s in fields.get("Suites", "").split()]
+                    lines += [
+                        f"deb {uri} {s} {fields.get('Components', 'main')}" for s in fields.get("Suites", "").split()
+                    ]
         else:
             for line in text.splitlines():
                 words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
@@ -220,7 +229,7 @@ def base_image(name: str, suite: str = "bookworm") -> Image:
     key = _digest(json.dumps([name, suite, BASE_PACKAGES, BASE_ENV, BASE_HOOK, sources, FORMAT]).encode())
     archive = CACHE / f"base-{key}.tar"
     with _cache_lock():
-        if not archive.exists():
+        if not _cached(archive):
             with tempfile.TemporaryDirectory(dir=CACHE) as work:
                 layer = Path(work, "rootfs.tar")
                 sources_file = Path(work, "sources.list")
@@ -232,6 +241,7 @@ def base_image(name: str, suite: str = "bookworm") -> Image:
                 )  # fmt: skip
                 env = [f"{key}={value}" for key, value in BASE_ENV.items()]
                 write_oci_archive(archive, normalized(name), layer, {"Env": env, "Cmd": ["python3.11"]}, "mmdebstrap")
+            _prune(archive)
     return Image(name, archive)
 
 
@@ -243,15 +253,13 @@ def dockerfile_image(dockerfile: str, name: str) -> Image:
     exported as an archive ``ctr`` imports. The base is made locally under the FROM name; nothing is pulled."""
     path = ROOT / dockerfile
     text = path.read_text()
-    base_name = next(
-        line.split()[1] for line in text.splitlines() if line.strip().upper().startswith("FROM ")
-    )
+    base_name = next(line.split()[1] for line in text.splitlines() if line.strip().upper().startswith("FROM "))
     base = base_image(base_name)
     ignore = dockerignore(path)
     key = _digest(json.dumps([dockerfile, name, text, base.archive.name, _context_digest(ignore)]).encode())
     archive = CACHE / f"{path.name.lower().replace('.', '-')}-{key}.tar"
     with _cache_lock():
-        if archive.exists():
+        if _cached(archive):
             return Image(name, archive)
         storage = CACHE / "buildah"
         storage.mkdir(exist_ok=True)
@@ -260,16 +268,18 @@ def dockerfile_image(dockerfile: str, name: str) -> Image:
                       "--storage-driver", "overlay"]  # fmt: skip
             _run([*wrap, *common, "pull", "--quiet", f"oci-archive:{base.archive}"], timeout=BUILD_TIMEOUT)
             # RUN steps share this machine's network (to reach apt's mirror and PyPI) but not its
-            # capabilities: buildah gives them Docker's default set, without NET_ADMIN.
+            # capabilities: buildah gives them Docker's default set, without NET_ADMIN. The docker format
+            # keeps SHELL (the OCI format ignores it, and the steps rely on bash's pipefail).
             _run(
-                [*wrap, *common, "bud", "--pull=never", "--layers", "--network", "host", "--isolation", "oci", "--format", "docker",
-                 "--ignorefile", str(ignore), "-f", str(path), "-t", normalized(name), str(ROOT)],
+                [*wrap, *common, "bud", "--pull=never", "--layers", "--network", "host", "--isolation", "oci",
+                 "--format", "docker", "--ignorefile", str(ignore), "-f", str(path), "-t", normalized(name), str(ROOT)],
                 timeout=BUILD_TIMEOUT,
             )  # fmt: skip
             partial = archive.with_suffix(".partial")
             partial.unlink(missing_ok=True)
             _run([*wrap, *common, "push", "--quiet", normalized(name), f"docker-archive:{partial}:{name}"], timeout=600)
             partial.rename(archive)
+        _prune(archive)
     return Image(name, archive)
 
 
@@ -304,7 +314,7 @@ def _shadowed_var_lib() -> Iterator[tuple[Path, list[str]]]:
             (work / folder).mkdir()
         script = work / "inner.sh"
         script.write_text(
-            'set -eu\nwork=$1\nshift\nmount -t tmpfs -o mode=0755 tmpfs /run\n'
+            "set -eu\nwork=$1\nshift\nmount -t tmpfs -o mode=0755 tmpfs /run\n"
             'mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$work/upper,workdir=$work/work" /var/lib\n'
             'exec "$@"\n'
         )
@@ -318,6 +328,22 @@ def _cache_lock() -> Iterator[None]:
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def _cached(archive: Path) -> bool:
+    """Whether ``archive`` is built; a hit counts as a use (its mtime), which pruning goes by."""
+    if not archive.exists():
+        return False
+    os.utime(archive)
+    return True
+
+
+def _prune(archive: Path) -> None:
+    """Drop all but the KEEP most recently used archives of ``archive``'s kind (its name up to the key)."""
+    kind = archive.name.rsplit("-", 1)[0]
+    siblings = sorted(CACHE.glob(f"{kind}-*.tar"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for stale in [path for path in siblings if path.name.rsplit("-", 1)[0] == kind][KEEP:]:
+        stale.unlink(missing_ok=True)
 
 
 def _digest(data: bytes) -> str:

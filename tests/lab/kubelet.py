@@ -133,7 +133,11 @@ class Pod:
     def in_netns(self, *argv: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
         """A command of this machine (as root) in the pod's network namespace, e.g. iptables-save."""
         result = subprocess.run(
-            ["nsenter", f"--net={self.netns}", "--", *argv], capture_output=True, text=True, timeout=timeout, check=False
+            ["nsenter", f"--net={self.netns}", "--", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if check and result.returncode != 0:
             raise PodError(f"{' '.join(argv)} in pod {self.name} exited {result.returncode}: {result.stderr.strip()}")
@@ -277,7 +281,9 @@ class Kubelet:
             elif "hostPath" in volume:
                 host_path = volume["hostPath"]["path"]
                 if host_path not in self.node.host_paths:
-                    raise PodError(f"volume {name}: hostPath {host_path} is none of the node's {sorted(self.node.host_paths)}")
+                    raise PodError(
+                        f"volume {name}: hostPath {host_path} is none of the node's {sorted(self.node.host_paths)}"
+                    )
                 directory = self.node.host_paths[host_path]
             else:
                 kinds = sorted(set(volume) - {"name"})
@@ -309,7 +315,10 @@ class Kubelet:
             working_dir=container.get("workingDir", ""),
             mounts=tuple(mounts),
             log_path=f"{name}/0.log",
-            labels={"io.kubernetes.container.name": name, **{k: v for k, v in pod.config.labels.items() if k.startswith("io.kubernetes.pod.")}},
+            labels={
+                "io.kubernetes.container.name": name,
+                **{k: v for k, v in pod.config.labels.items() if k.startswith("io.kubernetes.pod.")},
+            },
             security=security,
         )
         container_id = runtime.create_container(pod.sandbox_id, pod.config, config)
@@ -336,7 +345,10 @@ def pod_document(document: Any) -> dict[str, Any]:
 
 def security_context(container: Mapping[str, Any], pod: Mapping[str, Any]) -> cri.SecurityContext:
     """kubelet's determineEffectiveSecurityContext + convertToRuntimeSecurityContext."""
-    merged = {**{k: pod[k] for k in ("runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile") if k in pod}, **container}
+    merged = {
+        **{k: pod[k] for k in ("runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile") if k in pod},
+        **container,
+    }
     capabilities = merged.get("capabilities") or {}
     privileged = bool(merged.get("privileged", False))
     seccomp = (merged.get("seccompProfile") or {}).get("type", "Unconfined")

@@ -55,9 +55,12 @@ def missing_prerequisites() -> str | None:
         return "the kubelet lab needs root (network and mount namespaces, containerd)"
     tools = ("containerd", "containerd-shim-runc-v2", "ctr", "runc", "nsenter", "unshare", "ip", "gcc")
     missing = [tool for tool in tools if shutil.which(tool) is None]
-    missing += [f"{REFERENCE_PLUGINS}/{p}" for p in ("bridge", "host-local", "loopback") if not (REFERENCE_PLUGINS / p).exists()]
+    missing += [
+        f"{REFERENCE_PLUGINS}/{p}" for p in ("bridge", "host-local", "loopback") if not (REFERENCE_PLUGINS / p).exists()
+    ]
     if missing:
-        return f"the kubelet lab needs {', '.join(missing)} (apt-get install containerd runc containernetworking-plugins gcc)"
+        packages = "containerd runc containernetworking-plugins gcc"
+        return f"the kubelet lab needs {', '.join(missing)} (apt-get install {packages})"
     if not (CGROUP_ROOT / "memory").is_dir() and not (CGROUP_ROOT / "cgroup.controllers").exists():
         return f"no cgroup hierarchy under {CGROUP_ROOT}"
     return None
@@ -132,7 +135,14 @@ class Node:
     def start(self) -> None:
         paths = self.paths
         paths.top.mkdir(mode=0o755)
-        for folder in (paths.cni_bin, paths.cni_conf, paths.pod_logs, paths.volumes, paths.varlib / "upper", paths.varlib / "work"):
+        for folder in (
+            paths.cni_bin,
+            paths.cni_conf,
+            paths.pod_logs,
+            paths.volumes,
+            paths.varlib / "upper",
+            paths.varlib / "work",
+        ):
             folder.mkdir(parents=True)
         for plugin in ("bridge", "host-local", "loopback"):
             (paths.cni_bin / plugin).symlink_to(REFERENCE_PLUGINS / plugin)
@@ -260,8 +270,8 @@ state = "{top}/state"
 # Snapshotters this machine cannot run would only log errors. io.containerd.runtime.v1.linux stays
 # enabled: the CRI plugin does not load without it.
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing"]
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 
 [grpc]
   address = "{paths.socket}"
@@ -376,7 +386,9 @@ def leftovers(tag: str) -> list[str]:
     top = Path(tempfile.gettempdir()) / f"{tag}-node"
     if top.exists():
         found.append(f"directory {top}")
-    found += [f"mount {line.split()[4]}" for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(top) in line]
+    found += [
+        f"mount {line.split()[4]}" for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(top) in line
+    ]
     return found
 
 
@@ -386,7 +398,9 @@ def sweep_stale_nodes() -> list[str]:
     for name in os.listdir("/run/netns") if Path("/run/netns").is_dir() else ():
         tags.add(name)
     tags.update(path.name.removesuffix("-node") for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*-node"))
-    tags.update(path.name for hierarchy in CGROUP_ROOT.iterdir() if hierarchy.is_dir() for path in hierarchy.glob(f"{PREFIX}-*"))
+    tags.update(
+        path.name for hierarchy in CGROUP_ROOT.iterdir() if hierarchy.is_dir() for path in hierarchy.glob(f"{PREFIX}-*")
+    )
     swept = []
     for tag in sorted(tags):
         match = _NAME.match(tag)
@@ -426,5 +440,7 @@ def _inode(path: Path) -> tuple[int, int]:
 def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
-        raise NodeError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip() or result.stdout.strip()}")
+        raise NodeError(
+            f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip() or result.stdout.strip()}"
+        )
     return result

@@ -46,7 +46,10 @@ def test_a_sandbox_carries_the_pods_identity_and_a_network_of_the_chain(lab: lab
         assert listed.labels["io.kubernetes.pod.uid"] == pod.config.uid
         assert ipaddress.ip_address(pod.ip) in ipaddress.ip_network(lab_node.SUBNET)
         # The pod's namespace is the pause process's, not the node's nor this one's.
-        assert os.stat(pod.netns).st_ino not in {os.stat("/proc/self/ns/net").st_ino, os.stat(f"/run/netns/{lab.netns}").st_ino}
+        assert os.stat(pod.netns).st_ino not in {
+            os.stat("/proc/self/ns/net").st_ino,
+            os.stat(f"/run/netns/{lab.netns}").st_ino,
+        }
         assert f"inet {pod.ip}/24" in pod.in_netns("ip", "-4", "addr", "show", "eth0").stdout
         assert pod.container("idle").state == cri.ContainerState.RUNNING
     finally:

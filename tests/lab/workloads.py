@@ -71,7 +71,9 @@ def wait_for_log(pod: Pod, container: str, text: str, timeout: float = 30) -> No
     deadline = time.monotonic() + timeout
     while text not in pod.logs(container):
         if time.monotonic() > deadline:
-            raise PodError(f"{container} of pod {pod.name} did not log {text!r} in {timeout:g} s:\n{pod.logs(container)}")
+            raise PodError(
+                f"{container} of pod {pod.name} did not log {text!r} in {timeout:g} s:\n{pod.logs(container)}"
+            )
         time.sleep(0.05)
 
 
