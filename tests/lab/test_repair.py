@@ -1,9 +1,9 @@
 """Repair on a real runtime: a pod injected for CNI mode whose sandbox was created while the node's
 configuration lacked the plugin fails validation with 126; ``istio-iptables cni repair``, run as the node
-agent runs (in the node's network namespace, talking to containerd's CRI socket, no cluster credentials),
-captures it in place with the plugin's plan; the restarted ``istio-validation`` then exits 0 and the app's
-traffic reaches the proxy. Pods that are not injected, and pods that hold rules of ours already, keep their
-rules byte for byte."""
+agent runs (in the node's network namespace, talking to containerd's CRI socket, with only the privileges
+the repair manifest grants and no cluster credentials), captures it in place with the plugin's plan; the
+restarted ``istio-validation`` then exits 0 and the app's traffic reaches the proxy. Pods that are not
+injected, and pods that hold rules of ours already, keep their rules byte for byte."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from tests.lab.workloads import CLIENT, connect, idle_command, proxy_command, wa
 pytestmark = pytest.mark.kernel
 
 ISTIO_IPTABLES = Path(sys.prefix, "bin", "istio-iptables")
+REPAIR_MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "istio-iptables-cni-repair.yaml"
 REMOTE = "198.18.97.10"
 """A test address that nothing routes: only the capture can answer a connection to it."""
 APP = """\
@@ -57,14 +58,33 @@ def plain_pod(images: LabImages, name: str) -> dict[str, Any]:
     return with_programs(document, images.init, {"shop": idle_command(), "istio-proxy": idle_command()})
 
 
+def manifest_privileges() -> list[str]:
+    """``setpriv`` giving a command the repair container's privileges in deploy/istio-iptables-cni-repair.yaml:
+    root with only the capabilities it adds (bounding set, hence permitted and effective), nothing inherited,
+    and no privilege escalation."""
+    documents = yaml.safe_load_all(REPAIR_MANIFEST.read_text())
+    daemonset = next(document for document in documents if document["kind"] == "DaemonSet")
+    spec = daemonset["spec"]["template"]["spec"]
+    assert (
+        spec["hostNetwork"] is True and spec["hostPID"] is True
+    )  # what running from the node's PID namespace stands for
+    container = next(container for container in spec["containers"] if container["name"] == "repair")
+    context = container["securityContext"]
+    assert context["runAsUser"] == 0 and context["capabilities"]["drop"] == ["ALL"]
+    assert context["allowPrivilegeEscalation"] is False
+    added = ",".join(f"+{name.lower()}" for name in context["capabilities"]["add"])
+    return ["setpriv", f"--bounding-set=-all,{added}", "--inh-caps=-all", "--no-new-privs", "--"]
+
+
 def repair(node: lab_node.Node, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """One cycle of the node agent's repair, in the node's network namespace (as a hostNetwork pod)."""
+    """One cycle of the node agent's repair as the repair manifest runs it: in the node's network namespace
+    (a hostNetwork pod), in the node's PID namespace (hostPID), with the container's capabilities only."""
     settings = tmp_path / "plugin.json"
     settings.write_text(json.dumps({"log_level": "debug"}))
     argv = [str(ISTIO_IPTABLES), "cni", "repair", "--once", f"--cri-socket=unix://{node.paths.socket}"]
     argv += [f"--plugin-config={settings}", *args]
     return subprocess.run(
-        ["nsenter", f"--net=/run/netns/{node.netns}", "--", *argv],
+        ["nsenter", f"--net=/run/netns/{node.netns}", "--", *manifest_privileges(), *argv],
         capture_output=True,
         text=True,
         timeout=120,
