@@ -36,6 +36,7 @@ log = Log(__name__)
 
 DEFAULT_CRI_SOCKET = "unix:///run/containerd/containerd.sock"
 CRI_TIMEOUT = 10.0
+OWN_NETNS = "/proc/thread-self/ns/net"
 
 
 class Verdict(enum.Enum):
@@ -45,6 +46,7 @@ class Verdict(enum.Enum):
     CAPTURED = "already captured"
     DRIFTED = "holds rules of ours that differ from its plan: left alone"
     DELETED = "deleted, for its controller to recreate it"
+    NODE_NETWORK = "on the node's network: never ours to change"
     KEPT = "not repaired"
 
 
@@ -117,9 +119,15 @@ class Repairer:
         return capture_of(sandbox.namespace, sandbox.name, info, "", self.options.plugin)
 
     def _repair(self, sandbox: cri.Sandbox, config: Config) -> Verdict | None:
-        netns = self._netns(sandbox)
+        try:
+            netns = self._netns(sandbox)
+        except HostError as error:  # the agent's own lack (its privileges), not the pod's: no fallback
+            log.warning(f"pod {_name(sandbox)}: {error}; trying again next cycle")
+            return None
         if netns is None:
             return self._fallback(sandbox, "its network namespace is gone")
+        if _identity(netns) == _identity(OWN_NETNS):
+            return Verdict.NODE_NETWORK
         from istio_iptables.apply import apply, apply_native  # noqa: PLC0415
         from istio_iptables.explain.status import status  # noqa: PLC0415
         from istio_iptables.host import netns as namespaces  # noqa: PLC0415
@@ -141,8 +149,8 @@ class Repairer:
 
     def _netns(self, sandbox: cri.Sandbox) -> str | None:
         """The pod's network namespace as this process sees it: the runtime's bind mount where it is visible
-        here, else through the pause process (``hostPID``); None when neither is there, or when it is this
-        process's own (a pod on the node's network: never ours to change)."""
+        here, else through the pause process (``hostPID``); None when neither is there. HostError when one is
+        there but this process may not open it."""
         try:
             status = self.runtime.sandbox_status(sandbox.id)
         except cri.CriError as error:
@@ -150,12 +158,7 @@ class Repairer:
             return None
         paths = [status.netns_path] if status.netns_path else []
         paths += [status.netns_of_pid] if status.pid else []
-        own = _identity("/proc/thread-self/ns/net")
-        for path in paths:
-            identity = _identity(path)
-            if identity is not None:
-                return None if identity == own else path
-        return None
+        return next((path for path in paths if _identity(path) is not None), None)
 
     def _fallback(self, sandbox: cri.Sandbox, reason: str) -> Verdict | None:
         """Delete the pod through the API server, if allowed: its controller recreates it, and the plugin
@@ -218,9 +221,13 @@ def _name(sandbox: cri.Sandbox) -> str:
 
 def _identity(path: str) -> tuple[int, int] | None:
     """The namespace a path holds, or None when it holds none: a runtime's bind mount seen from another mount
-    namespace is the empty file under it, which only the namespace file system (nsfs) tells apart."""
+    namespace is the empty file under it, which only the namespace file system (nsfs) tells apart. HostError
+    when the path is there but this process may not look: a pause process of another user, or with
+    capabilities this one lacks, needs CAP_SYS_PTRACE."""
     try:
-        found, namespaces = os.stat(path), os.stat("/proc/thread-self/ns/net")
-    except OSError:
+        found = os.stat(path)
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
         return None
-    return (found.st_dev, found.st_ino) if found.st_dev == namespaces.st_dev else None
+    except OSError as error:
+        raise HostError(f"cannot open {path}: {error.strerror} (the repair needs CAP_SYS_PTRACE)") from None
+    return (found.st_dev, found.st_ino) if found.st_dev == os.stat(OWN_NETNS).st_dev else None

@@ -58,10 +58,10 @@ def plain_pod(images: LabImages, name: str) -> dict[str, Any]:
     return with_programs(document, images.init, {"shop": idle_command(), "istio-proxy": idle_command()})
 
 
-def manifest_privileges() -> list[str]:
+def manifest_privileges(without: str = "") -> list[str]:
     """``setpriv`` giving a command the repair container's privileges in deploy/istio-iptables-cni-repair.yaml:
     root with only the capabilities it adds (bounding set, hence permitted and effective), nothing inherited,
-    and no privilege escalation."""
+    and no privilege escalation. ``without``: one capability left out."""
     documents = yaml.safe_load_all(REPAIR_MANIFEST.read_text())
     daemonset = next(document for document in documents if document["kind"] == "DaemonSet")
     spec = daemonset["spec"]["template"]["spec"]
@@ -72,11 +72,12 @@ def manifest_privileges() -> list[str]:
     context = container["securityContext"]
     assert context["runAsUser"] == 0 and context["capabilities"]["drop"] == ["ALL"]
     assert context["allowPrivilegeEscalation"] is False
-    added = ",".join(f"+{name.lower()}" for name in context["capabilities"]["add"])
+    assert not without or without in context["capabilities"]["add"]
+    added = ",".join(f"+{name.lower()}" for name in context["capabilities"]["add"] if name != without)
     return ["setpriv", f"--bounding-set=-all,{added}", "--inh-caps=-all", "--no-new-privs", "--"]
 
 
-def repair(node: lab_node.Node, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def repair(node: lab_node.Node, tmp_path: Path, *args: str, without: str = "") -> subprocess.CompletedProcess[str]:
     """One cycle of the node agent's repair as the repair manifest runs it: in the node's network namespace
     (a hostNetwork pod), in the node's PID namespace (hostPID), with the container's capabilities only."""
     settings = tmp_path / "plugin.json"
@@ -84,7 +85,7 @@ def repair(node: lab_node.Node, tmp_path: Path, *args: str) -> subprocess.Comple
     argv = [str(ISTIO_IPTABLES), "cni", "repair", "--once", f"--cri-socket=unix://{node.paths.socket}"]
     argv += [f"--plugin-config={settings}", *args]
     return subprocess.run(
-        ["nsenter", f"--net=/run/netns/{node.netns}", "--", *manifest_privileges(), *argv],
+        ["nsenter", f"--net=/run/netns/{node.netns}", "--", *manifest_privileges(without), *argv],
         capture_output=True,
         text=True,
         timeout=120,
@@ -180,4 +181,20 @@ def test_repair_reports_a_pod_it_cannot_capture_without_credentials_to_delete_it
         r"pod default/broken: cannot be captured in place \(.*includeInboundPorts.*\), and no --kubeconfig",
         result.stderr,
     )
+    assert rules(pod) == before
+
+
+def test_an_agent_that_may_not_enter_the_pod_says_so_and_deletes_nothing(
+    lab: lab_node.Node, images: LabImages, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """Without CAP_SYS_PTRACE the pause process's namespace cannot be opened: the agent's own lack, not the
+    pod's, so it is named and the pod is neither captured nor given to the fallback (which would delete it)."""
+    pod = uncaptured(kubelet, injected_for_cni(images, tmp_path, "guarded"))
+    before = rules(pod)
+    kubeconfig = tmp_path / "kubeconfig"  # present, so that only the verdict keeps the fallback away
+    kubeconfig.write_text('{"clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}]}')
+    result = repair(lab, tmp_path, f"--kubeconfig={kubeconfig}", without="SYS_PTRACE")
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"pod default/guarded: cannot open /proc/{pod.pid}/ns/net: Permission denied", result.stderr)
+    assert "cannot be captured in place" not in result.stderr
     assert rules(pod) == before
