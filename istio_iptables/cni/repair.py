@@ -121,7 +121,7 @@ class Repairer:
     def _repair(self, sandbox: cri.Sandbox, config: Config) -> Verdict | None:
         try:
             netns = self._netns(sandbox)
-        except HostError as error:  # the agent's own lack (its privileges), not the pod's: no fallback
+        except HostError as error:  # the agent's lack (its privileges) or the runtime's, not the pod's: no fallback
             log.warning(f"pod {_name(sandbox)}: {error}; trying again next cycle")
             return None
         if netns is None:
@@ -150,12 +150,11 @@ class Repairer:
     def _netns(self, sandbox: cri.Sandbox) -> str | None:
         """The pod's network namespace as this process sees it: the runtime's bind mount where it is visible
         here, else through the pause process (``hostPID``); None when neither is there. HostError when one is
-        there but this process may not open it."""
+        there but this process may not open it, or when the runtime did not answer."""
         try:
             status = self.runtime.sandbox_status(sandbox.id)
-        except cri.CriError as error:
-            log.debug(f"pod {_name(sandbox)}: {error}")
-            return None
+        except cri.CriError as error:  # removed since it was listed, or the runtime is busy: look again
+            raise HostError(f"the runtime did not give its status: {error}") from None
         paths = [status.netns_path] if status.netns_path else []
         paths += [status.netns_of_pid] if status.pid else []
         return next((path for path in paths if _identity(path) is not None), None)

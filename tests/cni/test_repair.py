@@ -204,3 +204,23 @@ def test_the_deletion_rule(kinds: list[str], restart_policy: str, bare: bool, jo
     unowned = not kinds
     job_never = "Job" in kinds and restart_policy == "Never"
     assert refused == ((unowned and not bare) or (job_never and not jobs))
+
+
+class BusyRuntime(NetnsGoneRuntime):
+    """A runtime that lists a sandbox but does not give its status (removed meanwhile, or timing out)."""
+
+    def sandbox_status(self, sandbox_id: str) -> cri.SandboxStatus:
+        raise cri.CriError("PodSandboxStatus", "DEADLINE_EXCEEDED", "Deadline Exceeded")
+
+
+def test_a_runtime_that_does_not_answer_is_no_reason_to_delete_a_pod(
+    api: tuple[dict[str, Any], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    pods, path = api
+    pods["shop/cart-1"] = api_pod("cart-1", "uid-1", [REPLICA_SET])
+    options = RepairOptions(plugin=PluginConfig(), kubeconfig=path)
+    repairer = Repairer(BusyRuntime([sandbox("cart-1", "uid-1")]), options)  # type: ignore[arg-type]
+    assert dict(repairer.cycle()) == {}
+    assert "shop/cart-1" in pods
+    assert repairer.judged == set()  # looked into again next cycle
+    assert "pod shop/cart-1: the runtime did not give its status: PodSandboxStatus: DEADLINE_EXCEEDED" in caplog.text
