@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from google.protobuf import descriptor_pb2
+
 from istio_iptables.cni import cri
 from istio_iptables.cni.cri import _container_config, _sandbox_config
 from istio_iptables.cni.cri_api import api_pb2 as api
+
+PROTO = Path(api.__file__).with_name("api.proto")
 
 
 def test_env_values_are_bytes_as_containerd_1_6_reads_them() -> None:
@@ -56,3 +61,29 @@ def test_log_lines_join_partial_lines_and_keep_the_stream(tmp_path: Path) -> Non
         "2026-01-01T00:00:00.000000003Z stderr F a  spaced  line\n"
     )
     assert list(cri.log_lines(str(log))) == [("stdout", "hello world"), ("stderr", "a  spaced  line")]
+
+
+def test_the_committed_stubs_are_those_of_the_vendored_proto(tmp_path: Path) -> None:
+    """scripts/regen-cri was run after the last change of api.proto (the descriptor compiled into api_pb2
+    is the one protoc makes of the proto now)."""
+    protoc = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools (the dev extra) compiles the proto")
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "api.desc"
+    assert protoc.main(["protoc", "-I", str(root), f"--descriptor_set_out={out}", str(PROTO.relative_to(root))]) == 0
+    (compiled,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    committed = descriptor_pb2.FileDescriptorProto.FromString(api.DESCRIPTOR.serialized_pb)
+    assert _without_json_names(compiled) == _without_json_names(committed)
+
+
+def _without_json_names(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    """The descriptor without the json_name of each field, which a descriptor set carries and the Python
+    generator leaves out."""
+    copy = descriptor_pb2.FileDescriptorProto()
+    copy.CopyFrom(file)
+    messages = list(copy.message_type)
+    while messages:
+        message = messages.pop()
+        messages.extend(message.nested_type)
+        for item in message.field:
+            item.ClearField("json_name")
+    return copy

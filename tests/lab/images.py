@@ -159,7 +159,8 @@ def _file_digest(path: Path) -> str:
 def pause_image() -> Image:
     source = HERE / "pause.c"
     archive = CACHE / f"pause-{_digest(source.read_bytes() + bytes([FORMAT]))}.tar"
-    with _cache_lock():
+    # A built archive appears at once (renamed into place): a hit needs no lock, a build waits for others.
+    with _cache_lock(skip=_cached(archive)):
         if not _cached(archive):
             with tempfile.TemporaryDirectory() as work:
                 binary = Path(work, "pause")
@@ -228,7 +229,7 @@ def base_image(name: str, suite: str = "bookworm") -> Image:
     sources = apt_sources(suite)
     key = _digest(json.dumps([name, suite, BASE_PACKAGES, BASE_ENV, BASE_HOOK, sources, FORMAT]).encode())
     archive = CACHE / f"base-{key}.tar"
-    with _cache_lock():
+    with _cache_lock(skip=_cached(archive)):
         if not _cached(archive):
             with tempfile.TemporaryDirectory(dir=CACHE) as work:
                 layer = Path(work, "rootfs.tar")
@@ -258,6 +259,8 @@ def dockerfile_image(dockerfile: str, name: str) -> Image:
     ignore = dockerignore(path)
     key = _digest(json.dumps([dockerfile, name, text, base.archive.name, _context_digest(ignore)]).encode())
     archive = CACHE / f"{path.name.lower().replace('.', '-')}-{key}.tar"
+    if _cached(archive):
+        return Image(name, archive)
     with _cache_lock():
         if _cached(archive):
             return Image(name, archive)
@@ -322,8 +325,11 @@ def _shadowed_var_lib() -> Iterator[tuple[Path, list[str]]]:
 
 
 @contextlib.contextmanager
-def _cache_lock() -> Iterator[None]:
-    """One builder at a time per cache (parallel test processes share it)."""
+def _cache_lock(skip: bool = False) -> Iterator[None]:
+    """One builder at a time per cache (test processes of other worktrees share it, and buildah's storage)."""
+    if skip:
+        yield
+        return
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

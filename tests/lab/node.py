@@ -41,6 +41,8 @@ NETWORK_NAME = "lab"
 CONFLIST = "10-lab.conflist"
 K8S_NAMESPACE = "k8s.io"
 STOP_TIMEOUT = 20.0
+CONTAINERD_STOP_TIMEOUT = 5.0
+"""containerd sometimes takes long to shut down; its state is thrown away anyway, so it is then killed."""
 _counter = itertools.count()
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
 
@@ -310,6 +312,10 @@ INNER_SCRIPT = """\
 set -eu
 top=$1
 mount -t tmpfs -o mode=0755 tmpfs /run
+# containerd's root (content store, unpacked images) in memory: removing tens of thousands of files from
+# disk took longer than the whole session's pods, and the files go with the mount namespace.
+mkdir -p "$top/root"
+mount -t tmpfs -o mode=0711 tmpfs "$top/root"
 mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$top/var-lib/upper,workdir=$top/var-lib/work" /var/lib
 exec containerd --config "$top/containerd.toml"
 """
@@ -325,7 +331,7 @@ def teardown(tag: str, process: subprocess.Popen[bytes] | None = None) -> None:
     if process is not None and process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=STOP_TIMEOUT)
+            process.wait(timeout=CONTAINERD_STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=STOP_TIMEOUT)

@@ -28,7 +28,9 @@ REMOTE = "198.18.97.10"
 
 
 def status(pod: Pod, args: list[str]) -> subprocess.CompletedProcess[str]:
-    """``istio-iptables ARGS status`` in the pod's namespace: exit 0 when its rules are the plan of ARGS."""
+    """``istio-iptables ARGS status`` in the pod's namespace: exit 0 when its rules are the plan of ARGS, the
+    plan ``--dry-run`` renders (iptables-save prints the same rules in its own token order, with ``-m tcp``:
+    status compares them parsed, rule by rule)."""
     argv = [str(ISTIO_IPTABLES), "--network-namespace", pod.netns, *args, "status"]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
