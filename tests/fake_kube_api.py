@@ -1,5 +1,6 @@
-"""A fake Kubernetes API server for the CNI plugin's tests: HTTPS on a loopback address, answering
-``GET /api/v1/namespaces/NS/pods/NAME`` from a map of pods, for the bearer token it was given only.
+"""A fake Kubernetes API server for the CNI plugin's and the node agent's tests: HTTPS on a loopback address,
+answering ``GET`` and ``DELETE /api/v1/namespaces/NS/pods/NAME`` from a map of pods, for the bearer token it
+was given only.
 
 In-process (``serve`` in a thread, on the test runner's 127.0.0.1) for the client's tests, or as a process
 (``python -m tests.fake_kube_api PODS.json --port P --token T --cert C --key K``) inside a node namespace for
@@ -64,19 +65,41 @@ def pod(namespace: str, name: str, annotations: Mapping[str, str], proxy_uid: in
 def make_server(
     pods: Mapping[str, Any], token: str, certificate: Path, key: str | Path, port: int = 0
 ) -> ThreadingHTTPServer:
+    """Serves GET of the pods in ``pods``, and DELETE of them when ``pods`` is a dict (the pod is taken out of
+    it; a DeleteOptions body's ``preconditions.uid`` must match the pod's, else 409 Conflict, as the API
+    server answers)."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            key = self._pod_key()
+            if key is not None:
+                self._answer(200, pods[key])
+
+        def do_DELETE(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            options = json.loads(self.rfile.read(length) or b"{}")
+            key = self._pod_key()
+            if key is None:
+                return
+            uid = (options.get("preconditions") or {}).get("uid")
+            if uid is not None and uid != pods[key].get("metadata", {}).get("uid"):
+                self._answer(409, {"kind": "Status", "reason": "Conflict", "message": "Precondition failed: UID"})
+                return
+            assert isinstance(pods, dict), "DELETE needs the pods as a dict"
+            self._answer(200, pods.pop(key))
+
+        def _pod_key(self) -> str | None:
+            """The ``namespace/name`` of the pod the path names, or None once the error is answered."""
             if self.headers.get("Authorization") != f"Bearer {token}":
                 self._answer(401, {"kind": "Status", "message": "Unauthorized"})
-                return
+                return None
             parts = self.path.strip("/").split("/")
-            found = None
             if len(parts) == 6 and parts[:2] == ["api", "v1"] and parts[2] == "namespaces" and parts[4] == "pods":
-                found = pods.get(f"{parts[3]}/{parts[5]}")
-            if found is None:
-                self._answer(404, {"kind": "Status", "message": "not found"})
-            else:
-                self._answer(200, found)
+                key = f"{parts[3]}/{parts[5]}"
+                if key in pods:
+                    return key
+            self._answer(404, {"kind": "Status", "message": "not found"})
+            return None
 
         def _answer(self, status: int, document: object) -> None:
             body = json.dumps(document).encode()

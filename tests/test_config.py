@@ -17,12 +17,11 @@ from istio_iptables.capture.config import (
     Config,
     DryRunFormat,
     IptablesVariant,
-    LogLevel,
-    LogOptions,
     Mode,
     load,
 )
 from istio_iptables.errors import ConfigError
+from istio_iptables.log import LogLevel, LogOptions
 
 # ---- helpers ------------------------------------------------------------------------------------------
 

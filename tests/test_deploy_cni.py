@@ -3,6 +3,7 @@ what the DaemonSet promises when run on directories laid out as its mounts lay t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -186,3 +187,76 @@ def test_the_daemonset_runs_the_installer_image() -> None:
     assert tag is not None
     assert _container()["image"] == tag.group(1)
     assert _container()["image"] in (ROOT / "docs" / "cni.md").read_text()
+
+
+# --- repair (deploy/istio-iptables-cni-repair.yaml) -------------------------------------------------------
+
+REPAIR_MANIFEST = ROOT / "deploy" / "istio-iptables-cni-repair.yaml"
+REPAIR_CAPABILITIES = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"]
+
+
+def _repair_documents() -> dict[str, dict[str, Any]]:
+    return {document["kind"]: document for document in yaml.safe_load_all(REPAIR_MANIFEST.read_text())}
+
+
+def _repair_container() -> dict[str, Any]:
+    spec = _repair_documents()["DaemonSet"]["spec"]["template"]["spec"]
+    [container] = [container for container in spec["containers"] if container["name"] == "repair"]
+    return container
+
+
+def test_kubernetes_validate_accepts_the_repair_manifest() -> None:
+    assert kubernetes_validate(REPAIR_MANIFEST).count("passed") == len(_repair_documents())
+
+
+def test_the_repair_daemonset_is_the_installers_with_the_repair_container_only() -> None:
+    """The repair manifest replaces the DaemonSet: it must not drift from the installer's own."""
+    repaired = copy.deepcopy(_repair_documents()["DaemonSet"])
+    spec = repaired["spec"]["template"]["spec"]
+    assert spec.pop("hostPID") is True
+    spec["containers"] = [container for container in spec["containers"] if container["name"] != "repair"]
+    repair_volumes = {"cri-socket", "run"}
+    spec["volumes"] = [volume for volume in spec["volumes"] if volume["name"] not in repair_volumes]
+    assert repaired == _documents()["DaemonSet"]
+
+
+def test_only_the_repair_manifest_grants_what_repair_needs() -> None:
+    base = _documents()
+    spec = base["DaemonSet"]["spec"]["template"]["spec"]
+    assert "hostPID" not in spec
+    assert all("add" not in container["securityContext"]["capabilities"] for container in spec["containers"])
+    assert all(rule["verbs"] == ["get"] for rule in base["ClusterRole"]["rules"])
+    assert all(volume["hostPath"]["type"] != "Socket" for volume in spec["volumes"] if "hostPath" in volume)
+
+    repair = _repair_documents()
+    assert repair["ClusterRole"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "delete"]}]
+    assert repair["ClusterRoleBinding"]["subjects"] == base["ClusterRoleBinding"]["subjects"]
+    context = _repair_container()["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"], "add": REPAIR_CAPABILITIES}
+    assert context["privileged"] is False
+    assert context["allowPrivilegeEscalation"] is False
+    installer = next(c for c in repair["DaemonSet"]["spec"]["template"]["spec"]["containers"] if c["name"] != "repair")
+    assert installer == _container()  # the installer keeps no capability
+
+
+def test_the_repair_args_point_at_its_mounts() -> None:
+    spec = _repair_documents()["DaemonSet"]["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in _repair_container()["volumeMounts"]}
+    arguments = dict(argument.split("=", 1) for argument in _repair_container()["args"] if "=" in argument)
+    socket = arguments["--cri-socket"].removeprefix("unix://")
+    assert volumes[mounts[socket]]["hostPath"] == {"path": "/run/containerd/containerd.sock", "type": "Socket"}
+    kubeconfig = Path(arguments["--kubeconfig"])
+    assert kubeconfig.name == install.KUBECONFIG_FILE
+    assert volumes[mounts[str(kubeconfig.parent)]]["hostPath"]["path"] == "/etc/cni/net.d"
+    assert "--write-kubeconfig" in _container()["args"]  # the installer writes it
+    installer_config = next(a for a in _container()["args"] if a.startswith("--plugin-config="))
+    assert f"--plugin-config={arguments['--plugin-config']}" == installer_config  # the plugin's own settings
+    help_text = subprocess.run([CLI, "cni", "repair", "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(flag in help_text for flag in arguments)
+
+
+def test_the_installer_image_can_run_the_repair() -> None:
+    runs = " ".join(" ".join(words) for word, words in _instructions() if word == "RUN")
+    assert '"/src[node]"' in runs  # the CRI client
+    assert "iptables=" in runs and "nftables=" in runs

@@ -12,13 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from istio_iptables.kube.capture import InjectionError, init_args, load_settings
-from istio_iptables.kube.inject import (
-    DEFAULT_IMAGE,
-    Injector,
-    append_multus_network,
-    inject_documents,
-    inject_pod,
-)
+from istio_iptables.kube.inject import DEFAULT_IMAGE, Injector, append_multus_network, inject_documents, inject_pod
 
 DEFAULT = Injector(load_settings())
 

@@ -138,6 +138,9 @@ EXTERNAL_NAMES = {
     "NET_ADMIN": "a capability",
     "NET_RAW": "a capability",
     "CAP_SYS_ADMIN": "a capability",
+    "CAP_SYS_PTRACE": "a capability",
+    "CAP_NET_ADMIN": "a capability",
+    "CAP_NET_RAW": "a capability",
     "CNI_NETNS": "the CNI specification's variable",
     "CNI_COMMAND": "the CNI specification's variable",
     "O_NOFOLLOW": "an open(2) flag",
@@ -286,9 +289,9 @@ def test_the_name_and_link_checks_can_fail(tmp_path: Path) -> None:
     (tmp_path / "istio_iptables" / "capture" / "plan.py").write_text("def build_plan():\n    pass\n")
     named = "`istio_iptables.capture.plan`, istio_iptables.capture.plan.build_plan, `istio_iptables/capture/plan.py`"
     assert missing_names(named, tmp_path) == []
-    assert missing_names("istio_iptables.plan and istio_iptables.capture.plan.run", tmp_path) == [
+    assert missing_names("istio_iptables.capture.plan and istio_iptables.capture.plan.run", tmp_path) == [
         "module istio_iptables.capture.plan.run",
-        "module istio_iptables.plan",
+        "module istio_iptables.capture.plan",
     ]
     assert missing_names("see `istio_iptables/plan.py` and scripts/nothing", tmp_path) == [
         "file istio_iptables/plan.py",

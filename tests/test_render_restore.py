@@ -5,17 +5,7 @@ from __future__ import annotations
 from ipaddress import IPv4Interface, ip_address
 
 from istio_iptables.capture.config import ALL, Config, DryRunFormat, Mode
-from istio_iptables.capture.model import (
-    ConntrackState,
-    CtState,
-    Family,
-    Jump,
-    Plan,
-    Rule,
-    RuleSet,
-    Table,
-    Verdict,
-)
+from istio_iptables.capture.model import ConntrackState, CtState, Family, Jump, Plan, Rule, RuleSet, Table, Verdict
 from istio_iptables.capture.plan import HostFacts, build_plan
 from istio_iptables.cli.dryrun import dry_run_output, istio_command_log
 from istio_iptables.records import replace

@@ -421,7 +421,7 @@ def webhook_command(
 
 
 cni_app = typer.Typer(
-    help="Install or uninstall the CNI plugin on a node (what the DaemonSet in deploy/ runs).",
+    help="Install or uninstall the CNI plugin on a node, or repair its pods (what the DaemonSet in deploy/ runs).",
     no_args_is_help=True,
 )
 app.add_typer(cni_app, name="cni")
@@ -521,6 +521,56 @@ def _node_paths(node_root: str, conf_dir: str, bin_dir: str) -> tuple[Path, str,
                 f"pass {flag}"
             )
     return root, conf_dir or found.conf_dir, bin_dir or found.bin_dir
+
+
+@cni_app.command("repair")
+def cni_repair_command(
+    *,
+    cri_socket: str = typer.Option(
+        "unix:///run/containerd/containerd.sock", "--cri-socket", metavar="ADDRESS", help="The runtime's CRI socket."
+    ),
+    plugin_config: str = typer.Option(
+        "", "--plugin-config", metavar="FILE", help="The plugin's settings, as given to install: the same capture."
+    ),
+    kubeconfig: str = typer.Option(
+        "",
+        "--kubeconfig",
+        metavar="FILE",
+        help="Credentials to delete a pod that cannot be captured in place (none: such pods are only reported).",
+    ),
+    delete_bare_pods: bool = typer.Option(False, "--delete-bare-pods", help="Delete even pods without an owner."),
+    delete_job_pods: bool = typer.Option(
+        False, "--delete-job-pods", help="Delete even pods of a Job whose restartPolicy is Never."
+    ),
+    interval: str = typer.Option("5", "--interval", metavar="SECONDS", help="How often to look."),
+    max_per_cycle: str = typer.Option("10", "--max-per-cycle", metavar="N", help="Pods looked into per cycle."),
+    once: bool = typer.Option(False, "--once", help="One cycle, then exit."),
+) -> None:
+    """Capture in place the pods of this node injected for CNI mode that their network set-up left uncaptured
+    (created while the plugin was not installed), found through the container runtime (docs/cni.md, Repair)."""
+    from istio_iptables.cni import install, repair  # noqa: PLC0415
+    from istio_iptables.cni.plugin import parse_plugin_config  # noqa: PLC0415
+    from istio_iptables.cni.protocol import CniError  # noqa: PLC0415
+    from istio_iptables.kube.capture import load_settings  # noqa: PLC0415
+    from istio_iptables.log import LogOptions, configure  # noqa: PLC0415
+
+    try:
+        plugin = parse_plugin_config(_plugin_settings(plugin_config))
+    except CniError as error:
+        raise ConfigError(f"invalid value for --plugin-config: '{plugin_config}': {error.message}") from None
+    load_settings(values=plugin.values, mesh_config=plugin.mesh_config)  # a bad setting: one line, before any pod
+    configure(LogOptions(level=plugin.log_level))
+    options = repair.RepairOptions(
+        plugin=plugin,
+        kubeconfig=kubeconfig,
+        delete_bare_pods=delete_bare_pods,
+        delete_job_pods=delete_job_pods,
+        max_per_cycle=_checked(
+            "--max-per-cycle", max_per_cycle, lambda text: configuration.parse_decimal(text, 1, 1000, "count")
+        ),
+    )
+    period = _checked("--interval", interval, _positive_seconds)
+    repair.run(cri_socket, options, interval=period, stop=install.stop_on_signals(), once=once)
 
 
 def _plugin_settings(path: str) -> dict[str, Any]:

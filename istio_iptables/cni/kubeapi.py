@@ -1,8 +1,10 @@
-"""The pod from the Kubernetes API, for runtimes that do not pass the pod's annotations to the plugin.
+"""The pod from the Kubernetes API, for runtimes that do not pass the pod's annotations to the plugin, and
+the deletion of a pod the node agent cannot repair in place.
 
 One HTTPS GET of ``/api/v1/namespaces/NS/pods/NAME`` with the credentials of a kubeconfig (the cluster's
 server and CA, the user's bearer token or client certificate), retried until a deadline: a pod's ADD may
-come while the API server is briefly unreachable, and a plugin must neither hang nor fail open.
+come while the API server is briefly unreachable, and a plugin must neither hang nor fail open. A DELETE
+names the pod's uid as a precondition, so that a pod of the same name created since is never the one deleted.
 """
 
 from __future__ import annotations
@@ -30,12 +32,24 @@ class KubeError(IstioIptablesError):
 
 
 @record
+class Owner:
+    """One of a pod's ``ownerReferences``."""
+
+    kind: str
+    name: str
+    controller: bool
+
+
+@record
 class Pod:
     annotations: Mapping[str, str]
     labels: Mapping[str, str]
     containers: tuple[str, ...]
     proxy_uid: int | None
     """The ``runAsUser`` of the pod's ``istio-proxy`` container, if it sets one."""
+    uid: str = ""
+    owners: tuple[Owner, ...] = ()
+    restart_policy: str = "Always"
 
 
 @record
@@ -72,12 +86,40 @@ def pod_of(document: object) -> Pod:
     containers = [_map(item) for item in listed if isinstance(item, Mapping)] if isinstance(listed, list) else []
     proxy = next((container for container in containers if container.get("name") == "istio-proxy"), {})
     uid = _map(proxy.get("securityContext")).get("runAsUser")
+    references = metadata.get("ownerReferences")
+    owners = tuple(
+        Owner(str(owner.get("kind", "")), str(owner.get("name", "")), owner.get("controller") is True)
+        for owner in (references if isinstance(references, list) else [])
+        if isinstance(owner, Mapping)
+    )
     return Pod(
         {str(key): str(value) for key, value in _map(metadata.get("annotations")).items()},
         {str(key): str(value) for key, value in _map(metadata.get("labels")).items()},
         tuple(str(container.get("name")) for container in containers),
         uid if isinstance(uid, int) and not isinstance(uid, bool) else None,
+        str(metadata.get("uid", "")),
+        owners,
+        str(spec.get("restartPolicy", "Always")),
     )
+
+
+def delete_pod(kubeconfig: str, namespace: str, name: str, uid: str, deadline: float = DEADLINE) -> bool:
+    """Delete the pod if it is still the one of ``uid``; False when it is gone already (or is another pod)."""
+    credentials = read_kubeconfig(kubeconfig)
+    path = f"/api/v1/namespaces/{_segment(namespace)}/pods/{_segment(name)}"
+    body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}}
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            timeout = min(ATTEMPT_TIMEOUT, max(end - time.monotonic(), 0.1))
+            _request(credentials, "DELETE", path, timeout, body)
+            return True
+        except _GoneError:
+            return False
+        except KubeError as error:
+            if time.monotonic() + RETRY_PAUSE >= end:
+                raise KubeError(f"cannot delete pod {namespace}/{name} at {credentials.server}: {error}") from None
+        time.sleep(RETRY_PAUSE)
 
 
 def read_kubeconfig(path: str) -> Credentials:
@@ -162,7 +204,15 @@ def _read_file(name: str, kubeconfig: str) -> str:
         raise KubeError(f"kubeconfig {kubeconfig}: cannot read {full}: {error.strerror}") from None
 
 
+class _GoneError(KubeError):
+    """404 (no such pod) or 409 (a precondition failed: another pod of that name)."""
+
+
 def _get(credentials: Credentials, path: str, timeout: float) -> object:
+    return _request(credentials, "GET", path, timeout)
+
+
+def _request(credentials: Credentials, method: str, path: str, timeout: float, body: object = None) -> object:
     import http.client  # noqa: PLC0415 (only pods whose annotations the runtime did not pass)
     import ssl  # noqa: PLC0415
     from urllib.parse import urlsplit  # noqa: PLC0415
@@ -171,6 +221,9 @@ def _get(credentials: Credentials, path: str, timeout: float) -> object:
     headers = {"Accept": "application/json", "User-Agent": "istio-iptables-cni"}
     if credentials.token:
         headers["Authorization"] = f"Bearer {credentials.token}"
+    payload = None if body is None else json.dumps(body).encode()
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
     try:
         context = ssl.create_default_context(cadata=credentials.ca_pem)
         if credentials.insecure:
@@ -180,17 +233,19 @@ def _get(credentials: Credentials, path: str, timeout: float) -> object:
             host, port = url.hostname or "", url.port or 443
             connection = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
             try:
-                connection.request("GET", url.path.rstrip("/") + path, headers=headers)
+                connection.request(method, url.path.rstrip("/") + path, body=payload, headers=headers)
                 response = connection.getresponse()
-                body = response.read(4 << 20)
+                answer = response.read(4 << 20)
             finally:
                 connection.close()
     except (OSError, ssl.SSLError, http.client.HTTPException) as error:
         raise KubeError(str(error) or type(error).__name__) from None
-    if response.status != 200:
-        raise KubeError(f"HTTP {response.status} {response.reason}: {body[:200].decode(errors='replace')}")
+    if method == "DELETE" and response.status in (404, 409):
+        raise _GoneError(f"HTTP {response.status}")
+    if response.status not in (200, 202):
+        raise KubeError(f"HTTP {response.status} {response.reason}: {answer[:200].decode(errors='replace')}")
     try:
-        return json.loads(body)
+        return json.loads(answer)
     except ValueError:
         raise KubeError("the answer is not JSON") from None
 

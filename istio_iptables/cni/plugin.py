@@ -66,6 +66,9 @@ class PluginConfig:
     iptables: configuration.IptablesVariant | None = None
     """``legacy`` or ``nft``; None: detect, as the CLI does."""
 
+    def excludes(self, namespace: str) -> bool:
+        return namespace in self.exclude_namespaces
+
 
 def parse_plugin_config(document: Mapping[str, object]) -> PluginConfig:
     """This plugin's settings; CniError naming the setting and the value when one is wrong."""
@@ -226,10 +229,17 @@ def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config 
         log.debug("container %s is not a Kubernetes pod: left alone", request.container_id)
         return None
     namespace, name = pod
-    if namespace in plugin.exclude_namespaces:
+    if plugin.excludes(namespace):
         log.debug("pod %s/%s: left alone: namespace excluded", namespace, name)
         return None
-    info = pod_info(request, plugin, namespace, name)
+    return capture_of(namespace, name, pod_info(request, plugin, namespace, name), request.netns, plugin)
+
+
+def capture_of(
+    namespace: str, name: str, info: PodInfo, netns_path: str, plugin: PluginConfig
+) -> configuration.Config | None:
+    """The Config of a pod's capture from what is known of it, or None when the plugin leaves it alone: the one
+    reading of a pod's annotations, for the plugin's ADD and CHECK and for the node agent's repair."""
     # Debug: a runtime keeps a successful plugin's stderr nowhere, and logging costs an import per pod.
     reason = skip_reason(info)
     if reason is not None:
@@ -242,7 +252,7 @@ def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config 
     if interception_mode(info.annotations, settings) == "NONE":
         log.debug("pod %s/%s: left alone: interception mode NONE", namespace, name)
         return None
-    return capture_config(info, settings, request.netns, plugin)
+    return capture_config(info, settings, netns_path, plugin)
 
 
 def pod_info(request: Request, plugin: PluginConfig, namespace: str, name: str) -> PodInfo:
@@ -306,7 +316,7 @@ def check(config: configuration.Config) -> None:
 def delete(request: Request, plugin: PluginConfig) -> None:
     """Remove every rule, chain and route of ours from the pod; nothing to do when its namespace is gone."""
     pod = request.pod
-    if pod is not None and pod[0] in plugin.exclude_namespaces:
+    if pod is not None and plugin.excludes(pod[0]):
         return
     if not request.netns or not os.path.exists(request.netns):
         log.debug("container %s: network namespace gone, nothing to remove", request.container_id)

@@ -32,6 +32,8 @@ class FamilyStatus:
     extra: list[Ref]
     changed: list[tuple[Ref, Ref]]
     foreign: list[Ref]
+    holds_ours: bool = False
+    """Whether the live rules hold anything of ours (a namespace the capture never reached holds nothing)."""
 
     @property
     def in_sync(self) -> bool:
@@ -51,6 +53,11 @@ class Status:
     @property
     def in_sync(self) -> bool:
         return all(family.in_sync for family in self.families) and not self.routing and not self.sets
+
+    @property
+    def holds_ours(self) -> bool:
+        """Whether any family holds a rule, chain or table of ours: the namespace was captured, by whatever plan."""
+        return any(family.holds_ours for family in self.families)
 
 
 def status(config: Config, plan: Plan) -> Status:
@@ -77,7 +84,8 @@ def status(config: Config, plan: Plan) -> Status:
 def _family_status(seen: Observation, *, plan: Plan) -> FamilyStatus | None:
     """One family's rules against the plan; None for a family the flags leave alone (``--no-ipv6``) that
     holds nothing of ours."""
-    if seen.target.family not in plan.families and not any(map(holds_own, seen.live.values())):
+    holds_ours = any(map(holds_own, seen.live.values()))
+    if seen.target.family not in plan.families and not holds_ours:
         return None
     difference = seen.difference
     foreign = [
@@ -90,6 +98,7 @@ def _family_status(seen: Observation, *, plan: Plan) -> FamilyStatus | None:
         difference.extra,
         difference.changed,
         foreign,
+        holds_ours,
     )
 
 
@@ -100,7 +109,7 @@ def _stray_copy(seen: Observation) -> FamilyStatus | None:
     if not layout:
         return None
     family, variant = seen.target.family.label, seen.iptables.variant.value
-    return FamilyStatus(family, variant, [], _every_rule(layout) + _empty_extras({}, layout), [], [])
+    return FamilyStatus(family, variant, [], _every_rule(layout) + _empty_extras({}, layout), [], [], True)
 
 
 def _every_rule(layout: Layout) -> list[Ref]:
@@ -123,11 +132,12 @@ def native_status(config: Config, plan: Plan) -> list[FamilyStatus]:
             difference.extra + _empty_extras(expected, actual),
             difference.changed,
             [],
+            bool(actual),
         )
     ]
     for iptables, live in iptables_copies(xtables_environment(), nft.saved.iptables_nft, plan):
         extra = [(table, entry.chain, entry.text) for table, state in live.items() for entry in own_entries(state)]
-        families.append(FamilyStatus(iptables.family.label, iptables.variant.value, [], extra, [], []))
+        families.append(FamilyStatus(iptables.family.label, iptables.variant.value, [], extra, [], [], bool(extra)))
     return families
 
 
@@ -140,7 +150,7 @@ def native_copy_status() -> list[FamilyStatus]:
         layout = native.detect().saved.layout(group_id)
     except ApplyError:
         layout = {table: {} for table in tables}
-    return [FamilyStatus("inet", NATIVE, [], _every_rule(layout) + _empty_extras({}, layout), [], [])]
+    return [FamilyStatus("inet", NATIVE, [], _every_rule(layout) + _empty_extras({}, layout), [], [], True)]
 
 
 def _empty_extras(expected: Layout, actual: Layout) -> list[Ref]:

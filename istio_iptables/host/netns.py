@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from istio_iptables.errors import ApplyError, ConfigError
 
@@ -19,8 +20,6 @@ def namespace_path(name_or_path: str) -> str:
 def enter(name_or_path: str) -> None:
     """Move this process into the namespace; everything after (subprocesses, sockets) runs there.
     The namespace must exist: unlike pyroute2's default, we never create one by accident."""
-    import ctypes  # noqa: PLC0415 (only --network-namespace needs it)
-
     path = namespace_path(name_or_path)
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -32,13 +31,37 @@ def enter(name_or_path: str) -> None:
     except OSError as error:
         raise ApplyError(f"cannot open network namespace {path}: {error.strerror}") from None
     try:
-        # setns(2) straight from libc: os.setns exists only from Python 3.12, and pyroute2's takes 100 ms
-        # to import (and runs ldconfig to find libc).
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(descriptor, CLONE_NEWNET) != 0:
-            raise ApplyError(f"cannot enter network namespace {path}: {os.strerror(ctypes.get_errno())}")
+        _setns(descriptor, path)
     finally:
         os.close(descriptor)
+
+
+def _setns(descriptor: int, path: str) -> None:
+    import ctypes  # noqa: PLC0415
+
+    # setns(2) straight from libc: os.setns exists only from Python 3.12, and pyroute2's takes 100 ms to import
+    # (and runs ldconfig to find libc).
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(descriptor, CLONE_NEWNET) != 0:
+        raise ApplyError(f"cannot enter network namespace {path}: {os.strerror(ctypes.get_errno())}")
+
+
+@contextmanager
+def returning() -> Iterator[None]:
+    """Come back to this thread's network namespace when the block ends, however it ends: the node agent
+    enters one pod's namespace after another, and talks to the runtime and the API server from its own.
+    Failing to come back is not an error of one pod but the end of the agent (RuntimeError)."""
+    home_path = "/proc/thread-self/ns/net"
+    home = os.open(home_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield
+    finally:
+        try:
+            _setns(home, home_path)
+        except ApplyError as error:
+            raise RuntimeError(str(error)) from None
+        finally:
+            os.close(home)
 
 
 def current_id() -> int:

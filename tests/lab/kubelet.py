@@ -75,6 +75,8 @@ class Pod:
     containers: dict[str, str] = field(default_factory=dict)
     failed_init: str | None = None
     """The init container that exited non-zero (the kubelet shows Init:Error); later ones were not run."""
+    volumes: dict[str, str] = field(default_factory=dict)
+    """Each volume's directory on the node, for the containers started later (:meth:`Kubelet.restart_init`)."""
 
     @property
     def name(self) -> str:
@@ -202,29 +204,48 @@ class Kubelet:
             # A failed ADD fails RunPodSandbox; containerd has removed the sandbox, the volumes are ours.
             shutil.rmtree(self.node.paths.volumes / uid, ignore_errors=True)
             raise
-        pod = Pod(self.node, pod_doc, sandbox_id, config)
+        pod = Pod(self.node, pod_doc, sandbox_id, config, volumes=volumes)
         self.pods.append(pod)
         try:
-            for container in spec.get("initContainers") or []:
-                self._start(pod, container, volumes)
-                if container.get("restartPolicy") == "Always":
-                    continue  # a native sidecar: started, and it keeps running beside the containers
-                status = pod.wait(container["name"])
-                if status.exit_code != 0:
-                    pod.failed_init = container["name"]
-                    if check:
-                        raise PodError(
-                            f"init container {container['name']} of pod {pod_name} exited {status.exit_code} "
-                            f"({status.reason}):\n{pod.logs(container['name'])}"
-                        )
-                    return pod
-            for container in spec.get("containers") or []:
-                self._start(pod, container, volumes)
+            self._run_containers(pod, spec.get("initContainers") or [], check)
         except BaseException:
             if check:
                 self.remove(pod)
             raise
         return pod
+
+    def restart_init(self, pod: Pod, *, check: bool = True) -> Pod:
+        """What a kubelet does after an init container failed (Init:CrashLoopBackOff): that container again, a
+        new attempt in the same sandbox (the pod's network is not set up again), and when it succeeds the
+        init containers after it and the containers. ``check`` as for :meth:`run_pod`."""
+        if pod.failed_init is None:
+            raise PodError(f"pod {pod.name} has no failed init container to restart")
+        init = list((pod.spec.get("spec") or {}).get("initContainers") or [])
+        failed = next(index for index, container in enumerate(init) if container["name"] == pod.failed_init)
+        # The failed attempt goes first: the lab's containers carry no attempt number, so the new one takes
+        # its name (a kubelet would keep it as attempt 0 and create attempt 1).
+        self.node.runtime.remove_container(pod.containers.pop(pod.failed_init))
+        pod.failed_init = None
+        self._run_containers(pod, init[failed:], check)
+        return pod
+
+    def _run_containers(self, pod: Pod, init: Sequence[Mapping[str, Any]], check: bool) -> None:
+        """The init containers ``init`` in order, each run to completion, then the pod's containers."""
+        for container in init:
+            self._start(pod, container, pod.volumes)
+            if container.get("restartPolicy") == "Always":
+                continue  # a native sidecar: started, and it keeps running beside the containers
+            status = pod.wait(container["name"])
+            if status.exit_code != 0:
+                pod.failed_init = container["name"]
+                if check:
+                    raise PodError(
+                        f"init container {container['name']} of pod {pod.name} exited {status.exit_code} "
+                        f"({status.reason}):\n{pod.logs(container['name'])}"
+                    )
+                return
+        for container in (pod.spec.get("spec") or {}).get("containers") or []:
+            self._start(pod, container, pod.volumes)
 
     def remove(self, pod: Pod) -> None:
         if pod in self.pods:
