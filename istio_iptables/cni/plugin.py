@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from istio_iptables.capture import config as configuration
 from istio_iptables.cni.protocol import (
+    DNS,
     POD_ANNOTATIONS,
     CniError,
     Request,
@@ -224,7 +225,8 @@ def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config 
     if interception_mode(info.annotations, settings) == "NONE":
         log.debug("pod %s/%s: left alone: interception mode NONE", namespace, name)
         return None
-    return capture_config(info, settings, request.netns, plugin)
+    config = capture_config(info, settings, request.netns, plugin)
+    return pod_dns(config, request.dns_servers)
 
 
 def pod_info(request: Request, plugin: PluginConfig, namespace: str, name: str) -> PodInfo:
@@ -265,6 +267,21 @@ def capture_config(pod: PodInfo, settings: Settings, netns_path: str, plugin: Pl
     metadata = capture.proxy_config(pod.annotations, settings).get("proxyMetadata") or {}
     config = capture.parse_capture_args(flags, {str(key): go_text(value) for key, value in metadata.items()})
     return replace(config, network_namespace=netns_path, force_iptables_binary=plugin.iptables, cni_mode=True)
+
+
+def pod_dns(config: configuration.Config, servers: list[str] | None) -> configuration.Config:
+    """The DNS servers the init container would capture: the ``nameserver`` lines of the pod's resolv.conf,
+    which the runtime writes from the pod's DNS config. The plugin runs on the node, whose resolv.conf is not
+    the pod's; the runtime hands it the pod's DNS config through the ``dns`` capability (containerd's CRI
+    does). A runtime that passes none gets all DNS captured, as Istio's plugin always does."""
+    if not config.redirect_dns or config.capture_all_dns or config.dns_servers is not None:
+        return config  # no DNS capture, or one that reads no resolv.conf
+    if servers is None:
+        log.debug("the runtime passed no %s capability: capturing DNS to every server", DNS)
+        return replace(config, capture_all_dns=True)
+    from istio_iptables.host.hostfacts import nameserver_addresses  # noqa: PLC0415
+
+    return replace(config, dns_servers=tuple(nameserver_addresses(servers, f"the runtime's {DNS} capability")))
 
 
 def add(config: configuration.Config) -> None:

@@ -21,6 +21,9 @@ CHECK_SINCE = "0.4.0"
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
 POD_ANNOTATIONS = "io.kubernetes.cri.pod-annotations"
 """The capability whose runtimeConfig value is the pod's annotations (CRI-O, containerd)."""
+DNS = "dns"
+"""The capability whose runtimeConfig value is the pod's DNS config, ``{servers, searches, options}``: what the
+runtime writes into the pod's resolv.conf (containerd's CRI passes the sandbox's DNSConfig)."""
 
 
 class CniError(Exception):
@@ -74,6 +77,15 @@ class Request:
     def runtime_config(self) -> Mapping[str, object]:
         runtime = self.config.get("runtimeConfig")
         return runtime if isinstance(runtime, Mapping) else {}
+
+    @property
+    def dns_servers(self) -> list[str] | None:
+        """The ``servers`` of the pod's DNS config, or None when the runtime passed no ``dns`` capability."""
+        dns = self.runtime_config.get(DNS)
+        if not isinstance(dns, Mapping):
+            return None
+        servers = dns.get("servers")
+        return [str(server) for server in servers] if isinstance(servers, list) else []
 
     @property
     def pod(self) -> tuple[str, str] | None:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from istio_iptables.capture.config import IptablesVariant
-from istio_iptables.cni.plugin import PodInfo, parse_plugin_config, skip_reason
+from istio_iptables.capture.config import Config, IptablesVariant, parse_address
+from istio_iptables.cni.plugin import PodInfo, parse_plugin_config, pod_dns, skip_reason
 from istio_iptables.cni.protocol import CniError
 from istio_iptables.log import LogLevel
 
@@ -82,3 +82,21 @@ def test_bad_settings_name_the_setting_and_value(key: str, value: object, messag
 def test_which_pods_are_captured(pod: PodInfo, reason: str | None) -> None:
     found = skip_reason(pod)
     assert found == reason if reason is None else reason in str(found)
+
+
+def test_dns_capture_takes_the_servers_the_runtime_gives_for_the_pod() -> None:
+    """The init container reads the pod's resolv.conf, which the runtime writes from the pod's DNS config:
+    given that config (the dns capability), the plugin captures exactly its servers (addresses only, as a
+    resolv.conf reader keeps them); without it, every DNS server, as Istio's plugin does."""
+    dns = Config(redirect_dns=True)
+    servers = ("10.96.0.10", "fd00::a")
+    assert pod_dns(dns, [*servers, "dns.example"]).dns_servers == tuple(map(parse_address, servers))
+    assert pod_dns(dns, []).dns_servers == ()
+    assert pod_dns(dns, None).capture_all_dns
+    assert pod_dns(dns, None).dns_servers is None
+    for unchanged in (
+        Config(),
+        Config(redirect_dns=True, capture_all_dns=True),
+        Config(redirect_dns=True, dns_servers=()),
+    ):
+        assert pod_dns(unchanged, ["10.96.0.10"]) == unchanged

@@ -90,3 +90,17 @@ def test_the_error_object() -> None:
 
 def test_cni_args_pairs() -> None:
     assert parse_args("A=1;;B=x=y") == {"A": "1", "B": "x=y"}
+
+
+@pytest.mark.parametrize(
+    ("runtime_config", "servers"),
+    [
+        ({"dns": {"servers": ["10.96.0.10", "fd00::a"], "searches": ["svc.cluster.local"]}}, ["10.96.0.10", "fd00::a"]),
+        ({"dns": {"searches": ["svc.cluster.local"]}}, []),  # the capability, but no server: none to capture
+        ({"io.kubernetes.cri.pod-annotations": {}}, None),  # no capability: the plugin cannot know them
+    ],
+)
+def test_the_pods_dns_servers_from_the_dns_capability(
+    runtime_config: dict[str, object], servers: list[str] | None
+) -> None:
+    assert read_request(ENV, config(runtimeConfig=runtime_config)).dns_servers == servers
