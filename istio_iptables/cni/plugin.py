@@ -229,10 +229,18 @@ def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config 
     return pod_dns(config, request.dns_servers)
 
 
-def pod_info(request: Request, plugin: PluginConfig, namespace: str, name: str) -> PodInfo:
+def given_annotations(request: Request) -> dict[str, str] | None:
+    """The pod's annotations the runtime passed (its pod-annotations capability), or None."""
     annotations = request.runtime_config.get(POD_ANNOTATIONS)
-    if isinstance(annotations, Mapping):
-        return PodInfo({str(key): str(value) for key, value in annotations.items()})
+    if not isinstance(annotations, Mapping):
+        return None
+    return {str(key): str(value) for key, value in annotations.items()}
+
+
+def pod_info(request: Request, plugin: PluginConfig, namespace: str, name: str) -> PodInfo:
+    annotations = given_annotations(request)
+    if annotations is not None:
+        return PodInfo(annotations)
     if not plugin.kubeconfig:
         raise CniError(
             CniError.POD_UNKNOWN,
@@ -303,13 +311,17 @@ def check(config: configuration.Config) -> None:
 
 
 def delete(request: Request, plugin: PluginConfig) -> None:
-    """Remove every rule, chain and route of ours from the pod; nothing to do when its namespace is gone."""
-    pod = request.pod
-    if pod is not None and pod[0] in plugin.exclude_namespaces:
-        return
+    """Remove every rule, chain and route of ours from the pod; nothing to do when its namespace is gone (a
+    runtime's second DEL, on removing the sandbox, comes without one) or for a pod the plugin leaves alone."""
     if not request.netns or not os.path.exists(request.netns):
         log.debug("container %s: network namespace gone, nothing to remove", request.container_id)
         return
+    pod = request.pod
+    if pod is not None and pod[0] in plugin.exclude_namespaces:
+        return
+    annotations = given_annotations(request)
+    if annotations is not None and skip_reason(PodInfo(annotations)):
+        return  # the ADD left it alone too: no rule of ours (the pod's own istio-init's go with the pod)
     from istio_iptables.host.hostfacts import enter  # noqa: PLC0415
 
     native = _settings(plugin).value("global.nativeNftables") is True
