@@ -198,23 +198,8 @@ def handle(request: Request) -> str:
     except ConfigError as error:  # a pod annotation (InjectionError names it), or its proxyMetadata
         raise CniError(CniError.POD_SETTINGS, str(error)) from None
     except (ApplyError, HostError) as error:
-        raise CniError(CniError.APPLY_FAILED, in_plugin_terms(str(error))) from None
+        raise CniError(CniError.APPLY_FAILED, str(error)) from None
     return result_json(request) if request.command == "ADD" else ""
-
-
-CLI_REMEDIES = {
-    "; pass --ipv6 or --no-ipv6 to choose without detection": (
-        " in the pod: list this plugin after the network plugin that gives the pod its addresses "
-        "(later in the conflist's plugins)"
-    ),
-}
-"""What the shared apply path tells a CLI user to do, in the terms of this plugin's user (its conflist)."""
-
-
-def in_plugin_terms(message: str) -> str:
-    for remedy, ours in CLI_REMEDIES.items():
-        message = message.replace(remedy, ours)
-    return message
 
 
 def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config | None:

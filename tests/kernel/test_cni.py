@@ -183,17 +183,6 @@ def test_a_bad_annotation_fails_the_add_naming_it_and_leaves_no_rules(runtime: R
     assert our_rules(runtime, pod) == ""
 
 
-def test_a_plugin_listed_before_the_pods_network_is_told_so_in_conflist_terms(cni_lab: CniLab) -> None:
-    runtime = cnilab.make_runtime(cni_lab, cnilab.CONSOLE_PLUGIN, plugin_config("nft"))
-    pod = runtime.new_pod(INJECTED)  # no network plugin ran: the pod has no address
-    first = runtime.ours(pod, "ADD")
-    assert first.returncode != 0
-    message = str(first.json()["msg"])
-    assert "list this plugin after the network plugin" in message
-    assert "--" not in message, message
-    assert our_rules(runtime, pod) == ""
-
-
 def test_a_failed_apply_leaves_no_rule_of_ours(cni_lab: CniLab, tmp_path: Path) -> None:
     """IPv4 goes in first; the IPv6 restore is refused; the IPv4 rules must be rolled back. (IPv6 is captured
     for a dual-stack pod when the proxy's metadata says ISTIO_DUAL_STACK, as in the init container.)"""
