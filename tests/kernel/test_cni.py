@@ -386,7 +386,7 @@ def test_annotations_from_the_kubernetes_api_when_the_runtime_passes_none(cni_la
     api.listens = [("tcp", 6443)]
     lab.wait_ready(api)
     runtime.add(pod)
-    assert "runtimeConfig" not in runtime.log[-1].stdin
+    assert cnilab.ANNOTATIONS_CAPABILITY not in runtime.log[-1].stdin["runtimeConfig"]  # type: ignore[operator]
     assert "--uid-owner 1500" in our_rules(runtime, pod)
     # Without a kubeconfig, such a pod fails closed: its ADD names what is missing.
     runtime.plugin_config = plugin_config("nft")
