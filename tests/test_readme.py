@@ -143,6 +143,7 @@ EXTERNAL_NAMES = {
     "SO_ORIGINAL_DST": "a socket option",
     "GLIBC_2": "glibc's symbol versions (GLIBC_2.35)",
     "CA_BUNDLE_BASE64": "the placeholder deploy/webhook.yaml holds for the webhook's caBundle",
+    "ISTIO_IPTABLES_LAB_CACHE": "the kubelet lab's image cache (tests/lab/images.py), no option of ours",
 }
 
 
