@@ -278,10 +278,14 @@ def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config 
 
 
 def given_annotations(request: Request) -> dict[str, str] | None:
-    """The pod's annotations the runtime passed (its pod-annotations capability), or None."""
-    annotations = request.runtime_config.get(POD_ANNOTATIONS)
-    if not isinstance(annotations, Mapping):
+    """The pod's annotations the runtime passed (its pod-annotations capability), or None when it passed
+    none. containerd passes a pod without annotations as null."""
+    runtime_config = request.runtime_config
+    if POD_ANNOTATIONS not in runtime_config:
         return None
+    annotations = runtime_config[POD_ANNOTATIONS]
+    if not isinstance(annotations, Mapping):
+        return {}
     return {str(key): str(value) for key, value in annotations.items()}
 
 

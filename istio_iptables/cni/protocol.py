@@ -85,11 +85,13 @@ class Request:
 
     @property
     def dns_servers(self) -> list[str] | None:
-        """The ``servers`` of the pod's DNS config, or None when the runtime passed no ``dns`` capability."""
+        """The ``servers`` of the pod's DNS config, or None when the runtime passed no ``dns`` capability.
+        containerd 1.6 spells the keys as its Go fields (``Servers``, ``Searches``, ``Options``) and a missing
+        list as null; CRI-O in lower case, as the CNI conventions do."""
         dns = self.runtime_config.get(DNS)
         if not isinstance(dns, Mapping):
             return None
-        servers = dns.get("servers")
+        servers = dns.get("servers", dns.get("Servers"))
         return [str(server) for server in servers] if isinstance(servers, list) else []
 
     @property

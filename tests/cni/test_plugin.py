@@ -7,8 +7,8 @@ import json
 import pytest
 
 from istio_iptables.capture.config import Config, IptablesVariant, parse_address
-from istio_iptables.cni.plugin import PodInfo, parse_plugin_config, pod_dns, skip_reason
-from istio_iptables.cni.protocol import CniError
+from istio_iptables.cni.plugin import PodInfo, given_annotations, parse_plugin_config, pod_dns, skip_reason
+from istio_iptables.cni.protocol import CniError, Request
 from istio_iptables.log import LogLevel
 
 STATUS = json.dumps({"initContainers": ["istio-validation"], "containers": ["istio-proxy"]})
@@ -100,3 +100,16 @@ def test_dns_capture_takes_the_servers_the_runtime_gives_for_the_pod() -> None:
         Config(redirect_dns=True, dns_servers=()),
     ):
         assert pod_dns(unchanged, ["10.96.0.10"]) == unchanged
+
+
+@pytest.mark.parametrize(
+    ("runtime_config", "annotations"),
+    [
+        ({"io.kubernetes.cri.pod-annotations": {"a": "1"}}, {"a": "1"}),
+        ({"io.kubernetes.cri.pod-annotations": None}, {}),  # containerd: a pod without annotations
+        ({}, None),  # the runtime passes none: only the API can tell
+    ],
+)
+def test_the_annotations_the_runtime_passed(runtime_config: dict[str, object], annotations: object) -> None:
+    request = Request("ADD", "c", "/var/run/netns/p", "eth0", {}, {"runtimeConfig": runtime_config})
+    assert given_annotations(request) == annotations

@@ -101,6 +101,8 @@ def test_cni_args_pairs() -> None:
     [
         ({"dns": {"servers": ["10.96.0.10", "fd00::a"], "searches": ["svc.cluster.local"]}}, ["10.96.0.10", "fd00::a"]),
         ({"dns": {"searches": ["svc.cluster.local"]}}, []),  # the capability, but no server: none to capture
+        ({"dns": {"Servers": ["10.96.0.10"], "Searches": ["svc.cluster.local"], "Options": None}}, ["10.96.0.10"]),
+        ({"dns": {"Servers": None, "Searches": None, "Options": None}}, []),  # containerd's spelling
         ({"io.kubernetes.cri.pod-annotations": {}}, None),  # no capability: the plugin cannot know them
     ],
 )

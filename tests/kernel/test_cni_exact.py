@@ -13,7 +13,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,9 @@ def nodes(lab_unavailable: str | None) -> Iterator[tuple[Runtime, Runtime]]:
         yield plugin, init
 
 
-def workloads(folder: Path, sets: list[str] | None) -> list[dict[str, Any]]:
-    """The corpus input's workloads injected with ``sets`` (None: as written), each as the ``metadata`` and
+def workloads(documents: list[Any], sets: list[str] | None) -> list[dict[str, Any]]:
+    """The workloads of ``documents`` injected with ``sets`` (None: as written), each as the ``metadata`` and
     ``spec`` of its pod."""
-    documents = list(yaml.safe_load_all((folder / "input.yaml").read_text()))
     if sets is not None:
         documents = inject_documents(documents, Injector(load_settings(sets)))
     found = []
@@ -70,6 +69,10 @@ def workloads(folder: Path, sets: list[str] | None) -> list[dict[str, Any]]:
                 {key: _at(document, path) or {} for key, path in zip(("metadata", "spec"), paths, strict=True)}
             )
     return found
+
+
+def corpus_input(case: str) -> list[Any]:
+    return list(yaml.safe_load_all((CORPUS / case / "input.yaml").read_text()))
 
 
 def _flattened(documents: list[Any]) -> Iterator[Any]:
@@ -87,24 +90,29 @@ def _at(tree: Any, path: tuple[str, ...]) -> Any:
 
 
 def rules(runtime: Runtime, pod: PodSandbox) -> str:
-    """The pod's tables (both families) and policy routing, counters and comments left out."""
+    return tables(lambda argv: runtime.lab.sh(pod.netns, argv))
+
+
+def tables(run: Callable[[list[str]], str]) -> str:
+    """A pod's tables (both families) and policy routing, counters and comments left out; ``run`` runs a
+    command in the pod's network namespace and returns its output."""
     lines = []
     for tool in SAVES:
-        saved = runtime.lab.sh(pod.netns, [tool])
-        lines += [re.sub(r"\[\d+:\d+\]", "[0:0]", line) for line in saved.splitlines() if not line.startswith("#")]
+        lines += [
+            re.sub(r"\[\d+:\d+\]", "[0:0]", line) for line in run([tool]).splitlines() if not line.startswith("#")
+        ]
     for family in ("-4", "-6"):
-        lines += runtime.lab.sh(pod.netns, ["ip", family, "rule"]).splitlines()
+        lines += run(["ip", family, "rule"]).splitlines()
     return "\n".join(lines)
 
 
-def init_container_run(runtime: Runtime, pod: PodSandbox, container: Mapping[str, Any], tmp: Path) -> None:
-    """The init container's command in the pod: its args and env, the resolv.conf the runtime wrote."""
-    resolv_conf = tmp / f"{pod.netns}-resolv.conf"
-    resolv_conf.write_text(pod.resolv_conf())
+def run_init_container(container: Mapping[str, Any], netns: str, resolv_conf: str) -> None:
+    """The init container's command in the pod: its args and env, with the resolv.conf the runtime wrote
+    for the pod (as the container sees it: ``/etc/resolv.conf``)."""
     args = container["args"]
     assert args[0] == "istio-iptables"
-    argv = [str(netlab.ISTIO_IPTABLES), *args[1:], "--network-namespace", pod.netns_path]
-    argv += ["--resolv-conf", str(resolv_conf), "--force-iptables-binary", "nft"]
+    argv = [str(netlab.ISTIO_IPTABLES), *args[1:], "--network-namespace", netns]
+    argv += ["--resolv-conf", resolv_conf, "--force-iptables-binary", "nft"]
     env = {"PATH": os.environ["PATH"], **{item["name"]: item["value"] for item in container.get("env") or []}}
     run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=90, check=False)
     assert run.returncode == 0, f"{argv}: {run.stderr}"
@@ -130,10 +138,10 @@ def test_the_plugin_applies_the_init_containers_rules(
     cni_settings = load_settings([*sets, CNI])
     plugin_node.plugin_config = {"iptables": "nft", "values": cni_settings.values, "mesh_config": cni_settings.mesh}
     if spec["expect"] == "error":
-        _refused_alike(plugin_node, folder, spec["error"])
+        _refused_alike(plugin_node, case, spec["error"])
         return
-    init_pods = workloads(folder, [*(item for item in sets if item != CNI), INIT_MODE])
-    cni_pods = workloads(folder, [*sets, CNI])
+    init_pods = workloads(corpus_input(case), [*(item for item in sets if item != CNI), INIT_MODE])
+    cni_pods = workloads(corpus_input(case), [*sets, CNI])
     assert len(init_pods) == len(cni_pods)
     for init_pod, cni_pod in zip(init_pods, cni_pods, strict=True):
         captured = plugin_node.new_pod(cni_pod["metadata"].get("annotations") or {})
@@ -142,10 +150,12 @@ def test_the_plugin_applies_the_init_containers_rules(
             plugin_node.add(captured)
             init_node.add(reference)
             # A pod injected before keeps its istio-init whatever the mode (injection leaves it as it is).
-            for runtime, pod, spec_of in ((plugin_node, captured, cni_pod), (init_node, reference, init_pod)):
+            for pod, spec_of in ((captured, cni_pod), (reference, init_pod)):
                 container = init_container(spec_of["spec"])
                 if container is not None:
-                    init_container_run(runtime, pod, container, tmp_path)
+                    resolv_conf = tmp_path / f"{pod.netns}-resolv.conf"
+                    resolv_conf.write_text(pod.resolv_conf())
+                    run_init_container(container, pod.netns_path, str(resolv_conf))
             assert rules(plugin_node, captured) == rules(init_node, reference)
             plugin_node.delete(captured)
             plugin_node.delete(captured, removing=True)
@@ -154,11 +164,11 @@ def test_the_plugin_applies_the_init_containers_rules(
                 runtime.remove_netns(pod)
 
 
-def _refused_alike(runtime: Runtime, folder: Path, error: str) -> None:
+def _refused_alike(runtime: Runtime, case: str, error: str) -> None:
     """The injector refused the workload's annotation; a pod carrying it, injected for CNI mode, fails its
     ADD the same way, naming the annotation, and keeps no rule."""
     status = json.dumps({"initContainers": ["istio-validation"]})
-    for pod_spec in workloads(folder, None):
+    for pod_spec in workloads(corpus_input(case), None):
         annotations = {**(pod_spec["metadata"].get("annotations") or {}), "sidecar.istio.io/status": status}
         pod = runtime.new_pod(annotations)
         try:
