@@ -10,12 +10,15 @@ same parser (``parse_capture_args``), so a pod gets the same rules whichever way
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from istio_iptables.capture import config as configuration
 from istio_iptables.capture.config import plain_run
 from istio_iptables.errors import ConfigError
 from istio_iptables.kube.settings import Settings, go_text
+
+TYPE_CHECKING = False  # typing only for the type checker: the CNI plugin loads this module per captured pod
+if TYPE_CHECKING:
+    from typing import Any
 
 INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
 INCLUDE_OUTBOUND_IP_RANGES = "traffic.sidecar.istio.io/includeOutboundIPRanges"

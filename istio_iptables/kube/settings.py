@@ -11,10 +11,13 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from istio_iptables.errors import ConfigError
 from istio_iptables.records import record
+
+TYPE_CHECKING = False  # typing only for the type checker: the CNI plugin loads this module per captured pod
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_VALUES: Mapping[str, Any] = {
     "global": {
