@@ -325,8 +325,35 @@ def capture_config(pod: PodInfo, settings: Settings, netns_path: str, plugin: Pl
 
     flags = capture.capture_args(pod.annotations, settings, proxy_uid=pod.proxy_uid)
     metadata = capture.proxy_config(pod.annotations, settings).get("proxyMetadata") or {}
-    config = capture.parse_capture_args(flags, {str(key): go_text(value) for key, value in metadata.items()})
+    environ = {str(key): go_text(value) for key, value in metadata.items()}
+    try:
+        config = capture.parse_capture_args(flags, environ)
+    except ConfigError as error:
+        raise ConfigError(_in_proxy_metadata_terms(pod.annotations, flags, environ, error)) from None
     return replace(config, network_namespace=netns_path, force_iptables_binary=plugin.iptables, cni_mode=True)
+
+
+def _in_proxy_metadata_terms(
+    annotations: Mapping[str, str], flags: list[str], environ: Mapping[str, str], error: ConfigError
+) -> str:
+    """The CLI names a refused environment variable by the flag it stands for; here it is a proxyMetadata
+    entry, of the pod's proxy config annotation or of the plugin's mesh_config."""
+    from istio_iptables.capture.config import shown  # noqa: PLC0415
+    from istio_iptables.kube import capture  # noqa: PLC0415
+
+    for key, value in environ.items():
+        try:
+            capture.parse_capture_args(flags, {key: value})
+        except ConfigError as alone:
+            overlay = capture.proxy_config_overlay(annotations.get(capture.PROXY_CONFIG, ""))
+            where = (
+                f"the pod's annotation '{capture.PROXY_CONFIG}'"
+                if key in (overlay.get("proxyMetadata") or {})
+                else "plugin setting mesh_config defaultConfig.proxyMetadata"
+            )
+            reason = str(alone).rpartition(f"'{shown(value)}': ")[2]
+            return f"invalid value '{shown(value)}' for proxyMetadata {key} ({where}): {reason}"
+    return str(error)
 
 
 def pod_dns(config: configuration.Config, servers: list[str] | None) -> configuration.Config:

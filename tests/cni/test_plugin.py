@@ -11,7 +11,9 @@ import pytest
 
 from istio_iptables.capture.config import Config, IptablesVariant, parse_address
 from istio_iptables.cni.plugin import (
+    PluginConfig,
     PodInfo,
+    capture_config,
     given_annotations,
     left_alone_quietly,
     parse_plugin_config,
@@ -19,6 +21,8 @@ from istio_iptables.cni.plugin import (
     skip_reason,
 )
 from istio_iptables.cni.protocol import CniError, Request
+from istio_iptables.errors import ConfigError
+from istio_iptables.kube.capture import load_settings
 from istio_iptables.log import LogLevel
 
 STATUS = json.dumps({"initContainers": ["istio-validation"], "containers": ["istio-proxy"]})
@@ -176,3 +180,22 @@ def test_a_pod_left_alone_loads_nothing_past_the_protocol() -> None:
         *(f"istio_iptables.{name}" for name in ("cli", "cli.console", "cni", "cni.plugin", "cni.protocol")),
         *(f"istio_iptables.{name}" for name in ("errors", "records")),
     }
+
+
+@pytest.mark.parametrize(
+    ("annotation", "mesh", "where"),
+    [
+        ("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: maybe\n", {}, "the pod's annotation 'proxy.istio.io/config'"),
+        (None, {"ISTIO_META_DNS_CAPTURE": "maybe"}, "plugin setting mesh_config defaultConfig.proxyMetadata"),
+    ],
+)
+def test_a_bad_proxy_metadata_value_is_named_where_the_plugins_user_set_it(
+    annotation: str | None, mesh: dict[str, str], where: str
+) -> None:
+    annotations = {**INJECTED, **({"proxy.istio.io/config": annotation} if annotation else {})}
+    settings = load_settings(mesh_config={"defaultConfig": {"proxyMetadata": mesh}})
+    with pytest.raises(ConfigError) as error:
+        capture_config(PodInfo(annotations), settings, "/var/run/netns/p", PluginConfig())
+    assert str(error.value) == (
+        f"invalid value 'maybe' for proxyMetadata ISTIO_META_DNS_CAPTURE ({where}): not a boolean (true or false)"
+    )
