@@ -748,6 +748,93 @@ def cni_setup(runs: int) -> list[Row]:
     return rows
 
 
+CNI_RUNTIME_TITLE = "CNI mode through containerd: RunPodSandbox with the plugin against the same chain without it"
+
+
+def cni_runtime(runs: int) -> list[Row]:
+    """A pod's start as a kubelet asks for it: RunPodSandbox on containerd's CRI (the kubelet lab's node, its
+    chain loopback, bridge, host-local), on a node whose conflist ends with the plugin (the self-contained
+    build, the entry ``cni install`` writes) and on one without it; a pod left alone and a captured pod; a
+    fresh sandbox each run, the variants interleaved. Then the plugin's own process on a pod left alone
+    (CPU), against the same bundle built to do nothing: what its bootstrap costs before a line of ours."""
+    sys.path.insert(0, str(ROOT))
+    from istio_iptables.cni import cri, install  # noqa: PLC0415
+    from tests.kernel import cnilab  # noqa: PLC0415
+    from tests.lab import images as lab_images  # noqa: PLC0415
+    from tests.lab import node as lab_node  # noqa: PLC0415
+
+    build = ROOT / "dist" / cnilab.PLUGIN_NAME
+    subprocess.run([str(ROOT / "scripts" / "build-cni-plugin")], check=True, env={**os.environ, "PYTHON": PYTHON})
+    idle = Path(tempfile.mkdtemp(prefix="istio-iptables-bench-"))
+    atexit.register(shutil.rmtree, idle, True)
+    # The same contents, nothing run: the import is seen by the build and never executed.
+    subprocess.run(
+        [str(ROOT / "scripts" / "build-cni-plugin")],
+        check=True,
+        env={**os.environ, "PYTHON": PYTHON, "DIST": str(idle), "WORK": str(idle / "work"),
+             "ENTRY": 'if __name__ == "never": import istio_iptables.cli.console'},
+    )  # fmt: skip
+    pause = lab_images.pause_image().archive
+    cases = [
+        ("bridge + host-local + loopback, without the plugin", False, None),
+        ("with the plugin, pod left alone", True, {}),
+        ("with the plugin, captured pod (rules applied)", True, cnilab.INJECTED),
+    ]
+    times: dict[str, list[float]] = {label: [] for label, *_ in cases}
+    with lab_node.Node() as plain, lab_node.Node() as chained:
+        for node in (plain, chained):
+            node.import_image(pause)
+        (chained.paths.cni_bin / cnilab.PLUGIN_NAME).symlink_to(build / cnilab.PLUGIN_NAME)
+        conflist = lab_node.bridge_conflist(chained.subnets)
+        plugins = conflist["plugins"]
+        assert isinstance(plugins, list)
+        plugins.append(install.plugin_entry({"iptables": "nft"}))
+        chained.write_conflist(conflist)
+        time.sleep(2)  # containerd reloads its conf dir a moment after a change
+        for run in range(runs + 1):
+            for label, with_plugin, annotations in cases:
+                node = chained if with_plugin else plain
+                config = cri.SandboxConfig(
+                    name=f"bench-{run}", namespace="default", uid=f"bench-{run}-{len(times[label])}",
+                    annotations=annotations or {}, cgroup_parent=f"{node.cgroup_parent}/bench{run}",
+                    dns_servers=("198.18.96.10",),
+                )  # fmt: skip
+                started = time.perf_counter()
+                sandbox = node.runtime.run_sandbox(config)
+                if run:  # the first run of each is containerd's warm-up
+                    times[label].append(time.perf_counter() - started)
+                node.runtime.stop_sandbox(sandbox)
+                node.runtime.remove_sandbox(sandbox)
+    baseline = statistics.median(times[cases[0][0]])
+    rows = []
+    for label, *_ in cases:
+        seconds = statistics.median(times[label])
+        note = "" if label == cases[0][0] else f"adds {(seconds - baseline) * 1000:.0f} ms"
+        rows.append(Row(label, seconds, baseline=None if label == cases[0][0] else baseline, note=note))
+    request = {
+        "cniVersion": "1.0.0", "name": "k8s", "type": cnilab.PLUGIN_NAME,
+        "runtimeConfig": {cnilab.ANNOTATIONS_CAPABILITY: {}}, "prevResult": {"cniVersion": "1.0.0", "dns": {}},
+    }  # fmt: skip
+    environment = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "bench", "CNI_NETNS": "/nonexistent", "CNI_IFNAME": "eth0",
+                   "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench", "PATH": os.environ["PATH"]}  # fmt: skip
+    processes = [
+        ("the plugin's process alone, pod left alone", build / cnilab.PLUGIN_NAME),
+        ("the same bundle doing nothing (its bootstrap: the floor)", idle / cnilab.PLUGIN_NAME / cnilab.PLUGIN_NAME),
+    ]
+    cpu: dict[str, list[float]] = {label: [] for label, _ in processes}
+    for _ in range(runs * 2):
+        for label, executable in processes:
+            before = _children_cpu()
+            subprocess.run([str(executable)], input=json.dumps(request).encode(), env=environment,
+                           stdout=subprocess.DEVNULL, check=True)  # fmt: skip
+            cpu[label].append(_children_cpu() - before)
+    floor = statistics.median(cpu[processes[1][0]])
+    for label, _ in processes:
+        used = statistics.median(cpu[label])
+        rows.append(Row(label, used, baseline=floor if used != floor else None, note="CPU (user + system)"))
+    return rows
+
+
 def _children_cpu() -> float:
     """CPU seconds (user and system) of this process's waited-for children so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -814,6 +901,7 @@ def main() -> None:
         (WEBHOOK_TITLE, lambda: webhook_reviews(args.runs, args.reviews)),
         (SOAK_TITLE, lambda: webhook_soak(args.soak)),
         ("CNI mode: a pod's network set-up by the runtime (ADD of the whole list)", lambda: cni_setup(args.runs)),
+        (CNI_RUNTIME_TITLE, lambda: cni_runtime(args.runs)),
         (MEMORY_TITLE, lambda: memory(max(sizes))),
     ]
     chosen = [(title, run) for title, run in sections if not args.only or args.only in title]

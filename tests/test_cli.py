@@ -652,7 +652,7 @@ def test_a_console_run_imports_logging_with_its_first_message(resolv_with_bad_en
     assert quiet.stderr == "False\n" and quiet_target.read_text() == ""
     debug = console("--log_output_level=default:debug", "--log_caller=default")
     line, loaded = debug.stderr.splitlines()
-    assert "\tdebug\thostfacts.read_nameservers:" in line  # --log_caller names our caller, not the logger
+    assert "\tdebug\thostfacts.nameserver_addresses:" in line  # --log_caller names our caller, not the logger
     assert "nameserver bogus" in line and loaded == "True"
 
 

@@ -66,7 +66,7 @@ def test_a_single_plugin_conf_becomes_a_conflist_ending_with_our_entry(node: tup
     assert document["plugins"][1] == {
         "type": "istio-iptables-cni",
         **SETTINGS,
-        "capabilities": {"io.kubernetes.cri.pod-annotations": True},
+        "capabilities": {"io.kubernetes.cri.pod-annotations": True, "dns": True},
     }
     assert (bin_dir / "istio-iptables-cni").read_bytes() == plugin.read_bytes()
     assert os.access(bin_dir / "istio-iptables-cni", os.X_OK)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from istio_iptables.errors import ConfigError
 from istio_iptables.kube.capture import (
+    RECORDED_PROXY_UID,
     InjectionError,
     capture_args,
     cni_enabled,
@@ -114,6 +115,16 @@ def test_proxy_uid_from_the_users_istio_proxy_container() -> None:
     # ...the pod's own TPROXY annotation makes the template write 1337.
     annotation = {"sidecar.istio.io/interceptionMode": "TPROXY"}
     assert capture_args(annotation, DEFAULT, proxy_uid=1234)[4:8] == ["-u", "1337", "-m", "TPROXY"]
+
+
+def test_the_recorded_proxy_uid_is_the_argvs_whatever_else_the_pod_says() -> None:
+    """The CNI plugin has the annotations only: the UID the injector recorded is taken as it is, over the
+    TPROXY quirk (the injector wrote the mode annotation itself) and over a runAsUser read from the API."""
+    recorded = {RECORDED_PROXY_UID: "1500", "sidecar.istio.io/interceptionMode": "TPROXY"}
+    assert capture_args(recorded, DEFAULT)[4:6] == ["-u", "1500"]
+    assert capture_args(recorded, DEFAULT, proxy_uid=1234)[4:6] == ["-u", "1500"]
+    with pytest.raises(InjectionError, match=f"invalid value 'x' for annotation '{RECORDED_PROXY_UID}'"):
+        capture_args({RECORDED_PROXY_UID: "x"}, DEFAULT)
 
 
 def test_proxy_config_annotation_sets_the_mode() -> None:

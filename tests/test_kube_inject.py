@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from istio_iptables.kube.capture import InjectionError, init_args, load_settings
+from istio_iptables.kube.capture import RECORDED_PROXY_UID, InjectionError, capture_args, init_args, load_settings
 from istio_iptables.kube.inject import DEFAULT_IMAGE, Injector, append_multus_network, inject_documents, inject_pod
 
 DEFAULT = Injector(load_settings())
@@ -152,6 +152,30 @@ def test_the_users_proxy_uid_and_gid() -> None:
     )
     validation = init_container(injected(document, tproxy), "istio-validation")
     assert (validation["securityContext"]["runAsUser"], validation["securityContext"]["runAsGroup"]) == (1337, 1337)
+
+
+@pytest.mark.parametrize(
+    ("sets", "annotations", "run_as", "recorded"),
+    [
+        ([], {}, 1500, "1500"),
+        ([], {}, None, None),
+        ([], {}, 1337, None),
+        (["meshConfig.defaultConfig.interceptionMode=TPROXY"], {}, 1234, "1234"),  # Istio's quirk: -u 1234
+        ([], {"sidecar.istio.io/interceptionMode": "TPROXY"}, 1234, None),  # the template's -u 1337
+    ],
+)
+def test_cni_mode_records_the_init_argvs_proxy_uid_for_the_plugin(
+    sets: list[str], annotations: dict[str, str], run_as: int | None, recorded: str | None
+) -> None:
+    document = pod(annotations)
+    context = {} if run_as is None else {"securityContext": {"runAsUser": run_as}}
+    document["spec"]["containers"].append({"name": "istio-proxy", "image": "auto", **context})
+    init_argv = init_container(injected(document, Injector(load_settings(sets))))["args"]
+    written = injected(document, Injector(load_settings([*sets, "components.cni.enabled=true"])))
+    assert written["metadata"]["annotations"].get(RECORDED_PROXY_UID) == recorded
+    # What the plugin makes of the annotations alone is the init container's -u.
+    plugin_args = capture_args(written["metadata"]["annotations"], load_settings(sets))
+    assert plugin_args[plugin_args.index("-u") + 1] == init_argv[init_argv.index("-u") + 1]
 
 
 def test_cni_mode_writes_the_settings_the_plugin_reads() -> None:

@@ -552,14 +552,14 @@ def cni_repair_command(
     from istio_iptables.cni.plugin import parse_plugin_config  # noqa: PLC0415
     from istio_iptables.cni.protocol import CniError  # noqa: PLC0415
     from istio_iptables.kube.capture import load_settings  # noqa: PLC0415
-    from istio_iptables.log import LogOptions, configure  # noqa: PLC0415
+    from istio_iptables.log import LogLevel, LogOptions, configure  # noqa: PLC0415
 
     try:
         plugin = parse_plugin_config(_plugin_settings(plugin_config))
     except CniError as error:
         raise ConfigError(f"invalid value for --plugin-config: '{plugin_config}': {error.message}") from None
     load_settings(values=plugin.values, mesh_config=plugin.mesh_config)  # a bad setting: one line, before any pod
-    configure(LogOptions(level=plugin.log_level))
+    configure(LogOptions(level=plugin.log_level or LogLevel.INFO))
     options = repair.RepairOptions(
         plugin=plugin,
         kubeconfig=kubeconfig,

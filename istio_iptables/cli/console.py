@@ -23,16 +23,12 @@ collector on, which costs a one-shot run a little time and nothing else."""
 if LONG_RUNNING.isdisjoint(sys.argv[1:]):
     gc.disable()
 
-from istio_iptables.host import interrupts  # noqa: E402
-
-# Before the rest is imported: from here on SIGINT and SIGTERM end the process with one line, no traceback.
-interrupts.install()
-
 # Each command imports its modules here, with the collector off (the point), and only its own: the CNI
 # plugin's run never loads the CLI's, nor the CLI's the plugin's.
 
 
 def main() -> None:
+    _interruptible()
     from istio_iptables.cli import fast as cli  # noqa: PLC0415
 
     _print_as_read()
@@ -40,6 +36,7 @@ def main() -> None:
 
 
 def clean_main() -> None:
+    _interruptible()
     from istio_iptables.cli import fast as cli  # noqa: PLC0415
 
     _print_as_read()
@@ -47,9 +44,18 @@ def clean_main() -> None:
 
 
 def cni_main() -> None:
+    # The plugin installs the handlers itself once it is to change something: most pods it leaves alone,
+    # answering before the signal module (and enum with it) would even be loaded.
     from istio_iptables.cni import plugin  # noqa: PLC0415
 
     _without_collection(plugin.main)
+
+
+def _interruptible() -> None:
+    """Before the rest is imported: from here on SIGINT and SIGTERM end the process with one line, no traceback."""
+    from istio_iptables.host import interrupts  # noqa: PLC0415
+
+    interrupts.install()
 
 
 def _print_as_read() -> None:

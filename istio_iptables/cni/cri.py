@@ -66,6 +66,8 @@ class SandboxStatus:
     ips: tuple[str, ...]
     pid: int
     netns_path: str
+    dns_servers: tuple[str, ...] | None = None
+    """The nameservers of the pod's DNS config (its resolv.conf's), None when the runtime did not say."""
 
     @property
     def netns_of_pid(self) -> str:
@@ -208,7 +210,12 @@ class Runtime:
             labels=dict(status.labels),
             annotations=dict(status.annotations),
         )
-        return SandboxStatus(sandbox=sandbox, ips=ips, pid=int(info.get("pid", 0)), netns_path=netns_path)
+        # containerd's verbose info also holds the sandbox's config, the pod's DNS config with it.
+        config = info.get("config")
+        servers = tuple(config.get("dns_config", {}).get("servers", [])) if isinstance(config, dict) else None
+        return SandboxStatus(
+            sandbox=sandbox, ips=ips, pid=int(info.get("pid", 0)), netns_path=netns_path, dns_servers=servers
+        )
 
     def run_sandbox(self, config: SandboxConfig) -> str:
         """RunPodSandbox: the runtime makes the pod's namespaces and runs the node's CNI chain (ADD)."""

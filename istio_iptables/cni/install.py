@@ -55,14 +55,14 @@ log = Log(__name__)
 
 
 def plugin_entry(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Our object in the conflist: the plugin type, the capability that makes the runtime pass the pod's
-    annotations, and the plugin's own settings."""
+    """Our object in the conflist: the plugin type, the capabilities that make the runtime pass the pod's
+    annotations and its DNS config, and the plugin's own settings."""
     from istio_iptables.cni.plugin import STANDARD_KEYS  # noqa: PLC0415
 
     reserved = STANDARD_KEYS & settings.keys()
     if reserved:
         raise ConfigError(f"invalid value for --plugin-config: sets {', '.join(sorted(reserved))}, which install owns")
-    return {"type": PLUGIN_TYPE, **settings, "capabilities": {ANNOTATIONS_CAPABILITY: True}}
+    return {"type": PLUGIN_TYPE, **settings, "capabilities": {ANNOTATIONS_CAPABILITY: True, "dns": True}}
 
 
 def checked_entry(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,36 +7,40 @@ names the ``istio-validation`` container), ADD builds the argv ``inject`` would 
 parser, and applies that plan inside ``CNI_NETNS`` through the CLI's apply path: the same rules, atomically,
 whichever way a pod is captured. Every other pod is left alone. DEL removes every rule and route of ours;
 CHECK compares the live rules with the plan. Errors are the spec's JSON on stdout and a non-zero exit.
+
+Most pods on a node are left alone, and the plugin runs in each one's start. So this module loads only the
+protocol: a pod left alone is answered from the request before anything else is imported (the flag table,
+logging, ``enum`` and ``re`` come with the first pod to capture).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping
 
-from istio_iptables.capture import config as configuration
 from istio_iptables.cni.protocol import (
+    DNS,
     POD_ANNOTATIONS,
     CniError,
     Request,
+    dumps,
     error_json,
+    loads,
     read_request,
     result_json,
     version_json,
 )
 from istio_iptables.errors import ApplyError, ConfigError, HostError, NoAddressError
-from istio_iptables.log import Log, LogLevel, LogOptions, configure
 from istio_iptables.records import record, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from istio_iptables.capture import config as configuration
     from istio_iptables.kube.settings import Settings
-
-log = Log(__name__)
+    from istio_iptables.log import LogLevel
 
 PROG = "istio-iptables-cni"
 STATUS = "sidecar.istio.io/status"
@@ -49,6 +53,9 @@ STANDARD_KEYS = frozenset(
     | {"runtimeConfig", "prevResult"}
 )
 """The spec's keys of a plugin's configuration object; any other key must be one of this plugin's settings."""
+SETTINGS = frozenset({"values", "mesh_config", "exclude_namespaces", "log_level", "kubernetes", "iptables"})
+QUIET_LEVELS = frozenset({"info", "warn", "warning", "error", "none"})
+"""``log_level`` values that log nothing about a pod left alone (its reason is a debug line)."""
 
 
 @record
@@ -60,7 +67,8 @@ class PluginConfig:
     mesh_config: Mapping[str, object] | None = None
     """The mesh config (as ``inject --mesh-config``)."""
     exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
-    log_level: LogLevel = LogLevel.INFO
+    log_level: LogLevel | None = None
+    """None: info."""
     kubeconfig: str = ""
     """Where to get a pod's annotations when the runtime does not pass them."""
     iptables: configuration.IptablesVariant | None = None
@@ -72,10 +80,13 @@ class PluginConfig:
 
 def parse_plugin_config(document: Mapping[str, object]) -> PluginConfig:
     """This plugin's settings; CniError naming the setting and the value when one is wrong."""
-    known = {"values", "mesh_config", "exclude_namespaces", "log_level", "kubernetes", "iptables"}
-    unknown = sorted(set(document) - STANDARD_KEYS - known)
+    from istio_iptables.capture import config as configuration  # noqa: PLC0415 (see the module's docstring)
+    from istio_iptables.log import LogLevel  # noqa: PLC0415
+
+    unknown = sorted(set(document) - STANDARD_KEYS - SETTINGS)
     if unknown:
-        raise _config_error(unknown[0], document[unknown[0]], f"unknown setting (known: {', '.join(sorted(known))})")
+        known = ", ".join(sorted(SETTINGS))
+        raise _config_error(unknown[0], document[unknown[0]], f"unknown setting (known: {known})")
     values, mesh = document.get("values"), document.get("mesh_config")
     for key, tree in (("values", values), ("mesh_config", mesh)):
         if tree is not None and not isinstance(tree, Mapping):
@@ -116,7 +127,9 @@ def check_plugin_config(document: Mapping[str, object]) -> PluginConfig:
 
 
 def _config_error(key: str, value: object, reason: str) -> CniError:
-    shown = configuration.shown(json.dumps(value))
+    from istio_iptables.capture import config as configuration  # noqa: PLC0415
+
+    shown = configuration.shown(dumps(value))
     return CniError(CniError.INVALID_CONFIG, f"invalid value for plugin setting {key}: {shown}: {reason}")
 
 
@@ -151,7 +164,7 @@ def skip_reason(pod: PodInfo) -> str | None:
 
 def _init_containers(status: str) -> list[str]:
     try:
-        document = json.loads(status)
+        document = loads(status)
     except ValueError:
         return []
     names = document.get("initContainers") if isinstance(document, dict) else None
@@ -197,8 +210,14 @@ def handle(request: Request) -> str:
     """What the plugin prints for one request; raises CniError."""
     if request.command == "VERSION":
         return version_json()
+    if left_alone_quietly(request):
+        return result_json(request) if request.command == "ADD" else ""
+    from istio_iptables.host import interrupts  # noqa: PLC0415
+    from istio_iptables.log import LogLevel, LogOptions, configure  # noqa: PLC0415
+
+    interrupts.install()  # from here on, SIGTERM ends the run with one line (an apply rolls back first)
     plugin = parse_plugin_config(request.config)
-    configure(LogOptions(level=plugin.log_level))
+    configure(LogOptions(level=plugin.log_level or LogLevel.INFO))
     try:
         if request.command == "DEL":
             delete(request, plugin)
@@ -222,43 +241,87 @@ def handle(request: Request) -> str:
     return result_json(request) if request.command == "ADD" else ""
 
 
-def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config | None:
-    """The Config of the pod's capture, or None when the plugin leaves the pod alone."""
+def left_alone_quietly(request: Request) -> bool:
+    """A pod the plugin leaves alone, known from the request alone, when nothing would be logged about it:
+    answered with no further import. The settings' names are checked, their values only on the way to a
+    capture (the installer checks them all before it writes them); with ``log_level`` debug, the full path
+    runs and logs why the pod is left alone."""
+    document = request.config
+    excluded = document.get("exclude_namespaces", DEFAULT_EXCLUDED_NAMESPACES)
+    quiet = str(document.get("log_level", "info")).lower() in QUIET_LEVELS
+    if not quiet or set(document) - STANDARD_KEYS - SETTINGS or not isinstance(excluded, (list, tuple)):
+        return False
+    if request.command == "DEL" and not request.netns:
+        return True  # the runtime's second DEL, on removing the sandbox: its namespace is gone
+    return why_left_alone(request, excluded) is not None
+
+
+def why_left_alone(request: Request, excluded_namespaces: tuple[str, ...] | list[object]) -> str | None:
+    """Why the plugin leaves this pod alone, from the request alone; None when it is one to capture, or when
+    only the Kubernetes API can tell (the runtime passed no annotations)."""
     pod = request.pod
     if pod is None:
-        log.debug("container %s is not a Kubernetes pod: left alone", request.container_id)
+        return f"container {request.container_id} is not a Kubernetes pod"
+    if pod[0] in excluded_namespaces:
+        return f"pod {pod[0]}/{pod[1]}: namespace excluded"
+    annotations = given_annotations(request)
+    reason = None if annotations is None else skip_reason(PodInfo(annotations))
+    return None if reason is None else f"pod {pod[0]}/{pod[1]}: {reason}"
+
+
+def _debug(message: str, *args: object) -> None:
+    from istio_iptables.log import Log  # noqa: PLC0415 (loaded: the full path configured logging)
+
+    Log(__name__).debug(message, *args)
+
+
+def pod_capture(request: Request, plugin: PluginConfig) -> configuration.Config | None:
+    """The Config of the pod's capture, or None when the plugin leaves the pod alone."""
+    reason = why_left_alone(request, plugin.exclude_namespaces)
+    if reason is not None or request.pod is None:
+        _debug("left alone: %s", reason)  # debug: a runtime keeps a successful plugin's stderr nowhere
         return None
-    namespace, name = pod
-    if plugin.excludes(namespace):
-        log.debug("pod %s/%s: left alone: namespace excluded", namespace, name)
-        return None
-    return capture_of(namespace, name, pod_info(request, plugin, namespace, name), request.netns, plugin)
+    namespace, name = request.pod
+    config = capture_of(namespace, name, pod_info(request, plugin, namespace, name), request.netns, plugin)
+    return None if config is None else pod_dns(config, request.dns_servers)
 
 
 def capture_of(
     namespace: str, name: str, info: PodInfo, netns_path: str, plugin: PluginConfig
 ) -> configuration.Config | None:
     """The Config of a pod's capture from what is known of it, or None when the plugin leaves it alone: the one
-    reading of a pod's annotations, for the plugin's ADD and CHECK and for the node agent's repair."""
-    # Debug: a runtime keeps a successful plugin's stderr nowhere, and logging costs an import per pod.
-    reason = skip_reason(info)
+    reading of a pod's annotations, for the plugin's ADD and CHECK and for the node agent's repair. The DNS
+    servers are the caller's to set (``pod_dns``): the plugin has them from the runtime."""
+    reason = skip_reason(info)  # what the API told beyond the annotations (labels, containers)
     if reason is not None:
-        log.debug("pod %s/%s: left alone: %s", namespace, name, reason)
+        _debug("left alone: pod %s/%s: %s", namespace, name, reason)
         return None
     # The settings only now: most pods on a node are not captured, and they need not pay for them.
     settings = _settings(plugin)
     from istio_iptables.kube.capture import interception_mode  # noqa: PLC0415
 
     if interception_mode(info.annotations, settings) == "NONE":
-        log.debug("pod %s/%s: left alone: interception mode NONE", namespace, name)
+        _debug("left alone: pod %s/%s: interception mode NONE", namespace, name)
         return None
     return capture_config(info, settings, netns_path, plugin)
 
 
+def given_annotations(request: Request) -> dict[str, str] | None:
+    """The pod's annotations the runtime passed (its pod-annotations capability), or None when it passed
+    none. containerd passes a pod without annotations as null."""
+    runtime_config = request.runtime_config
+    if POD_ANNOTATIONS not in runtime_config:
+        return None
+    annotations = runtime_config[POD_ANNOTATIONS]
+    if not isinstance(annotations, Mapping):
+        return {}
+    return {str(key): str(value) for key, value in annotations.items()}
+
+
 def pod_info(request: Request, plugin: PluginConfig, namespace: str, name: str) -> PodInfo:
-    annotations = request.runtime_config.get(POD_ANNOTATIONS)
-    if isinstance(annotations, Mapping):
-        return PodInfo({str(key): str(value) for key, value in annotations.items()})
+    annotations = given_annotations(request)
+    if annotations is not None:
+        return PodInfo(annotations)
     if not plugin.kubeconfig:
         raise CniError(
             CniError.POD_UNKNOWN,
@@ -291,8 +354,50 @@ def capture_config(pod: PodInfo, settings: Settings, netns_path: str, plugin: Pl
 
     flags = capture.capture_args(pod.annotations, settings, proxy_uid=pod.proxy_uid)
     metadata = capture.proxy_config(pod.annotations, settings).get("proxyMetadata") or {}
-    config = capture.parse_capture_args(flags, {str(key): go_text(value) for key, value in metadata.items()})
+    environ = {str(key): go_text(value) for key, value in metadata.items()}
+    try:
+        config = capture.parse_capture_args(flags, environ)
+    except ConfigError as error:
+        raise ConfigError(_in_proxy_metadata_terms(pod.annotations, flags, environ, error)) from None
     return replace(config, network_namespace=netns_path, force_iptables_binary=plugin.iptables, cni_mode=True)
+
+
+def _in_proxy_metadata_terms(
+    annotations: Mapping[str, str], flags: list[str], environ: Mapping[str, str], error: ConfigError
+) -> str:
+    """The CLI names a refused environment variable by the flag it stands for; here it is a proxyMetadata
+    entry, of the pod's proxy config annotation or of the plugin's mesh_config."""
+    from istio_iptables.capture.config import shown  # noqa: PLC0415
+    from istio_iptables.kube import capture  # noqa: PLC0415
+
+    for key, value in environ.items():
+        try:
+            capture.parse_capture_args(flags, {key: value})
+        except ConfigError as alone:
+            overlay = capture.proxy_config_overlay(annotations.get(capture.PROXY_CONFIG, ""))
+            where = (
+                f"the pod's annotation '{capture.PROXY_CONFIG}'"
+                if key in (overlay.get("proxyMetadata") or {})
+                else "plugin setting mesh_config defaultConfig.proxyMetadata"
+            )
+            reason = str(alone).rpartition(f"'{shown(value)}': ")[2]
+            return f"invalid value '{shown(value)}' for proxyMetadata {key} ({where}): {reason}"
+    return str(error)
+
+
+def pod_dns(config: configuration.Config, servers: list[str] | None) -> configuration.Config:
+    """The DNS servers the init container would capture: the ``nameserver`` lines of the pod's resolv.conf,
+    which the runtime writes from the pod's DNS config. The plugin runs on the node, whose resolv.conf is not
+    the pod's; the runtime hands it the pod's DNS config through the ``dns`` capability (containerd's CRI
+    does). A runtime that passes none gets all DNS captured, as Istio's plugin always does."""
+    if not config.redirect_dns or config.capture_all_dns or config.dns_servers is not None:
+        return config  # no DNS capture, or one that reads no resolv.conf
+    if servers is None:
+        _debug("the runtime passed no %s capability: capturing DNS to every server", DNS)
+        return replace(config, capture_all_dns=True)
+    from istio_iptables.host.hostfacts import nameserver_addresses  # noqa: PLC0415
+
+    return replace(config, dns_servers=tuple(nameserver_addresses(servers, f"the runtime's {DNS} capability")))
 
 
 def add(config: configuration.Config) -> None:
@@ -314,13 +419,16 @@ def check(config: configuration.Config) -> None:
 
 
 def delete(request: Request, plugin: PluginConfig) -> None:
-    """Remove every rule, chain and route of ours from the pod; nothing to do when its namespace is gone."""
-    pod = request.pod
-    if pod is not None and plugin.excludes(pod[0]):
-        return
+    """Remove every rule, chain and route of ours from the pod; nothing to do when its namespace is gone (a
+    runtime's second DEL, on removing the sandbox, comes without one) or for a pod the plugin leaves alone."""
     if not request.netns or not os.path.exists(request.netns):
-        log.debug("container %s: network namespace gone, nothing to remove", request.container_id)
+        _debug("container %s: network namespace gone, nothing to remove", request.container_id)
         return
+    reason = why_left_alone(request, plugin.exclude_namespaces)
+    if reason is not None:
+        _debug("left alone: %s", reason)  # the ADD left it alone too (the pod's own istio-init's go with it)
+        return
+    from istio_iptables.capture import config as configuration  # noqa: PLC0415
     from istio_iptables.host.hostfacts import enter  # noqa: PLC0415
 
     native = _settings(plugin).value("global.nativeNftables") is True

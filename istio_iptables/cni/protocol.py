@@ -5,11 +5,16 @@ the plugin's own object from the list, with the list's ``cniVersion`` and ``name
 ``prevResult`` and the ``runtimeConfig`` of the capabilities the plugin declares. A chained plugin that adds
 no interface prints ``prevResult`` unchanged after an ADD; an error is a JSON object on stdout and a non-zero
 exit. Pure: the caller reads stdin and the environment and writes stdout.
+
+JSON goes through the standard library's C scanner and encoder (``_json``) directly: importing ``json``
+compiles its pure-Python fallback's regular expressions and loads ``re`` and ``enum``, about a third of the
+plugin's whole run for a pod it leaves alone. Anything the C scanner refuses is handed to ``json`` itself,
+whose answer (its value, or its error message) is the one given.
 """
 
 from __future__ import annotations
 
-import json
+import _json
 from collections.abc import Mapping
 
 from istio_iptables.records import record
@@ -21,6 +26,9 @@ CHECK_SINCE = "0.4.0"
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
 POD_ANNOTATIONS = "io.kubernetes.cri.pod-annotations"
 """The capability whose runtimeConfig value is the pod's annotations (CRI-O, containerd)."""
+DNS = "dns"
+"""The capability whose runtimeConfig value is the pod's DNS config, ``{servers, searches, options}``: what the
+runtime writes into the pod's resolv.conf (containerd's CRI passes the sandbox's DNSConfig)."""
 
 
 class CniError(Exception):
@@ -76,6 +84,17 @@ class Request:
         return runtime if isinstance(runtime, Mapping) else {}
 
     @property
+    def dns_servers(self) -> list[str] | None:
+        """The ``servers`` of the pod's DNS config, or None when the runtime passed no ``dns`` capability.
+        containerd 1.6 spells the keys as its Go fields (``Servers``, ``Searches``, ``Options``) and a missing
+        list as null; CRI-O in lower case, as the CNI conventions do."""
+        dns = self.runtime_config.get(DNS)
+        if not isinstance(dns, Mapping):
+            return None
+        servers = dns.get("servers", dns.get("Servers"))
+        return [str(server) for server in servers] if isinstance(servers, list) else []
+
+    @property
     def pod(self) -> tuple[str, str] | None:
         """The Kubernetes pod's (namespace, name), or None when the runtime says nothing of a pod."""
         namespace, name = self.args.get("K8S_POD_NAMESPACE", ""), self.args.get("K8S_POD_NAME", "")
@@ -122,7 +141,7 @@ def parse_args(text: str) -> dict[str, str]:
 
 def _decode(stdin: bytes) -> dict[str, object]:
     try:
-        config = json.loads(stdin)
+        config = loads(stdin)
     except (ValueError, UnicodeDecodeError) as error:
         raise CniError(CniError.DECODING_FAILURE, f"the network configuration on stdin is not JSON: {error}") from None
     if not isinstance(config, dict):
@@ -152,7 +171,7 @@ def result_json(request: Request) -> str:
     previous = request.prev_result
     result = dict(previous) if isinstance(previous, Mapping) else {"dns": {}}
     result.setdefault("cniVersion", request.version)
-    return json.dumps(result)
+    return dumps(result)
 
 
 def error_json(error: CniError, version: str) -> str:
@@ -164,8 +183,46 @@ def error_json(error: CniError, version: str) -> str:
     }
     if error.details:
         document["details"] = error.details
-    return json.dumps(document)
+    return dumps(document)
 
 
 def version_json() -> str:
-    return json.dumps({"cniVersion": CURRENT_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)})
+    return dumps({"cniVersion": CURRENT_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)})
+
+
+class _Decoding:
+    """What the C scanner reads of a decoder: ``json.loads``'s defaults."""
+
+    strict = True
+    object_hook = object_pairs_hook = array_hook = None
+    parse_float, parse_int, parse_constant = float, int, float  # float("NaN"), float("-Infinity")
+
+
+_scan = _json.make_scanner(_Decoding())  # type: ignore[arg-type]
+
+
+def _unencodable(value: object) -> object:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_encode = _json.make_encoder({}, _unencodable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+_WHITESPACE = " \t\n\r"
+
+
+def loads(text: bytes | str) -> object:
+    """``json.loads``: the same values, the same errors."""
+    try:
+        stripped = (text.decode("utf-8") if isinstance(text, bytes) else text).strip(_WHITESPACE)
+        value, end = _scan(stripped, 0)
+        if end == len(stripped):
+            return value
+    except (StopIteration, ValueError):  # UnicodeDecodeError is a ValueError: json also reads UTF-16 and -32
+        pass
+    import json  # noqa: PLC0415 (its error message, or whatever the scanner alone does not take)
+
+    return json.loads(text)
+
+
+def dumps(value: object) -> str:
+    """``json.dumps`` of a document made of dicts, lists, strings, numbers, booleans and None."""
+    return "".join(_encode(value, 0))

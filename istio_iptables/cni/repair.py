@@ -27,7 +27,7 @@ from collections import Counter
 
 from istio_iptables.capture.config import Config
 from istio_iptables.cni import cri, kubeapi
-from istio_iptables.cni.plugin import PluginConfig, PodInfo, capture_of
+from istio_iptables.cni.plugin import PluginConfig, PodInfo, capture_of, pod_dns
 from istio_iptables.errors import ApplyError, ConfigError, HostError
 from istio_iptables.log import Log
 from istio_iptables.records import record, replace
@@ -120,7 +120,7 @@ class Repairer:
 
     def _repair(self, sandbox: cri.Sandbox, config: Config) -> Verdict | None:
         try:
-            netns = self._netns(sandbox)
+            netns, dns_servers = self._netns(sandbox)
         except HostError as error:  # the agent's lack (its privileges) or the runtime's, not the pod's: no fallback
             log.warning(f"pod {_name(sandbox)}: {error}; trying again next cycle")
             return None
@@ -133,7 +133,8 @@ class Repairer:
         from istio_iptables.host import netns as namespaces  # noqa: PLC0415
         from istio_iptables.host.hostfacts import enter  # noqa: PLC0415
 
-        config = replace(config, network_namespace=netns)
+        # The DNS servers as the plugin has them from the runtime's dns capability: the pod's, not the node's.
+        config = pod_dns(replace(config, network_namespace=netns), None if dns_servers is None else list(dns_servers))
         try:
             with namespaces.returning():
                 _, plan = enter(config, changes_system=False)
@@ -147,17 +148,18 @@ class Repairer:
             return self._fallback(sandbox, str(error))
         return Verdict.REPAIRED
 
-    def _netns(self, sandbox: cri.Sandbox) -> str | None:
+    def _netns(self, sandbox: cri.Sandbox) -> tuple[str | None, tuple[str, ...] | None]:
         """The pod's network namespace as this process sees it: the runtime's bind mount where it is visible
         here, else through the pause process (``hostPID``); None when neither is there. HostError when one is
-        there but this process may not open it, or when the runtime did not answer."""
+        there but this process may not open it, or when the runtime did not answer. With it, the nameservers
+        of the pod's DNS config, as the runtime gives them (None when it does not)."""
         try:
             status = self.runtime.sandbox_status(sandbox.id)
         except cri.CriError as error:  # removed since it was listed, or the runtime is busy: look again
             raise HostError(f"the runtime did not give its status: {error}") from None
         paths = [status.netns_path] if status.netns_path else []
         paths += [status.netns_of_pid] if status.pid else []
-        return next((path for path in paths if _identity(path) is not None), None)
+        return next((path for path in paths if _identity(path) is not None), None), status.dns_servers
 
     def _fallback(self, sandbox: cri.Sandbox, reason: str) -> Verdict | None:
         """Delete the pod through the API server, if allowed: its controller recreates it, and the plugin

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import pwd
 import socket
+from collections.abc import Iterable
 
 from istio_iptables.capture import config as configuration
 from istio_iptables.capture.config import Config, parse_address
@@ -49,16 +50,20 @@ def read_nameservers(path: str) -> list[IPAddress]:
             lines = file.read().splitlines()
     except OSError as error:
         raise HostError(f"cannot read DNS servers from {path}: {error.strerror}") from None
-    servers = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 2 or fields[0] != "nameserver":
-            continue
+    fields = [line.split() for line in lines]
+    return nameserver_addresses([words[1] for words in fields if len(words) >= 2 and words[0] == "nameserver"], path)
+
+
+def nameserver_addresses(servers: Iterable[str], source: str) -> list[IPAddress]:
+    """The servers that are IP addresses, in order (a resolv.conf's reader skips the others); ``source`` names
+    where they come from in the debug line about a skipped one."""
+    addresses = []
+    for server in servers:
         try:
-            servers.append(parse_address(fields[1]))
+            addresses.append(parse_address(server))
         except ValueError:
-            log.debug("nameserver %s in %s is not an IP address; skipped", fields[1], path)
-    return servers
+            log.debug("nameserver %s in %s is not an IP address; skipped", server, source)
+    return addresses
 
 
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2

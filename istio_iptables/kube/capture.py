@@ -10,12 +10,15 @@ same parser (``parse_capture_args``), so a pod gets the same rules whichever way
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from istio_iptables.capture import config as configuration
 from istio_iptables.capture.config import plain_run
 from istio_iptables.errors import ConfigError
 from istio_iptables.kube.settings import Settings, go_text
+
+TYPE_CHECKING = False  # typing only for the type checker: the CNI plugin loads this module per captured pod
+if TYPE_CHECKING:
+    from typing import Any
 
 INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
 INCLUDE_OUTBOUND_IP_RANGES = "traffic.sidecar.istio.io/includeOutboundIPRanges"
@@ -34,6 +37,10 @@ READINESS_INITIAL_DELAY = "readiness.status.sidecar.istio.io/initialDelaySeconds
 READINESS_PERIOD = "readiness.status.sidecar.istio.io/periodSeconds"
 READINESS_FAILURE_THRESHOLD = "readiness.status.sidecar.istio.io/failureThreshold"
 PROMETHEUS_MERGE_METRICS = "prometheus.istio.io/merge-metrics"
+RECORDED_PROXY_UID = "istio-iptables.io/proxy-uid"
+"""This injector's own annotation, written in CNI mode only when the init argv's ``-u`` is not the default:
+the UID comes from the ``istio-proxy`` container's securityContext, which a runtime does not hand a CNI plugin
+(only the pod's annotations). Read back here, it gives the plugin the init container's ``-u`` exactly."""
 
 DEFAULT_PROXY_UID = 1337
 ALWAYS_EXCLUDED_INBOUND = "15090,15021"
@@ -199,7 +206,8 @@ def cni_enabled(settings: Settings) -> bool:
 def capture_args(annotations: Mapping[str, str], settings: Settings, *, proxy_uid: int | None = None) -> list[str]:
     """The capture flags the injector writes (``-p -z -u -m -i -x -b -d``, then the optional ones), without
     the leading ``istio-iptables`` word and without the validation/CNI-mode flags. ``proxy_uid`` is the
-    ``runAsUser`` of an ``istio-proxy`` container the user put in the pod. Raises InjectionError naming the
+    ``runAsUser`` of an ``istio-proxy`` container the user put in the pod; a UID the injector recorded
+    (``RECORDED_PROXY_UID``, the CNI plugin's case) wins over it. Raises InjectionError naming the
     annotation (or setting) and the value when Istio's checks or this program's Config parser refuse one, and
     for a pod whose ``interception_mode`` is NONE (no capture: callers skip those first)."""
     return _arguments(annotations, settings, proxy_uid, mode_flags=())
@@ -335,6 +343,9 @@ def _arguments(
 
 
 def _proxy_uid(annotations: Mapping[str, str], proxy_uid: int | None) -> tuple[str, str]:
+    # The recorded UID is the argv's -u, quirks applied (the injector ignores one in its input).
+    if RECORDED_PROXY_UID in annotations:
+        return annotations[RECORDED_PROXY_UID], f"annotation '{RECORDED_PROXY_UID}'"
     # Istio's template writes "1337" when the pod's own annotation asks for TPROXY; a mesh-wide TPROXY
     # default does not trigger it (the goldens keep this quirk: proxy-override-runas.tproxy has -u 1234).
     if annotations.get(INTERCEPTION_MODE) == "TPROXY" or not proxy_uid:

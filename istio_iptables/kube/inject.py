@@ -130,6 +130,7 @@ def inject_pod(
         spec["volumes"] = volumes
     if settings.cni:
         annotations.update(cni_annotations(annotations, settings))
+        annotations.update(recorded_proxy_uid(container["args"]))
     annotations[SIDECAR_STATUS] = json.dumps(
         {
             "initContainers": [name],
@@ -174,6 +175,16 @@ def cni_annotations(annotations: Mapping[str, str], settings: Settings) -> dict[
         if annotations.get(annotation):
             written[annotation] = annotations[annotation]
     return written
+
+
+def recorded_proxy_uid(args: object) -> dict[str, str]:
+    """CNI mode: the init argv's ``-u`` when it is not the default, as the annotation the plugin reads back
+    (``capture.RECORDED_PROXY_UID``): the proxy's UID is in its container's securityContext, which a runtime
+    does not hand a CNI plugin."""
+    uid = str(capture.DEFAULT_PROXY_UID)
+    if isinstance(args, list) and "-u" in args[:-1]:  # the user's init container may have replaced the args
+        uid = str(args[args.index("-u") + 1])
+    return {} if uid == str(capture.DEFAULT_PROXY_UID) else {capture.RECORDED_PROXY_UID: uid}
 
 
 def append_multus_network(existing: str, network: str) -> str:

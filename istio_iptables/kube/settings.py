@@ -21,6 +21,10 @@ from typing import Any
 from istio_iptables.errors import ConfigError
 from istio_iptables.records import record
 
+TYPE_CHECKING = False  # typing only for the type checker: the CNI plugin loads this module per captured pod
+if TYPE_CHECKING:
+    from typing import Any
+
 DEFAULT_VALUES: Mapping[str, Any] = {
     "global": {
         "proxy": {

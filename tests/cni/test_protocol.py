@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from istio_iptables.cni.protocol import (
     CniError,
+    dumps,
     error_json,
+    loads,
     parse_args,
     read_request,
     result_json,
@@ -90,3 +94,54 @@ def test_the_error_object() -> None:
 
 def test_cni_args_pairs() -> None:
     assert parse_args("A=1;;B=x=y") == {"A": "1", "B": "x=y"}
+
+
+@pytest.mark.parametrize(
+    ("runtime_config", "servers"),
+    [
+        ({"dns": {"servers": ["10.96.0.10", "fd00::a"], "searches": ["svc.cluster.local"]}}, ["10.96.0.10", "fd00::a"]),
+        ({"dns": {"searches": ["svc.cluster.local"]}}, []),  # the capability, but no server: none to capture
+        ({"dns": {"Servers": ["10.96.0.10"], "Searches": ["svc.cluster.local"], "Options": None}}, ["10.96.0.10"]),
+        ({"dns": {"Servers": None, "Searches": None, "Options": None}}, []),  # containerd's spelling
+        ({"io.kubernetes.cri.pod-annotations": {}}, None),  # no capability: the plugin cannot know them
+    ],
+)
+def test_the_pods_dns_servers_from_the_dns_capability(
+    runtime_config: dict[str, object], servers: list[str] | None
+) -> None:
+    assert read_request(ENV, config(runtimeConfig=runtime_config)).dns_servers == servers
+
+
+DOCUMENTS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=20,
+)
+
+
+@given(DOCUMENTS)
+def test_json_is_the_standard_librarys(document: object) -> None:
+    """The C scanner and encoder used directly give exactly what ``json`` gives."""
+    text = json.dumps(document)
+    assert dumps(document) == text
+    assert repr(loads(text.encode())) == repr(json.loads(text))
+
+
+@given(
+    st.binary(max_size=30)
+    | st.text(max_size=30).map(str.encode)
+    | st.sampled_from([b"\xef\xbb\xbf{}", '{"a": 1}'.encode("utf-16")])
+)
+def test_any_input_reads_as_json_reads_it(text: bytes) -> None:
+    def outcome(read: object) -> str:
+        try:
+            return repr(read(text))  # type: ignore[operator]
+        except (ValueError, UnicodeDecodeError) as error:
+            return f"{type(error).__name__}: {error}"
+
+    assert outcome(loads) == outcome(json.loads)
+
+
+def test_an_unencodable_value_is_refused_as_json_refuses_it() -> None:
+    with pytest.raises(TypeError, match="Object of type set is not JSON serializable"):
+        dumps({"a": {1}})

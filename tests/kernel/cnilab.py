@@ -38,6 +38,9 @@ PLUGIN_NAME = "istio-iptables-cni"
 CONSOLE_PLUGIN = Path(sys.prefix, "bin", PLUGIN_NAME)
 """The plugin as pip installs it (the console script); the frozen build is tested on its own."""
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
+DNS_CAPABILITY = "dns"
+CLUSTER_DNS = {"servers": ["198.18.96.10"], "searches": ["default.svc.cluster.local"], "options": ["ndots:5"]}
+"""A pod's DNS config as a kubelet gives it for dnsPolicy ClusterFirst (the cluster DNS service's address)."""
 SUBNET = "198.18.64.0/24"
 SUBNET6 = "2001:db8:64::/64"
 GATEWAY = "198.18.64.1"
@@ -80,6 +83,19 @@ class PodSandbox:
     annotations: Mapping[str, str] | None
     container_id: str
     result: dict[str, object] | None = None
+    dns: Mapping[str, list[str]] | None = None
+    """The pod's DNS config (``servers``, ``searches``, ``options``): what its resolv.conf holds."""
+
+    def resolv_conf(self) -> str:
+        """The resolv.conf a runtime writes into the pod's containers from its DNS config."""
+        assert self.dns is not None, "the pod has no DNS config"
+        lines = [f"nameserver {server}" for server in self.dns.get("servers", [])]
+        lines += [
+            f"{key} {' '.join(self.dns[name])}"
+            for key, name in (("search", "searches"), ("options", "options"))
+            if self.dns.get(name)
+        ]
+        return "\n".join(lines) + "\n"
 
     @property
     def netns_path(self) -> str:
@@ -126,6 +142,8 @@ class Runtime:
     """Our plugin's object in the conflist (``type`` and the capability are added)."""
     pass_annotations: bool = True
     """Whether this runtime passes the pod-annotations capability (CRI-O and containerd do)."""
+    pass_dns: bool = True
+    """Whether this runtime passes the dns capability (containerd's CRI does)."""
     dual_stack: bool = False
     """Pods get an IPv6 address too (2001:db8:64::/64), so the capture covers both families."""
     path: str = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -140,7 +158,8 @@ class Runtime:
 
     @property
     def conflist(self) -> dict[str, object]:
-        ours = {"type": PLUGIN_NAME, "capabilities": {ANNOTATIONS_CAPABILITY: True}, **self.plugin_config}
+        capabilities = {ANNOTATIONS_CAPABILITY: True, DNS_CAPABILITY: True}
+        ours = {"type": PLUGIN_NAME, "capabilities": capabilities, **self.plugin_config}
         bridge = {
             "type": "bridge",
             "bridge": "cni0",
@@ -157,12 +176,18 @@ class Runtime:
 
     # --- pods -----------------------------------------------------------------------------------------
 
-    def new_pod(self, annotations: Mapping[str, str] | None = None, *, namespace: str = "default") -> PodSandbox:
+    def new_pod(
+        self,
+        annotations: Mapping[str, str] | None = None,
+        *,
+        namespace: str = "default",
+        dns: Mapping[str, list[str]] | None = CLUSTER_DNS,
+    ) -> PodSandbox:
         number = next(_pods)
         netns = self.lab.pod.replace("-pod", f"-pod{number}")
         self.lab.check(["ip", "netns", "add", netns])
         self.lab.namespaces.append(netns)
-        return PodSandbox(netns, namespace, f"app-{number}", annotations, f"sandbox{os.getpid()}x{number}")
+        return PodSandbox(netns, namespace, f"app-{number}", annotations, f"sandbox{os.getpid()}x{number}", dns=dns)
 
     def remove_netns(self, pod: PodSandbox) -> None:
         """The runtime's last step: the pod's namespace goes."""
@@ -192,8 +217,13 @@ class Runtime:
     def check(self, pod: PodSandbox) -> list[Invocation]:
         return [self.invoke(plugin, "CHECK", pod, pod.result) for plugin in self._plugins()]
 
-    def delete(self, pod: PodSandbox, *, check: bool = True) -> list[Invocation]:
-        invocations = [self.invoke(plugin, "DEL", pod, pod.result) for plugin in reversed(self._plugins())]
+    def delete(self, pod: PodSandbox, *, check: bool = True, removing: bool = False) -> list[Invocation]:
+        """The list's DEL: StopPodSandbox's, with the netns and the cached result; ``removing``:
+        RemovePodSandbox's, which containerd sends again with ``CNI_NETNS`` empty and no ``prevResult``."""
+        invocations = [
+            self.invoke(plugin, "DEL", pod, None if removing else pod.result, netns="" if removing else None)
+            for plugin in reversed(self._plugins())
+        ]
         if check:
             for invocation in invocations:
                 self._checked(invocation)
@@ -216,6 +246,7 @@ class Runtime:
         previous: Mapping[str, object] | None,
         *,
         ifname: str = "eth0",
+        netns: str | None = None,
     ) -> Invocation:
         stdin: dict[str, object] = {
             "cniVersion": self.version,
@@ -226,16 +257,18 @@ class Runtime:
             stdin["prevResult"] = previous
         runtime_config: dict[str, object] = {}
         capabilities = plugin.get("capabilities")
-        declared = isinstance(capabilities, Mapping) and capabilities.get(ANNOTATIONS_CAPABILITY)
-        if declared and self.pass_annotations and pod.annotations is not None:
+        declared = capabilities if isinstance(capabilities, Mapping) else {}
+        if declared.get(ANNOTATIONS_CAPABILITY) and self.pass_annotations and pod.annotations is not None:
             runtime_config[ANNOTATIONS_CAPABILITY] = dict(pod.annotations)
+        if declared.get(DNS_CAPABILITY) and self.pass_dns and pod.dns is not None:
+            runtime_config[DNS_CAPABILITY] = dict(pod.dns)
         if runtime_config:
             stdin["runtimeConfig"] = runtime_config
         environment = {
             "PATH": self.path,
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": pod.container_id,
-            "CNI_NETNS": pod.netns_path,
+            "CNI_NETNS": pod.netns_path if netns is None else netns,
             "CNI_IFNAME": ifname,
             "CNI_PATH": str(self.bin_dir),
             "CNI_ARGS": (

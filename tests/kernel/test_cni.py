@@ -266,6 +266,39 @@ def test_del_removes_everything_and_succeeds_repeated_and_after_the_netns_is_gon
     gone = runtime.ours(pod, "DEL")
     assert (gone.returncode, gone.stdout) == (0, "")
     runtime.delete(pod)  # the whole list, as a runtime retries it
+    runtime.delete(pod, removing=True)  # containerd's second DEL: no CNI_NETNS, no prevResult
+
+
+def test_the_second_del_without_a_netns_succeeds_while_the_pod_still_exists(runtime: Runtime) -> None:
+    """containerd's RemovePodSandbox DEL has no netns to enter: it succeeds, and StopPodSandbox's DEL removed
+    our rules already."""
+    pod = runtime.new_pod(INJECTED)
+    runtime.add(pod)
+    runtime.delete(pod)
+    assert [i.returncode for i in runtime.delete(pod, removing=True)] == [0, 0]
+    assert our_rules(runtime, pod) == ""
+
+
+def test_dns_capture_takes_the_pods_servers_from_the_dns_capability(cni_lab: CniLab) -> None:
+    """The pod's servers (its DNS config, what its resolv.conf holds), not the node's; all DNS when the
+    runtime passes no dns capability."""
+    dns = {"defaultConfig": {"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "true"}}}
+    runtime = cnilab.make_runtime(cni_lab, cnilab.CONSOLE_PLUGIN, plugin_config("nft", mesh_config=dns))
+    node_servers = [
+        line.split()[1] for line in Path("/etc/resolv.conf").read_text().splitlines() if line.startswith("nameserver")
+    ]
+    pod = runtime.new_pod(INJECTED)
+    runtime.add(pod)
+    rules = our_rules(runtime, pod)
+    assert "-A ISTIO_OUTPUT_DNS -d 198.18.96.10/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in rules
+    assert not [server for server in node_servers if server in rules]
+    assert runtime.ours(pod, "CHECK").returncode == 0
+    runtime.pass_dns = False
+    everywhere = runtime.new_pod(INJECTED)
+    runtime.add(everywhere)
+    rules = our_rules(runtime, everywhere)
+    assert "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in rules
+    assert "198.18.96.10" not in rules
 
 
 def test_foreign_rules_in_the_pod_are_no_drift_and_survive_del(runtime: Runtime, variant: str) -> None:
@@ -376,7 +409,7 @@ def test_annotations_from_the_kubernetes_api_when_the_runtime_passes_none(cni_la
     api.listens = [("tcp", 6443)]
     lab.wait_ready(api)
     runtime.add(pod)
-    assert "runtimeConfig" not in runtime.log[-1].stdin
+    assert cnilab.ANNOTATIONS_CAPABILITY not in runtime.log[-1].stdin["runtimeConfig"]  # type: ignore[operator]
     assert "--uid-owner 1500" in our_rules(runtime, pod)
     # Without a kubeconfig, such a pod fails closed: its ADD names what is missing.
     runtime.plugin_config = plugin_config("nft")

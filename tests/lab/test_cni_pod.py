@@ -80,7 +80,7 @@ def test_the_installer_chains_the_plugin_after_the_nodes_network(cni_node: lab_n
     conflist = json.loads((cni_node.paths.cni_conf / lab_node.CONFLIST).read_text())
     assert [plugin["type"] for plugin in conflist["plugins"]] == ["bridge", PLUGIN]
     entry = conflist["plugins"][-1]
-    assert entry["capabilities"] == {"io.kubernetes.cri.pod-annotations": True}
+    assert entry["capabilities"] == {"io.kubernetes.cri.pod-annotations": True, "dns": True}
     assert entry["exclude_namespaces"] == ["kube-system", "istio-iptables-cni"]  # from the ConfigMap
     assert (cni_node.paths.cni_bin / PLUGIN).stat().st_mode & 0o111
     assert (cni_node.paths.cni_bin / f"{PLUGIN}.d").is_dir()
