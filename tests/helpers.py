@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from istio_iptables import cli as command
 from istio_iptables.capture.config import SETTINGS, Config
+from istio_iptables.cli import command
 from istio_iptables.cli import fast as cli
 
 ROOT = Path(__file__).resolve().parent.parent

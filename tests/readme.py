@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from istio_iptables import cli as command
 from istio_iptables.capture.config import Config
+from istio_iptables.cli import command
 from istio_iptables.cli import fast as cli
 from tests.helpers import ROOT, Result, run_cli
 

@@ -22,10 +22,9 @@ import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istio_iptables import cli as command
 from istio_iptables.capture import config
 from istio_iptables.capture.config import Config
-from istio_iptables.cli import app
+from istio_iptables.cli import app, command
 from istio_iptables.cli import fast as cli
 from tests.helpers import Result, record_runs, run_cli
 from tests.test_cli_parsing import option

@@ -289,9 +289,9 @@ def test_the_name_and_link_checks_can_fail(tmp_path: Path) -> None:
     (tmp_path / "istio_iptables" / "capture" / "plan.py").write_text("def build_plan():\n    pass\n")
     named = "`istio_iptables.capture.plan`, istio_iptables.capture.plan.build_plan, `istio_iptables/capture/plan.py`"
     assert missing_names(named, tmp_path) == []
-    assert missing_names("istio_iptables.capture.plan and istio_iptables.capture.plan.run", tmp_path) == [
+    assert missing_names("istio_iptables.plan and istio_iptables.capture.plan.run", tmp_path) == [
         "module istio_iptables.capture.plan.run",
-        "module istio_iptables.capture.plan",
+        "module istio_iptables.plan",
     ]
     assert missing_names("see `istio_iptables/plan.py` and scripts/nothing", tmp_path) == [
         "file istio_iptables/plan.py",

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import typer
 
-from istio_iptables import cli
 from istio_iptables.capture import config as configuration
 from istio_iptables.capture.model import CtState, Family, GidOwner, Plan, Proto
 from istio_iptables.capture.plan import build_plan
+from istio_iptables.cli import command
 from istio_iptables.errors import PROG, ConfigError
 from istio_iptables.host.hostfacts import enter, gather
 
@@ -107,9 +107,9 @@ def _signature(settings: Sequence[configuration.Setting]) -> inspect.Signature:
 def capture(ctx: typer.Context, **given: Any) -> None:
     if ctx.invoked_subcommand in STANDALONE_COMMANDS:
         return
-    ctx.obj = cli.configured(given)
+    ctx.obj = command.configured(given)
     if ctx.invoked_subcommand is None:
-        cli.run(ctx.obj)
+        command.run(ctx.obj)
 
 
 capture.__signature__ = _signature(  # type: ignore[attr-defined]
@@ -119,7 +119,7 @@ app.callback(invoke_without_command=True)(capture)
 
 
 def clean(ctx: typer.Context, **given: Any) -> None:
-    cli.run(cli.configured({**given, "cleanup_only": True}))
+    command.run(command.configured({**given, "cleanup_only": True}))
 
 
 clean.__signature__ = _signature(  # type: ignore[attr-defined]
@@ -631,13 +631,15 @@ def main(arguments: list[str], clean: bool = False) -> int:
     errors become ConfigError (exit 2)."""
     typer_command = typer.main.get_command(clean_app if clean else app)
     try:
-        code = typer_command.main(args=arguments, prog_name=cli.CLEAN_PROG if clean else PROG, standalone_mode=False)
+        code = typer_command.main(
+            args=arguments, prog_name=command.CLEAN_PROG if clean else PROG, standalone_mode=False
+        )
     except Exception as error:
         # Typer's own usage errors (unknown flag, missing value); its exception classes are not public.
         if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
             raise
         if clean and getattr(error, "option_name", "") in ("--cleanup-only", "--no-cleanup-only"):
-            raise ConfigError(f"{cli.CLEAN_PROG} only cleans up; to apply, run {PROG}") from None
+            raise ConfigError(f"{command.CLEAN_PROG} only cleans up; to apply, run {PROG}") from None
         raise ConfigError(_misplaced(typer_command, error) or error.format_message()) from None
     return code if isinstance(code, int) else 0
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-from istio_iptables import cli
 from istio_iptables.capture.config import CLEAN_OPTIONS, OPTIONS, go_switches, plain_run, without_leading_word
+from istio_iptables.cli import command
 from istio_iptables.errors import PROG, IstioIptablesError
 from istio_iptables.host import interrupts
 
@@ -27,11 +27,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def clean_main(argv: list[str] | None = None) -> None:
     """``istio-clean-iptables``, as Istio 1.5 shipped it: the same flags, clean-up only."""
-    _command(cli.CLEAN_PROG, sys.argv[1:] if argv is None else argv)
+    _command(command.CLEAN_PROG, sys.argv[1:] if argv is None else argv)
 
 
 def _command(prog: str, argv: list[str]) -> None:
-    clean = prog == cli.CLEAN_PROG
+    clean = prog == command.CLEAN_PROG
     interrupts.start()
     try:
         arguments = go_switches(argv)
@@ -44,7 +44,7 @@ def _command(prog: str, argv: list[str]) -> None:
 
             code = typer_main(arguments, clean)
         else:
-            cli.run(cli.configured({**given, "cleanup_only": True} if clean else given))
+            command.run(command.configured({**given, "cleanup_only": True} if clean else given))
             code = 0
         interrupts.finish()
     except IstioIptablesError as error:
