@@ -141,6 +141,8 @@ EXTERNAL_NAMES = {
     "CNI_NETNS": "the CNI specification's variable",
     "SO_MARK": "a socket option",
     "SO_ORIGINAL_DST": "a socket option",
+    "IP_TRANSPARENT": "a socket option",
+    "ISTIO_KUBE_APP_PROBERS": "the environment variable of Istio's proxy that its probe rewriting sets",
     "GLIBC_2": "glibc's symbol versions (GLIBC_2.35)",
     "CA_BUNDLE_BASE64": "the placeholder deploy/webhook.yaml holds for the webhook's caBundle",
 }

@@ -598,9 +598,9 @@ def test_the_configmap_s_settings_are_what_the_webhook_serves_with(tmp_path: Pat
     for key, text in data.items():
         (tmp_path / key).write_text(text)
     assert set(data) == {"config", "values", "mesh"}
-    assert yaml.safe_load(data["config"]) == yaml.safe_load(
-        yaml.safe_load(shipped_text("relay"))["data"]["config"]
-    ), "deploy/webhook.yaml's template is the shipped relay's"
+    assert yaml.safe_load(data["config"]) == yaml.safe_load(yaml.safe_load(shipped_text("relay"))["data"]["config"]), (
+        "deploy/webhook.yaml's template is the shipped relay's"
+    )
     extra = ["--values", str(tmp_path / "values"), "--mesh-config", str(tmp_path / "mesh")]
     extra += ["--injector-config", str(tmp_path / "config")]
     server_dir = tmp_path / "tls"

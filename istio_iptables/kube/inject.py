@@ -216,7 +216,7 @@ def injected_pod(
         "imagePullSecrets": None,
         "revision": "default",
     }
-    if proxy is None:
+    if proxy is None and user_proxy is None:
         status["captureOnly"] = True
     annotations[SIDECAR_STATUS] = json.dumps(status, separators=(",", ":"))
     new_metadata = {**copy.deepcopy(metadata), "annotations": annotations}
