@@ -17,11 +17,16 @@
 #         run by a non-root user unless CAP_NET_ADMIN is in its inheritable set, so whoever runs ip must
 #         first raise CAP_NET_ADMIN into the inheritable set (the capable interpreter may: capset(2)), or do
 #         those steps over netlink in-process instead,
-#       - the interpreter of the entrypoint only: a private copy at /opt/istio-iptables/bin/python in the
-#         application venv (made with --copies, so it is its own inode). /usr/local/bin/python3.11 and the
-#         venv's other interpreter names stay without capabilities, and the venv's bin is not on PATH
-#         (/usr/local/bin/istio-iptables links to the entrypoint): no other program of the image gets
-#         them, and the in-process work (netlink, the optional libiptc back end) still has them.
+#       - the interpreter of the program only: a private copy at /opt/istio-iptables/bin/python in the
+#         application venv (made with --copies, so it is its own inode). The system's python3.11 and the
+#         venv's other interpreter names stay without capabilities, and the venv's bin is not on PATH: no
+#         other program of the image gets them, and the in-process work (netlink, the optional libiptc
+#         back end) still has them.
+#   * Entrypoint: /usr/local/bin/istio-iptables (image/istio-iptables), a launcher that runs the program on
+#     the capable interpreter when the container's bounding set holds NET_ADMIN and NET_RAW, and on the
+#     venv's python3.11 (no file capabilities) otherwise. The kernel refuses to exec a file whose file
+#     capabilities the bounding set cannot grant, so without it a container that drops ALL (Istio's
+#     istio-validation in CNI mode, which needs no capability) could not start at all.
 #     ipset is installed for parity with the test environment but istio-iptables does not run it, so it
 #     gets no capabilities.
 #   * Lock file: legacy iptables opens XTABLES_LOCKFILE (default /run/xtables.lock) with O_CREAT, which
@@ -36,7 +41,7 @@
 # Try it:  docker run --rm --read-only --cap-drop ALL --cap-add NET_ADMIN --cap-add NET_RAW \
 #            --tmpfs /run/istio-iptables istio-iptables:0.1.0 --dry-run -p 15001 -z 15006 -u 1337 ...
 #          (outside Kubernetes, applying needs --allow-host-namespace: no KUBERNETES_SERVICE_HOST there)
-# scripts/check-image-install checks these install steps on a Debian 12 machine without Docker.
+# The tests build this file unchanged with buildah and run its pods on containerd (docs/development.md).
 
 # A tag of the official image, not a digest: the release pipeline may pin @sha256:... on top.
 FROM python:3.11-slim-bookworm
@@ -58,8 +63,7 @@ ENV XTABLES_LOCKFILE="/run/istio-iptables/xtables.lock" \
 
 # System packages, pinned to bookworm's upstream versions; the Debian revision is left open (-*) so that
 # stable and security updates apply and the pins do not break when a point release replaces a revision.
-# libcap2-bin is needed only for setcap and is purged in the same layer. The application venv is created
-# here (before the source is copied) so that its interpreter gets its capability in this layer too.
+# libcap2-bin (setcap) stays in the image: iproute2 depends on it, so purging it would remove ip too.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       iproute2=6.1.0-* \
@@ -68,14 +72,6 @@ RUN apt-get update \
       libcap2-bin=1:2.66-* \
       nftables=1.0.6-* \
  && python3.11 -m venv --copies --without-pip /opt/istio-iptables \
- && setcap cap_net_admin,cap_net_raw+ep /usr/sbin/xtables-legacy-multi \
- && setcap cap_net_admin,cap_net_raw+ep /usr/sbin/xtables-nft-multi \
- && setcap cap_net_admin,cap_net_raw+ep /usr/sbin/nft \
- && setcap cap_net_admin,cap_net_raw+ep /usr/bin/ip \
- && setcap cap_net_admin,cap_net_raw+ep /opt/istio-iptables/bin/python \
- && getcap /usr/sbin/xtables-legacy-multi /usr/sbin/xtables-nft-multi /usr/sbin/nft /usr/bin/ip \
-      /opt/istio-iptables/bin/python \
- && apt-get purge -y --auto-remove libcap2-bin \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 65532 istio-iptables \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
@@ -85,14 +81,24 @@ RUN apt-get update \
 # The build context holds only these (see .dockerignore).
 COPY pyproject.toml README.md /src/
 COPY istio_iptables/ /src/istio_iptables/
+COPY image/istio-iptables /usr/local/bin/istio-iptables
 
-# The base image's pip installs into the venv (which has no pip of its own); the console script's
-# shebang must name the capable interpreter, and the capabilities must still be there.
+# The base image's pip installs into the venv (which has no pip of its own) and the console script's
+# shebang must name the capable interpreter. The capabilities come last: a build step holds no NET_ADMIN,
+# and the kernel refuses to exec a file whose file capabilities the caller's bounding set cannot grant
+# (EPERM), so no step may run the venv's python once it has them. The entrypoint (image/istio-iptables)
+# picks the interpreter the bounding set allows; the final check runs it as a build step, without them.
 RUN python3.11 -m pip --python /opt/istio-iptables/bin/python install --no-cache-dir \
       "/src${EXTRAS:+[${EXTRAS}]}" \
  && rm -rf /src \
- && ln -s /opt/istio-iptables/bin/istio-iptables /usr/local/bin/istio-iptables \
  && test "$(head -n 1 /opt/istio-iptables/bin/istio-iptables)" = "#!/opt/istio-iptables/bin/python" \
+ && setcap cap_net_admin,cap_net_raw+ep /usr/sbin/xtables-legacy-multi \
+ && setcap cap_net_admin,cap_net_raw+ep /usr/sbin/xtables-nft-multi \
+ && setcap cap_net_admin,cap_net_raw+ep /usr/sbin/nft \
+ && setcap cap_net_admin,cap_net_raw+ep /usr/bin/ip \
+ && setcap cap_net_admin,cap_net_raw+ep /opt/istio-iptables/bin/python \
+ && getcap /usr/sbin/xtables-legacy-multi /usr/sbin/xtables-nft-multi /usr/sbin/nft /usr/bin/ip \
+      /opt/istio-iptables/bin/python \
  && python3.11 -c 'import os, sys; [os.getxattr(p, "security.capability") for p in sys.argv[1:]]' \
       /usr/sbin/xtables-legacy-multi /usr/sbin/xtables-nft-multi /usr/sbin/nft /usr/bin/ip \
       /opt/istio-iptables/bin/python \
@@ -100,5 +106,5 @@ RUN python3.11 -m pip --python /opt/istio-iptables/bin/python install --no-cache
 
 USER 65532:65532
 
-ENTRYPOINT ["/opt/istio-iptables/bin/istio-iptables"]
+ENTRYPOINT ["/usr/local/bin/istio-iptables"]
 CMD ["--help"]
