@@ -105,3 +105,17 @@ def test_real_tcp_goes_through_the_relay_both_ways(lab: Lab, variant: str, mode:
         assert (event["sent"], event["received"]) == (len(data), len(answer.encode()))
     assert events[2]["source"].startswith(f"{PEER4}:")
     assert events[3]["source"].startswith(f"{PEER6}:")
+
+
+def test_a_connection_that_was_not_redirected_is_logged_and_closed(lab: Lab, tmp_path: Path) -> None:
+    """No capture: a connection straight to the relay's listener has no original destination to go to."""
+    _, proxy = injected(tmp_path, "REDIRECT")
+    relay = start_relay(lab, proxy)
+    lab.wait_ready(relay)
+    result = lab.try_client(POD4, 15001, data="x")
+    assert result.stdout == ""  # closed (or reset) without an answer
+    (event,) = relayed(relay)
+    assert event["direction"] == "outbound"
+    assert "destination" not in event
+    assert event["source"].startswith(f"{POD4}:")
+    assert event["error"]
