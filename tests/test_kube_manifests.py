@@ -42,7 +42,9 @@ def _init(document: dict[str, object]) -> dict[str, object]:
 def test_inject_a_file_to_stdout(tmp_path: Path) -> None:
     source = tmp_path / "app.yaml"
     source.write_text(DEPLOYMENT)
-    result = run_cli(["inject", "--capture-only", "-f", str(source), "--set", "values.global.proxy.excludeIPRanges=10.0.0.0/8"])
+    result = run_cli(
+        ["inject", "--capture-only", "-f", str(source), "--set", "values.global.proxy.excludeIPRanges=10.0.0.0/8"]
+    )
     assert result.code == 0, result.stderr
     deployment, service = yaml.safe_load_all(result.stdout)
     args = _init(deployment)["args"]
@@ -54,7 +56,9 @@ def test_inject_a_file_to_stdout(tmp_path: Path) -> None:
 def test_inject_stdin_to_a_file_with_an_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(DEPLOYMENT))
     output = tmp_path / "out.yaml"
-    result = run_cli(["inject", "--capture-only", "-f", "-", "-o", str(output), "--image", "registry.example/istio-iptables:1"])
+    result = run_cli(
+        ["inject", "--capture-only", "-f", "-", "-o", str(output), "--image", "registry.example/istio-iptables:1"]
+    )
     assert result.code == 0, result.stderr
     assert result.stdout == ""
     deployment = next(yaml.safe_load_all(output.read_text()))
@@ -77,7 +81,9 @@ def test_values_and_mesh_config_files_or_their_configmaps(tmp_path: Path) -> Non
             }
         )
     )
-    result = run_cli(["inject", "--capture-only", "-f", str(source), "--values", str(values), "--mesh-config", str(mesh)])
+    result = run_cli(
+        ["inject", "--capture-only", "-f", str(source), "--values", str(values), "--mesh-config", str(mesh)]
+    )
     assert result.code == 0, result.stderr
     container = _init(next(yaml.safe_load_all(result.stdout)))
     assert container["imagePullPolicy"] == "IfNotPresent"

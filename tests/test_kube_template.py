@@ -309,3 +309,15 @@ def test_explain_says_why_for_each_workload(tmp_path: Path) -> None:
         ["inject", "-f", str(source), "--injector-config", "relay", "--explain", "--namespace-labels", "team=a"]
     )
     assert "not injected: namespace not labelled istio-injection=enabled" in labelled.stderr.splitlines()[0]
+
+
+def test_interception_mode_none_gets_the_proxy_without_the_capture() -> None:
+    pod = copy.deepcopy(POD)
+    pod["metadata"]["annotations"] = {"sidecar.istio.io/interceptionMode": "NONE"}
+    outcome = injected_pod(pod, injector(config()), workload="Pod shop/app", namespace="shop")
+    assert [c["name"] for c in outcome.pod["spec"]["containers"]] == ["app", "istio-proxy"]
+    assert "initContainers" not in outcome.pod["spec"] or outcome.pod["spec"]["initContainers"] == []
+    assert "interception mode NONE: no capture" in outcome.reason
+    without = injected_pod(pod, Injector(load_settings()), workload="Pod shop/app", namespace="shop")
+    assert without.pod == pod
+    assert without.reason == "not injected: interception mode NONE asks for no capture"

@@ -141,7 +141,7 @@ def injected_pod(
         mode = capture.interception_mode(annotations, settings)
         user_proxy = _find(spec, PROXY_CONTAINER)
         _security_context(user_proxy, workload)
-        if template is None and user_proxy is None and not injector.capture_only:
+        if template is None and user_proxy is None and not injector.capture_only and mode != "NONE":
             raise InjectionError(
                 "the pod gets no proxy (no template in the injector config, no istio-proxy container in the pod): "
                 "its captured traffic would go to ports where nothing listens (--injector-config FILE gives it "

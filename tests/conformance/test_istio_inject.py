@@ -90,7 +90,6 @@ PROXY_NOT_COMPARED = {
     "grpc-agent": "Istio's grpc-agent template, not its sidecar",
     "hello-host-network-with-ns": "hostNetwork: Istio's proxy, no capture; ours leaves the pod alone",
     "deploymentconfig-with-canonical-service-label": "the workload name from Istio's canonical-name labels",
-    "init-no-intercept-no-native-sidecar": "interception mode NONE: proxy only, compared elsewhere",
 }
 """The cases whose proxy is not compared, and why; so are those with settings or with the proxy's settings
 in annotations or containers (custom proxy settings), and those whose proxy Istio gives the app's probes."""
@@ -106,7 +105,8 @@ def _proxy_cases() -> list[str]:
             or json.loads((folder / "case.json").read_text())["sets"]
         ):
             continue
-        text = (folder / "input.yaml").read_text()
+        # The interception mode is the capture's setting, not the proxy's.
+        text = (folder / "input.yaml").read_text().replace("sidecar.istio.io/interceptionMode", "")
         expected = (folder / "expected-proxy.yaml").read_text()
         custom = (
             "sidecar.istio.io/",
