@@ -157,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--outbound-port", type=int, default=15001, help="the capture's -p")
     parser.add_argument("--inbound-port", type=int, default=15006, help="the capture's -z")
     parser.add_argument("--health-port", type=int, default=0, help="accepts connections once listening (0: none)")
-    parser.add_argument("--mode", choices=("REDIRECT", "TPROXY"), default="REDIRECT", help="the capture's -m")
+    # NONE: a pod without capture (its interception mode); the relay listens, and nothing is redirected to it.
+    parser.add_argument("--mode", choices=("REDIRECT", "TPROXY", "NONE"), default="REDIRECT", help="the capture's -m")
     args = parser.parse_args(argv)
     relay = Relay(args.outbound_port, args.inbound_port, tproxy=args.mode == "TPROXY")
     try:

@@ -142,6 +142,7 @@ EXTERNAL_NAMES = {
     "SO_MARK": "a socket option",
     "SO_ORIGINAL_DST": "a socket option",
     "IP_TRANSPARENT": "a socket option",
+    "ISTIO_IPTABLES_LAB_CACHE": "the kubelet lab's image cache, read by the tests (docs/development.md)",
     "ISTIO_KUBE_APP_PROBERS": "the environment variable of Istio's proxy that its probe rewriting sets",
     "GLIBC_2": "glibc's symbol versions (GLIBC_2.35)",
     "CA_BUNDLE_BASE64": "the placeholder deploy/webhook.yaml holds for the webhook's caBundle",

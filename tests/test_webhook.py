@@ -375,7 +375,7 @@ def test_bad_requests_get_400_or_415_and_the_server_keeps_serving(webhook: Webho
 
 def test_a_changed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
     authority = Authority()
-    with running(tmp_path, authority=authority) as server:
+    with running(tmp_path, ["--injector-config", "relay"], authority=authority) as server:
         first = server.served_serial()
         cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
         second = authority.issue(tmp_path / "next.crt", tmp_path / "next.key")
@@ -404,7 +404,9 @@ def test_a_secret_volume_update_is_seen(tmp_path: Path) -> None:
     (mount / "..data").symlink_to("..v1")
     for name in ("tls.crt", "tls.key"):
         (mount / name).symlink_to(f"..data/{name}")
-    with running(tmp_path, authority=authority, tls=(mount / "tls.crt", mount / "tls.key")) as server:
+    with running(
+        tmp_path, ["--injector-config", "relay"], authority=authority, tls=(mount / "tls.crt", mount / "tls.key")
+    ) as server:
         assert server.served_serial() != second
         (mount / "..data.tmp").symlink_to("..v2")
         os.replace(mount / "..data.tmp", mount / "..data")

@@ -528,7 +528,12 @@ def _check_apps(spec: Mapping[str, Any], proxy: Mapping[str, Any], workload: str
     pod_context = _mapping(spec.get("securityContext"), "spec.securityContext", workload)
     for key in ("containers", "initContainers"):
         for container in spec.get(key) or []:
-            if not isinstance(container, Mapping) or container.get("name") in (PROXY_CONTAINER, INIT_CONTAINER):
+            # The capture's own containers run as root, or (the validation probe) as the proxy on purpose.
+            if not isinstance(container, Mapping) or container.get("name") in (
+                PROXY_CONTAINER,
+                INIT_CONTAINER,
+                VALIDATION_CONTAINER,
+            ):
                 continue
             own = _mapping(container.get("securityContext"), f"{key}.securityContext", workload)
             for field, proxy_value in (("runAsUser", exempt_uid), ("runAsGroup", gid)):

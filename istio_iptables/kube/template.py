@@ -5,7 +5,8 @@ under its ``config`` key.
 Istio's templates are Go text/template; ours are structured YAML (``injector-config.schema.json``) whose
 strings may hold placeholders, ``{{ .Name }}``, from a fixed list (``PLACEHOLDERS``): no conditionals, no
 loops, no functions. A placeholder that is a whole string and stands for a number becomes that number
-(``containerPort: "{{ .OutboundPort }}"``). Pure: the caller reads the files.
+(``containerPort: "{{ .OutboundPort }}"``). Pure: the caller reads the files, this module only the
+package's own schema and shipped configurations.
 """
 
 from __future__ import annotations
