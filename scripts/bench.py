@@ -491,8 +491,8 @@ def webhook_reviews(runs: int, reviews: int, clients: int = 20) -> list[Row]:
     process (the injection and the JSON Patch, no HTTP) as the baseline; one client's reviews one after
     another; ``clients`` clients on their own keep-alive connections. And the init container's run, which
     must load none of it."""
-    from istio_iptables.kube.capture import load_settings  # noqa: PLC0415
-    from istio_iptables.kube.inject import Injector, inject_pod  # noqa: PLC0415 (the webhook extra, this section only)
+    from istio_iptables.kube.inject import Outcome, injected_pod  # noqa: PLC0415 (the webhook extra, this section only)
+    from istio_iptables.kube.manifests import load_injector  # noqa: PLC0415
     from istio_iptables.kube.webhook import answer  # noqa: PLC0415
 
     pod = {
@@ -506,10 +506,11 @@ def webhook_reviews(runs: int, reviews: int, clients: int = 20) -> list[Row]:
         review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
         return json.dumps({**review, "request": {**request, "uid": f"review-{index}"}}).encode()
 
-    injector = Injector(settings=load_settings())
+    # The pod gets the shipped relay's proxy and the capture, in process as from the server.
+    injector = load_injector(sets=(), values_file="", mesh_file="", image="", hardened=False, injector_config="relay")
 
-    def inject(pod: Any, workload: str, namespace: str) -> dict[str, Any]:
-        return inject_pod(pod, injector, workload=workload, namespace=namespace)
+    def inject(pod: Any, workload: str, namespace: str) -> Outcome:
+        return injected_pod(pod, injector, workload=workload, namespace=namespace)
 
     in_process = []
     for index in range(runs * 20):
@@ -555,7 +556,10 @@ def _webhook(directory: str) -> Iterator[tuple[int, int]]:
         check=True,
     )
     server = subprocess.Popen(
-        [CLI, "webhook", "--address", "127.0.0.1", "--port", "0", "--tls-cert-file", cert, "--tls-key-file", key],
+        [
+            *(CLI, "webhook", "--address", "127.0.0.1", "--port", "0"),
+            *("--tls-cert-file", cert, "--tls-key-file", key, "--injector-config", "relay"),
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )

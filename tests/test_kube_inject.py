@@ -4,6 +4,7 @@ annotations; and what it refuses."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from typing import Any
 
@@ -14,7 +15,9 @@ from hypothesis import strategies as st
 from istio_iptables.kube.capture import RECORDED_PROXY_UID, InjectionError, capture_args, init_args, load_settings
 from istio_iptables.kube.inject import DEFAULT_IMAGE, Injector, append_multus_network, inject_documents, inject_pod
 
-DEFAULT = Injector(load_settings())
+# These tests are about the capture: its init container, without a proxy (--capture-only).
+CaptureOnly = functools.partial(Injector, capture_only=True)
+DEFAULT = CaptureOnly(load_settings())
 
 
 def pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -86,7 +89,7 @@ def test_the_label_wins_over_the_annotation() -> None:
 
 
 def test_a_mesh_wide_none_skips_unless_the_pod_asks_for_a_mode() -> None:
-    none = Injector(load_settings(["meshConfig.defaultConfig.interceptionMode=NONE"]))
+    none = CaptureOnly(load_settings(["meshConfig.defaultConfig.interceptionMode=NONE"]))
     assert injected(pod(), none) == pod()
     asked = injected(pod({"sidecar.istio.io/interceptionMode": "REDIRECT"}), none)
     assert "-m" in init_container(asked)["args"]
@@ -96,7 +99,7 @@ def test_templates_get_capture_only_with_the_sidecar_one() -> None:
     assert "initContainers" in injected(pod({"inject.istio.io/templates": "sidecar,spire"}))["spec"]
     # A custom template of the mesh's injector, unknown here: no capture of ours.
     assert injected(pod({"inject.istio.io/templates": "custom"})) == pod({"inject.istio.io/templates": "custom"})
-    defaults = Injector(load_settings(values={"sidecarInjectorWebhook": {"defaultTemplates": ["gateway"]}}))
+    defaults = CaptureOnly(load_settings(values={"sidecarInjectorWebhook": {"defaultTemplates": ["gateway"]}}))
     assert injected(pod(), defaults) == pod()
 
 
@@ -109,7 +112,7 @@ def test_the_init_container_goes_last_and_the_validation_first() -> None:
     others = [{"name": "one", "image": "busybox"}, {"name": "two", "image": "busybox"}]
     names = [c["name"] for c in injected(pod(initContainers=others))["spec"]["initContainers"]]
     assert names == ["one", "two", "istio-init"]
-    cni = Injector(load_settings(["components.cni.enabled=true"]))
+    cni = CaptureOnly(load_settings(["components.cni.enabled=true"]))
     names = [c["name"] for c in injected(pod(initContainers=others), cni)["spec"]["initContainers"]]
     assert names == ["istio-validation", "one", "two"]
 
@@ -144,10 +147,10 @@ def test_the_users_proxy_uid_and_gid() -> None:
     document["spec"]["containers"].append(proxy)
     args = init_container(injected(document))["args"]
     assert args[args.index("-u") + 1] == "1234"
-    cni = Injector(load_settings(["components.cni.enabled=true"]))
+    cni = CaptureOnly(load_settings(["components.cni.enabled=true"]))
     validation = init_container(injected(document, cni), "istio-validation")
     assert (validation["securityContext"]["runAsUser"], validation["securityContext"]["runAsGroup"]) == (1234, 4321)
-    tproxy = Injector(
+    tproxy = CaptureOnly(
         load_settings(["components.cni.enabled=true", "meshConfig.defaultConfig.interceptionMode=TPROXY"])
     )
     validation = init_container(injected(document, tproxy), "istio-validation")
@@ -179,7 +182,7 @@ def test_cni_mode_records_the_init_argvs_proxy_uid_for_the_plugin(
 
 
 def test_cni_mode_writes_the_settings_the_plugin_reads() -> None:
-    cni = Injector(load_settings(["components.cni.enabled=true", "values.global.proxy.excludeOutboundPorts=25"]))
+    cni = CaptureOnly(load_settings(["components.cni.enabled=true", "values.global.proxy.excludeOutboundPorts=25"]))
     annotations = injected(
         pod(
             {
@@ -238,16 +241,16 @@ def test_null_resources_in_the_values_drop_the_charts_defaults() -> None:
             }
         }
     }
-    assert init_container(injected(pod(), Injector(load_settings(values=values))))["resources"] == {
+    assert init_container(injected(pod(), CaptureOnly(load_settings(values=values))))["resources"] == {
         "limits": {"memory": "500Mi"},
         "requests": {"cpu": "100m", "ephemeral-storage": "1Gi"},
     }
-    no_resources = Injector(load_settings(values={"global": {"proxy": {"resources": None}}}))
+    no_resources = CaptureOnly(load_settings(values={"global": {"proxy": {"resources": None}}}))
     assert init_container(injected(pod(), no_resources))["resources"] == {}
 
 
 def test_env_is_the_proxy_metadata_sorted() -> None:
-    injector = Injector(load_settings(["meshConfig.defaultConfig.proxyMetadata.B=2"]))
+    injector = CaptureOnly(load_settings(["meshConfig.defaultConfig.proxyMetadata.B=2"]))
     document = pod({"proxy.istio.io/config": "proxyMetadata:\n  A: x\n"})
     assert init_container(injected(document, injector))["env"] == [
         {"name": "A", "value": "x"},
@@ -256,7 +259,7 @@ def test_env_is_the_proxy_metadata_sorted() -> None:
 
 
 def test_hardened_is_non_root_read_only_with_the_lock_volume() -> None:
-    result = injected(pod(), Injector(load_settings(), hardened=True))
+    result = injected(pod(), CaptureOnly(load_settings(), hardened=True))
     container = init_container(result)
     context = container["securityContext"]
     assert context["runAsNonRoot"] is True

@@ -42,7 +42,9 @@ def _init(document: dict[str, object]) -> dict[str, object]:
 def test_inject_a_file_to_stdout(tmp_path: Path) -> None:
     source = tmp_path / "app.yaml"
     source.write_text(DEPLOYMENT)
-    result = run_cli(["inject", "-f", str(source), "--set", "values.global.proxy.excludeIPRanges=10.0.0.0/8"])
+    result = run_cli(
+        ["inject", "--capture-only", "-f", str(source), "--set", "values.global.proxy.excludeIPRanges=10.0.0.0/8"]
+    )
     assert result.code == 0, result.stderr
     deployment, service = yaml.safe_load_all(result.stdout)
     args = _init(deployment)["args"]
@@ -54,7 +56,9 @@ def test_inject_a_file_to_stdout(tmp_path: Path) -> None:
 def test_inject_stdin_to_a_file_with_an_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(DEPLOYMENT))
     output = tmp_path / "out.yaml"
-    result = run_cli(["inject", "-f", "-", "-o", str(output), "--image", "registry.example/istio-iptables:1"])
+    result = run_cli(
+        ["inject", "--capture-only", "-f", "-", "-o", str(output), "--image", "registry.example/istio-iptables:1"]
+    )
     assert result.code == 0, result.stderr
     assert result.stdout == ""
     deployment = next(yaml.safe_load_all(output.read_text()))
@@ -77,7 +81,9 @@ def test_values_and_mesh_config_files_or_their_configmaps(tmp_path: Path) -> Non
             }
         )
     )
-    result = run_cli(["inject", "-f", str(source), "--values", str(values), "--mesh-config", str(mesh)])
+    result = run_cli(
+        ["inject", "--capture-only", "-f", str(source), "--values", str(values), "--mesh-config", str(mesh)]
+    )
     assert result.code == 0, result.stderr
     container = _init(next(yaml.safe_load_all(result.stdout)))
     assert container["imagePullPolicy"] == "IfNotPresent"
@@ -103,7 +109,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     source = tmp_path / "app.yaml"
     source.write_text(content)
     output = tmp_path / "out.yaml"
-    result = run_cli(["inject", "-f", str(source), "-o", str(output), *extra])
+    result = run_cli(["inject", "--capture-only", "-f", str(source), "-o", str(output), *extra])
     assert result.code == 2
     assert named in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -115,13 +121,13 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
 def test_a_refused_workload_names_it(tmp_path: Path) -> None:
     source = tmp_path / "app.yaml"
     source.write_text(DEPLOYMENT.replace('"8080"', '"-1"'))
-    result = run_cli(["inject", "-f", str(source)])
+    result = run_cli(["inject", "--capture-only", "-f", str(source)])
     assert result.code == 2
     assert result.stderr.startswith("istio-iptables: Deployment shop/web: ")
 
 
 def test_a_missing_file_is_named() -> None:
-    result = run_cli(["inject", "-f", "/nonexistent/app.yaml"])
+    result = run_cli(["inject", "--capture-only", "-f", "/nonexistent/app.yaml"])
     assert (result.code, result.stderr.strip()) == (
         2,
         "istio-iptables: invalid value for -f/--filename: '/nonexistent/app.yaml': No such file or directory",
@@ -131,7 +137,7 @@ def test_a_missing_file_is_named() -> None:
 def test_the_capture_environment_does_not_concern_inject(tmp_path: Path) -> None:
     source = tmp_path / "app.yaml"
     source.write_text(DEPLOYMENT)
-    result = run_cli(["inject", "-f", str(source)], env={"INBOUND_CAPTURE_PORT": "not-a-port"})
+    result = run_cli(["inject", "--capture-only", "-f", str(source)], env={"INBOUND_CAPTURE_PORT": "not-a-port"})
     assert result.code == 0, result.stderr
 
 

@@ -31,7 +31,9 @@ pytest.importorskip("cryptography", reason="cryptography (dev extra) is not inst
 
 from istio_iptables.errors import ConfigError  # noqa: E402
 from istio_iptables.kube.capture import load_settings  # noqa: E402
-from istio_iptables.kube.inject import Injector, inject_pod, pod_paths  # noqa: E402
+from istio_iptables.kube.inject import Injector, inject_pod, injected_pod, pod_paths  # noqa: E402
+from istio_iptables.kube.manifests import load_injector, read_injector_config  # noqa: E402
+from istio_iptables.kube.template import shipped_text  # noqa: E402
 from istio_iptables.kube.webhook import NotAReviewError, answer, json_patch  # noqa: E402
 from tests.helpers import ROOT, SHARED, kubernetes_validate  # noqa: E402
 from tests.webhook_lab import Authority, Webhook, command, running, wait_for  # noqa: E402
@@ -87,12 +89,13 @@ def review(pod: Mapping[str, Any], uid: str = "5a1b", namespace: str = "apps", *
 
 
 def injector(sets: list[str]) -> Injector:
-    return Injector(settings=load_settings(sets))
+    """The shipped istio template's injector: a pod gets Istio's proxy with the capture."""
+    return load_injector(sets=sets, values_file="", mesh_file="", image="", hardened=False, injector_config="istio")
 
 
 def injection(sets: list[str]) -> Any:
     chosen = injector(sets)
-    return lambda pod, workload, namespace: inject_pod(pod, chosen, workload=workload, namespace=namespace)
+    return lambda pod, workload, namespace: injected_pod(pod, chosen, workload=workload, namespace=namespace)
 
 
 def patched(pod: Mapping[str, Any], answered: Mapping[str, Any]) -> Any:
@@ -167,16 +170,36 @@ def test_an_injected_pod_and_a_skipped_one_get_no_patch() -> None:
     once = patched(pod, answer(review(pod), inject))
     assert once != pod
     again = answer(review(once), inject)["response"]
-    assert again == {"uid": "5a1b", "allowed": True}
+    assert again == unchanged("already injected (sidecar.istio.io/status is set)")
     host = {"metadata": {"name": "host"}, "spec": {"hostNetwork": True, "containers": [{"name": "app"}]}}
-    assert answer(review(host), inject)["response"] == {"uid": "5a1b", "allowed": True}
+    assert answer(review(host), inject)["response"] == unchanged(
+        "hostNetwork: true (the pod shares the node's network namespace)"
+    )
     opted_out = {"metadata": {"name": "x", "annotations": {"sidecar.istio.io/inject": "false"}}, "spec": {}}
-    assert answer(review(opted_out), inject)["response"] == {"uid": "5a1b", "allowed": True}
+    assert answer(review(opted_out), inject)["response"] == unchanged(
+        "annotation sidecar.istio.io/inject=false (only y, yes, true, on ask for injection)"
+    )
+
+
+def unchanged(why: str) -> dict[str, Any]:
+    """The answer for a pod admitted as it is: no patch, and the reason as the warning kubectl shows."""
+    return {"uid": "5a1b", "allowed": True, "warnings": [f"istio-iptables: not injected: {why}"]}
+
+
+def test_an_injected_pod_says_why_in_a_warning() -> None:
+    pod = {"metadata": {"name": "app"}, "spec": {"containers": [{"name": "app"}]}}
+    response = answer(review(pod), injection([]))["response"]
+    assert response["warnings"] == [
+        "istio-iptables: injected the capture and the proxy of template sidecar: "
+        "policy enabled and the pod does not opt out"
+    ]
 
 
 def test_the_namespace_comes_from_the_request_when_the_pod_has_none() -> None:
     pod = {"metadata": {"generateName": "app-7d9f-"}, "spec": {"containers": [{"name": "app"}]}}
-    assert answer(review(pod, namespace="kube-system"), injection([]))["response"] == {"uid": "5a1b", "allowed": True}
+    assert answer(review(pod, namespace="kube-system"), injection([]))["response"] == unchanged(
+        "namespace kube-system is a system namespace, never injected"
+    )
     assert "patch" in answer(review(pod, namespace="apps"), injection([]))["response"]
 
 
@@ -249,7 +272,7 @@ def test_the_patch_turns_any_object_into_any_other(before: dict[str, Any], after
 
 @pytest.fixture
 def webhook(tmp_path: Path) -> Iterator[Webhook]:
-    with running(tmp_path) as server:
+    with running(tmp_path, ["--injector-config", "istio"]) as server:
         yield server
 
 
@@ -258,7 +281,8 @@ def webhook(tmp_path: Path) -> Iterator[Webhook]:
     "name", ["hello", "traffic-params", "hello-tproxy", "hello-cncf-networks", "list", "proxy-override-runas"]
 )
 def test_the_served_patch_makes_what_inject_makes(tmp_path: Path, name: str) -> None:
-    options = [option for assignment in case(name)["sets"] for option in ("--set", assignment)]
+    options = ["--injector-config", "istio"]
+    options += [option for assignment in case(name)["sets"] for option in ("--set", assignment)]
     with running(tmp_path, options) as server:
         check_case(name, lambda pod: server.review(review(pod)))
 
@@ -273,7 +297,8 @@ def test_the_served_patch_makes_what_the_inject_command_writes(webhook: Webhook)
     for name in names:
         assert not case(name)["sets"], name  # the one server serves the chart defaults
         source = CORPUS / name / "input.yaml"
-        done = subprocess.run(command("inject", "-f", str(source)), capture_output=True, text=True, check=False)
+        argv = command("inject", "-f", str(source), "--injector-config", "istio")
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
         for pod, written in zip(yaml.safe_load_all(source.read_text()), yaml.safe_load_all(done.stdout), strict=True):
             assert pod["kind"] == "Pod", name
@@ -320,7 +345,7 @@ def test_200_reviews_from_20_concurrent_clients(webhook: Webhook) -> None:
     for index, (status, answered) in answers:
         assert status == 200
         assert answered["response"]["uid"] == f"uid-{index}"
-        expected = inject(pod(index), f"pod apps/app-{index}", "apps")
+        expected = inject(pod(index), f"pod apps/app-{index}", "apps").pod
         assert patched(pod(index), answered) == expected
     assert webhook.process.poll() is None
 
@@ -350,7 +375,7 @@ def test_bad_requests_get_400_or_415_and_the_server_keeps_serving(webhook: Webho
 
 def test_a_changed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
     authority = Authority()
-    with running(tmp_path, authority=authority) as server:
+    with running(tmp_path, ["--injector-config", "relay"], authority=authority) as server:
         first = server.served_serial()
         cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
         second = authority.issue(tmp_path / "next.crt", tmp_path / "next.key")
@@ -379,7 +404,9 @@ def test_a_secret_volume_update_is_seen(tmp_path: Path) -> None:
     (mount / "..data").symlink_to("..v1")
     for name in ("tls.crt", "tls.key"):
         (mount / name).symlink_to(f"..data/{name}")
-    with running(tmp_path, authority=authority, tls=(mount / "tls.crt", mount / "tls.key")) as server:
+    with running(
+        tmp_path, ["--injector-config", "relay"], authority=authority, tls=(mount / "tls.crt", mount / "tls.key")
+    ) as server:
         assert server.served_serial() != second
         (mount / "..data.tmp").symlink_to("..v2")
         os.replace(mount / "..data.tmp", mount / "..data")
@@ -572,15 +599,22 @@ def test_the_configmap_s_settings_are_what_the_webhook_serves_with(tmp_path: Pat
     data = manifests()["ConfigMap"]["data"]
     for key, text in data.items():
         (tmp_path / key).write_text(text)
-    assert set(data) == {"values", "mesh"}
+    assert set(data) == {"config", "values", "mesh"}
+    assert yaml.safe_load(data["config"]) == yaml.safe_load(yaml.safe_load(shipped_text("relay"))["data"]["config"]), (
+        "deploy/webhook.yaml's template is the shipped relay's"
+    )
     extra = ["--values", str(tmp_path / "values"), "--mesh-config", str(tmp_path / "mesh")]
+    extra += ["--injector-config", str(tmp_path / "config")]
     server_dir = tmp_path / "tls"
     server_dir.mkdir()
     with running(server_dir, extra) as server:
         pod = {"metadata": {"name": "a"}, "spec": {"containers": [{"name": "a"}]}}
         result = patched(pod, server.review(review(pod)))
     values = json.loads(data["values"])
-    chosen = Injector(settings=load_settings(values=values, mesh_config=yaml.safe_load(data["mesh"])))
+    chosen = Injector(
+        settings=load_settings(values=values, mesh_config=yaml.safe_load(data["mesh"])),
+        config=read_injector_config("relay")[0],
+    )
     assert result == inject_pod(pod, chosen, workload="pod apps/a", namespace="apps")
 
 

@@ -378,12 +378,31 @@ def inject_command(
         "", "--image", metavar="IMAGE", help="The init container's image (default: this project's image)."
     ),
     hardened: bool = typer.Option(False, "--hardened", help="Non-root, read-only init container (see README)."),
+    injector_config: str = typer.Option(
+        "", "--injector-config", metavar="FILE|istio|relay", help="The sidecar template's ConfigMap, or a shipped one."
+    ),
+    capture_only: bool = typer.Option(False, "--capture-only", help="Inject the capture into pods that get no proxy."),
+    namespace_labels: str = typer.Option(
+        "", "--namespace-labels", metavar="K=V,...", help="The namespace's labels, for the injection decision."
+    ),
+    explain: bool = typer.Option(False, "--explain", help="Say on stderr why each workload is (not) injected."),
 ) -> None:
-    """Add the capture's init container and annotations to every workload, as Istio's injector does."""
+    """Add the proxy from the injector's template and the capture's init container to every workload, as
+    Istio's injector does."""
     from istio_iptables.kube.manifests import run_inject  # noqa: PLC0415
 
     run_inject(
-        filename, output=output, sets=sets, values_file=values, mesh_file=mesh_config, image=image, hardened=hardened
+        filename,
+        output=output,
+        sets=sets,
+        values_file=values,
+        mesh_file=mesh_config,
+        image=image,
+        hardened=hardened,
+        injector_config=injector_config,
+        capture_only=capture_only,
+        namespace_labels=namespace_labels,
+        explain=explain,
     )
 
 
@@ -403,10 +422,14 @@ def webhook_command(
     mesh_config: str = typer.Option("", "--mesh-config", metavar="FILE", help="Istio's mesh config, as for inject."),
     image: str = typer.Option("", "--image", metavar="IMAGE", help="The init container's image, as for inject."),
     hardened: bool = typer.Option(False, "--hardened", help="Non-root, read-only init container, as for inject."),
+    injector_config: str = typer.Option(
+        "", "--injector-config", metavar="FILE|istio|relay", help="The sidecar template's ConfigMap, as for inject."
+    ),
+    capture_only: bool = typer.Option(False, "--capture-only", help="As for inject."),
 ) -> None:
     """Admission webhook (HTTPS): inject each pod Kubernetes creates as inject would (POST /inject, GET /ready).
     The certificate files are reloaded when they change; SIGTERM drains and exits."""
-    from istio_iptables.kube.inject import inject_pod  # noqa: PLC0415
+    from istio_iptables.kube.inject import injected_pod  # noqa: PLC0415
     from istio_iptables.kube.manifests import load_injector  # noqa: PLC0415
     from istio_iptables.kube.webhook import Listen, serve  # noqa: PLC0415
 
@@ -416,8 +439,16 @@ def webhook_command(
         cert_file=tls_cert_file,
         key_file=tls_key_file,
     )
-    injector = load_injector(sets=sets, values_file=values, mesh_file=mesh_config, image=image, hardened=hardened)
-    serve(listen, lambda pod, workload, namespace: inject_pod(pod, injector, workload=workload, namespace=namespace))
+    injector = load_injector(
+        sets=sets,
+        values_file=values,
+        mesh_file=mesh_config,
+        image=image,
+        hardened=hardened,
+        injector_config=injector_config,
+        capture_only=capture_only,
+    )
+    serve(listen, lambda pod, workload, namespace: injected_pod(pod, injector, workload=workload, namespace=namespace))
 
 
 cni_app = typer.Typer(

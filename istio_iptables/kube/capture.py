@@ -15,6 +15,7 @@ from istio_iptables.capture import config as configuration
 from istio_iptables.capture.config import plain_run
 from istio_iptables.errors import ConfigError
 from istio_iptables.kube.settings import Settings, go_text
+from istio_iptables.records import record
 
 TYPE_CHECKING = False  # typing only for the type checker: the CNI plugin loads this module per captured pod
 if TYPE_CHECKING:
@@ -45,6 +46,20 @@ the UID comes from the ``istio-proxy`` container's securityContext, which a runt
 DEFAULT_PROXY_UID = 1337
 ALWAYS_EXCLUDED_INBOUND = "15090,15021"
 """Envoy's Prometheus port and the agent's health port: the template writes them before the status port."""
+
+
+@record
+class Sidecar:
+    """What the capture takes from the proxy the template gives the pod, so that the two cannot disagree."""
+
+    uid: int
+    """``-u``: the proxy's runAsUser, or its runAsGroup for a root proxy (the rules match the group too)."""
+    outbound: int
+    """``-p``: the proxy's outbound listener."""
+    inbound: int
+    """``-z``: the proxy's inbound listener."""
+    own_ports: tuple[int, ...]
+    """The proxy's own ports, first in ``-d`` (in place of Istio's 15090,15021)."""
 
 
 class InjectionError(ConfigError):
@@ -203,17 +218,22 @@ def cni_enabled(settings: Settings) -> bool:
 # ---- the argv ------------------------------------------------------------------------------------------
 
 
-def capture_args(annotations: Mapping[str, str], settings: Settings, *, proxy_uid: int | None = None) -> list[str]:
+def capture_args(
+    annotations: Mapping[str, str], settings: Settings, *, proxy_uid: int | None = None, sidecar: Sidecar | None = None
+) -> list[str]:
     """The capture flags the injector writes (``-p -z -u -m -i -x -b -d``, then the optional ones), without
     the leading ``istio-iptables`` word and without the validation/CNI-mode flags. ``proxy_uid`` is the
     ``runAsUser`` of an ``istio-proxy`` container the user put in the pod; a UID the injector recorded
     (``RECORDED_PROXY_UID``, the CNI plugin's case) wins over it. Raises InjectionError naming the
     annotation (or setting) and the value when Istio's checks or this program's Config parser refuse one, and
-    for a pod whose ``interception_mode`` is NONE (no capture: callers skip those first)."""
-    return _arguments(annotations, settings, proxy_uid, mode_flags=())
+    for a pod whose ``interception_mode`` is NONE (no capture: callers skip those first). With ``sidecar`` (the
+    proxy the template gives), ``-u``, ``-p``, ``-z`` and the start of ``-d`` come from it instead."""
+    return _arguments(annotations, settings, proxy_uid, (), sidecar)
 
 
-def init_args(annotations: Mapping[str, str], settings: Settings, *, proxy_uid: int | None = None) -> list[str]:
+def init_args(
+    annotations: Mapping[str, str], settings: Settings, *, proxy_uid: int | None = None, sidecar: Sidecar | None = None
+) -> list[str]:
     """The ``istio-init`` (or, in CNI mode, ``istio-validation``) container's args, exactly as Istio's
     injector renders them, leading word included."""
     if settings.cni:
@@ -222,7 +242,7 @@ def init_args(annotations: Mapping[str, str], settings: Settings, *, proxy_uid: 
         mode_flags = ("--force-apply",)
     else:
         mode_flags = ()
-    return ["istio-iptables", *_arguments(annotations, settings, proxy_uid, mode_flags)]
+    return ["istio-iptables", *_arguments(annotations, settings, proxy_uid, mode_flags, sidecar)]
 
 
 def parse_capture_args(args: list[str], environ: Mapping[str, str] | None = None) -> configuration.Config:
@@ -270,7 +290,11 @@ _KEY_OF_FLAG = {flag: setting.key for setting in configuration.SETTINGS for flag
 
 
 def _arguments(
-    annotations: Mapping[str, str], settings: Settings, proxy_uid: int | None, mode_flags: tuple[str, ...]
+    annotations: Mapping[str, str],
+    settings: Settings,
+    proxy_uid: int | None,
+    mode_flags: tuple[str, ...],
+    sidecar: Sidecar | None,
 ) -> list[str]:
     check_annotations(annotations)
 
@@ -293,19 +317,25 @@ def _arguments(
     status_port, status_origin = pick(STATUS_PORT, "global.proxy.statusPort")
     excluded, excluded_origin = pick(EXCLUDE_INBOUND_PORTS, "global.proxy.excludeInboundPorts")
     excluded_with_status = exclude_inbound_port(status_port, excluded)
+    if sidecar is None:
+        listeners = [("-p", *mesh_port("proxyListenPort", 15001)), ("-z", *mesh_port("proxyInboundListenPort", 15006))]
+        uid, own_ports = _proxy_uid(annotations, proxy_uid), ALWAYS_EXCLUDED_INBOUND
+    else:
+        listeners = [
+            ("-p", str(sidecar.outbound), "the template's listeners.outbound"),
+            ("-z", str(sidecar.inbound), "the template's listeners.inbound"),
+        ]
+        uid = (str(sidecar.uid), "the proxy's securityContext")
+        own_ports = ",".join(map(str, sidecar.own_ports))
+    inbound_exclusions = ",".join(part for part in (own_ports, excluded_with_status) if part)
     entries: list[tuple[str, str, str]] = [
-        ("-p", *mesh_port("proxyListenPort", 15001)),
-        ("-z", *mesh_port("proxyInboundListenPort", 15006)),
-        ("-u", *_proxy_uid(annotations, proxy_uid)),
+        *listeners,
+        ("-u", *uid),
         ("-m", mode, mode_origin),
         ("-i", *pick(INCLUDE_OUTBOUND_IP_RANGES, "global.proxy.includeIPRanges")),
         ("-x", *pick(EXCLUDE_OUTBOUND_IP_RANGES, "global.proxy.excludeIPRanges")),
         ("-b", *pick(INCLUDE_INBOUND_PORTS, "global.proxy.includeInboundPorts")),
-        (
-            "-d",
-            f"{ALWAYS_EXCLUDED_INBOUND},{excluded_with_status}" if excluded_with_status else ALWAYS_EXCLUDED_INBOUND,
-            f"{status_origin} with {excluded_origin}",
-        ),
+        ("-d", inbound_exclusions, f"{status_origin} with {excluded_origin}"),
     ]
     for flag, annotation, path in (
         ("-q", INCLUDE_OUTBOUND_PORTS, "global.proxy.includeOutboundPorts"),

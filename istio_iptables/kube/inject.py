@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from istio_iptables.errors import ConfigError
 from istio_iptables.kube import capture
-from istio_iptables.kube.capture import InjectionError, init_args
+from istio_iptables.kube.capture import InjectionError, Sidecar, init_args
+from istio_iptables.kube.policy import SIDECAR_STATUS, PodFacts, chosen_templates, decide, string_map
 from istio_iptables.kube.quantity import canonical_quantity
-from istio_iptables.kube.settings import Settings, go_text
+from istio_iptables.kube.settings import DEFAULT_MESH, Settings, go_text
+from istio_iptables.kube.template import InjectorConfig, Template, declared_ports, substitute
 from istio_iptables.records import record
 
 DEFAULT_IMAGE = "istio-iptables:0.1.0"
@@ -26,8 +29,6 @@ INIT_CONTAINER = "istio-init"
 VALIDATION_CONTAINER = "istio-validation"
 PROXY_CONTAINER = "istio-proxy"
 
-SIDECAR_STATUS = "sidecar.istio.io/status"
-INJECT = "sidecar.istio.io/inject"
 TEMPLATES = "inject.istio.io/templates"
 NATIVE_SIDECAR = "sidecar.istio.io/nativeSidecar"
 MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"
@@ -39,8 +40,6 @@ RESOURCE_ANNOTATIONS = (
     ("limits", "memory", "sidecar.istio.io/proxyMemoryLimit"),
 )
 
-IGNORED_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease", "local-path-storage"})
-"""Namespaces Istio never injects (``inject.IgnoredNamespaces``)."""
 CAPTURE_TEMPLATE = "sidecar"
 """The only one of Istio's injection templates with an init container; the others (gateway, grpc-agent, ...)
 leave capture alone. A name we do not know is taken for a custom template of the mesh's injector
@@ -66,29 +65,48 @@ WORKLOAD_GROUPS: Mapping[str, frozenset[str]] = {
 """The kinds that hold a pod, and their API groups: a custom resource that reuses a name is not one."""
 
 
-Skipped = Callable[[str, str], None]
-"""Told of each workload left as it was: its name (``Deployment default/app``) and why."""
-
-
 @record
 class Injector:
     settings: Settings
     image: str = DEFAULT_IMAGE
     hardened: bool = False
     """Our init container instead of Istio's root one: non-root, read-only root filesystem, same capabilities."""
+    config: InjectorConfig | None = None
+    """The injector's configuration (which pods, which proxy); None: the capture alone, for pods that bring
+    their own proxy (or with ``capture_only``), every pod Istio would inject."""
+    capture_only: bool = False
+    """Inject the capture into pods that get no proxy (asked for: their traffic goes where nothing listens
+    until a proxy is added some other way)."""
+    namespace_labels: Mapping[str, str] | None = None
+    """The namespace's labels, when known (``inject --namespace-labels``); the webhook's are chosen by the API
+    server's namespaceSelector."""
 
 
-def inject_pod(
+@record
+class Outcome:
+    """A pod after injection (equal to the input when it is not injected), and why."""
+
+    pod: dict[str, Any]
+    reason: str
+
+
+def inject_pod(pod: Mapping[str, Any], injector: Injector, *, workload: str, namespace: str = "") -> dict[str, Any]:
+    """The pod (or pod template: ``metadata`` + ``spec``) after injection, as a new object; equal to the input
+    when Istio would skip it. ``workload`` (e.g. ``Deployment default/app``) is named in errors; ``namespace``
+    is the workload's, for Istio's never-injected system namespaces."""
+    return injected_pod(pod, injector, workload=workload, namespace=namespace).pod
+
+
+def injected_pod(
     pod: Mapping[str, Any],
     injector: Injector,
     *,
     workload: str,
     namespace: str = "",
-    skipped: Skipped | None = None,
-) -> dict[str, Any]:
-    """The pod (or pod template: ``metadata`` + ``spec``) after injection, as a new object; equal to the input
-    when Istio would skip it, and then ``skipped`` is told why. ``workload`` (e.g. ``Deployment default/app``)
-    is named in errors; ``namespace`` is the workload's, for Istio's never-injected system namespaces."""
+    owner: Owner | None = None,
+) -> Outcome:
+    """``inject_pod`` with the reason it was or was not injected. ``owner`` is the workload the pod belongs to,
+    for the template's ``.WorkloadName`` and ``.Owner`` (by default the pod's controller, or the pod)."""
     metadata = dict(_mapping(pod.get("metadata"), "metadata", workload))
     spec = dict(_mapping(pod.get("spec"), "spec", workload))
     annotations = dict(_mapping(metadata.get("annotations"), "metadata.annotations", workload))
@@ -96,52 +114,125 @@ def inject_pod(
     _check_strings(annotations, workload)
     settings = injector.settings
     unchanged = copy.deepcopy(dict(pod))
-    namespace = namespace or go_text(metadata.get("namespace"))
-    reason = _skip_reason(spec, annotations=annotations, labels=labels, namespace=namespace, settings=settings)
+    namespace = namespace or go_text(metadata.get("namespace")) or "default"
+    config = injector.config or _capture_config(settings)
+    facts = PodFacts(
+        labels=string_map(labels),
+        annotations=annotations,
+        host_network=spec.get("hostNetwork") is True,
+        namespace=namespace,
+        namespace_labels=injector.namespace_labels,
+    )
+    decision = decide(facts, config)
+    if not decision.inject:
+        return Outcome(unchanged, f"not injected: {decision.reason}")
+    names = chosen_templates(annotations, config)
+    if injector.config is None:
+        # No configuration: Istio's own template names; only "sidecar" has the capture.
+        if CAPTURE_TEMPLATE not in names:
+            return Outcome(unchanged, f"not injected: templates {', '.join(names)} have no capture")
+        template = None
+    else:
+        ours = [name for name in names if name in injector.config.templates]
+        if not ours:
+            return Outcome(unchanged, f"not injected: no template of the injector config among {', '.join(names)}")
+        template = injector.config.templates[ours[0]]
     try:
-        mode = "" if reason else capture.interception_mode(annotations, settings)
+        mode = capture.interception_mode(annotations, settings)
+        user_proxy = _find(spec, PROXY_CONTAINER)
+        _security_context(user_proxy, workload)
+        if template is None and user_proxy is None and not injector.capture_only and mode != "NONE":
+            raise InjectionError(
+                "the pod gets no proxy (no template in the injector config, no istio-proxy container in the pod): "
+                "its captured traffic would go to ports where nothing listens (--injector-config FILE gives it "
+                "one; --capture-only injects the capture alone)"
+            )
+        proxy = None
+        if template is not None:
+            values = _placeholder_values(pod, spec, annotations, settings, mode, template, namespace, owner)
+            proxy = _strategic_merge(_rendered_proxy(template, mode, values, settings), user_proxy or {})
+        sidecar = _sidecar(template, proxy) if template is not None and proxy is not None else None
+        if sidecar is not None:
+            _check_apps(spec, proxy or {}, workload)
         if mode == "NONE":
-            reason = f"the interception mode is NONE ({capture.INTERCEPTION_MODE} or the mesh's default)"
-        if reason:
-            if skipped is not None:
-                skipped(workload, reason)
-            return unchanged
-        proxy = _security_context(_find(spec, PROXY_CONTAINER), workload)
-        container = _init_container(annotations, settings, mode, proxy, injector)
+            container = None
+        else:
+            context = proxy.get("securityContext") if proxy is not None else _security_context(user_proxy, workload)
+            container = _init_container(annotations, settings, mode, context or {}, injector, sidecar)
     except InjectionError as error:
         raise InjectionError(f"{workload}: {error}") from None
+    if container is None and proxy is None:
+        return Outcome(unchanged, "not injected: interception mode NONE asks for no capture")
     spec = copy.deepcopy(spec)
     init_containers = _list(spec, "initContainers", workload)
-    name = container["name"]
-    user = next((c for c in init_containers if isinstance(c, Mapping) and c.get("name") == name), None)
-    if user is not None:
-        container = _strategic_merge(container, {k: v for k, v in user.items() if not (k == "image" and v == "auto")})
-    others = [c for c in init_containers if not (isinstance(c, Mapping) and c.get("name") == name)]
-    # Istio's order: the validation probe first, to block everything until the CNI plugin has captured; the
-    # init container last, so other init containers reach the network uncaptured, unless the proxy runs as a
-    # native sidecar (an init container itself), which must start after the capture.
-    native = _native_sidecar(annotations, others)
-    first = name == VALIDATION_CONTAINER or native
-    spec["initContainers"] = [container, *others] if first else [*others, container]
-    if injector.hardened and name == INIT_CONTAINER:
-        volumes = _list(spec, "volumes", workload)
-        if not any(isinstance(v, Mapping) and v.get("name") == LOCK_VOLUME for v in volumes):
-            volumes.append({"name": LOCK_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
-        spec["volumes"] = volumes
-    if settings.cni:
+    added_volumes: list[str] = []
+    native = template is not None and _native(annotations, template)
+    if proxy is not None:
+        others = [c for c in init_containers if not (isinstance(c, Mapping) and c.get("name") == PROXY_CONTAINER)]
+        containers = [
+            c
+            for c in _list(spec, "containers", workload)
+            if not (isinstance(c, Mapping) and c.get("name") == PROXY_CONTAINER)
+        ]
+        if native:
+            init_containers = [{**proxy, "restartPolicy": "Always"}, *others]
+        else:
+            init_containers = others
+            containers = [*containers, proxy]
+        spec["containers"] = containers
+        added_volumes = _add_volumes(spec, template, values, settings, workload)  # type: ignore[arg-type]
+    if container is not None:
+        name = container["name"]
+        user = next((c for c in init_containers if isinstance(c, Mapping) and c.get("name") == name), None)
+        if user is not None:
+            container = _strategic_merge(
+                container, {k: v for k, v in user.items() if not (k == "image" and v == "auto")}
+            )
+        others = [c for c in init_containers if not (isinstance(c, Mapping) and c.get("name") == name)]
+        # Istio's order: the validation probe first, to block everything until the CNI plugin has captured;
+        # the init container last, so other init containers reach the network uncaptured, unless the proxy
+        # runs as a native sidecar (an init container itself), which must start after the capture.
+        first = name == VALIDATION_CONTAINER or native or _native_sidecar(annotations, others)
+        init_containers = [container, *others] if first else [*others, container]
+        if injector.hardened and name == INIT_CONTAINER:
+            volumes = _list(spec, "volumes", workload)
+            if not any(isinstance(v, Mapping) and v.get("name") == LOCK_VOLUME for v in volumes):
+                volumes.append({"name": LOCK_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
+            spec["volumes"] = volumes
+            added_volumes.append(LOCK_VOLUME)
+    spec["initContainers"] = init_containers
+    if container is not None and settings.cni:
         annotations.update(cni_annotations(annotations, settings))
         annotations.update(recorded_proxy_uid(container["args"]))
-    annotations[SIDECAR_STATUS] = json.dumps(
-        {
-            "initContainers": [name],
-            "containers": None,
-            "volumes": [LOCK_VOLUME] if injector.hardened and name == INIT_CONTAINER else None,
-            "imagePullSecrets": None,
-            "revision": "default",
-        },
-        separators=(",", ":"),
+    new_labels = dict(labels)
+    if template is not None:
+        for key, value in substitute(dict(template.labels), values, _trees(settings)).items():
+            new_labels.setdefault(key, value)
+        for key, value in substitute(dict(template.annotations), values, _trees(settings)).items():
+            annotations.setdefault(key, value)
+    status: dict[str, Any] = {
+        "initContainers": [c["name"] for c in (container, proxy if native else None) if c is not None] or None,
+        "containers": [PROXY_CONTAINER] if proxy is not None and not native else None,
+        "volumes": added_volumes or None,
+        "imagePullSecrets": None,
+        "revision": "default",
+    }
+    if proxy is None and user_proxy is None:
+        status["captureOnly"] = True
+    annotations[SIDECAR_STATUS] = json.dumps(status, separators=(",", ":"))
+    new_metadata = {**copy.deepcopy(metadata), "annotations": annotations}
+    if new_labels != labels:
+        new_metadata["labels"] = new_labels
+    what = (
+        f"the capture and the proxy of template {template.name}"
+        if template is not None and container is not None
+        else f"the proxy of template {template.name} (interception mode NONE: no capture)"
+        if template is not None
+        else "the capture, for the pod's own istio-proxy container"
+        if user_proxy is not None
+        else "the capture only (--capture-only: no proxy)"
     )
-    return {**unchanged, "metadata": {**copy.deepcopy(metadata), "annotations": annotations}, "spec": spec}
+    return Outcome({**unchanged, "metadata": new_metadata, "spec": spec}, f"injected {what}: {decision.reason}")
 
 
 def cni_annotations(annotations: Mapping[str, str], settings: Settings) -> dict[str, str]:
@@ -208,10 +299,15 @@ def append_multus_network(existing: str, network: str) -> str:
     return f"{existing}, {network}"
 
 
-def inject_documents(documents: Iterable[Any], injector: Injector, skipped: Skipped | None = None) -> list[Any]:
-    """Every workload of the documents (and of ``kind: List`` items) injected; other objects unchanged;
-    ``skipped`` told of each workload left as it was."""
-    return [_inject_object(document, injector, skipped) for document in documents]
+def inject_documents(documents: Iterable[Any], injector: Injector) -> list[Any]:
+    """Every workload of the documents (and of ``kind: List`` items) injected; other objects unchanged."""
+    return explained_documents(documents, injector)[0]
+
+
+def explained_documents(documents: Iterable[Any], injector: Injector) -> tuple[list[Any], list[str]]:
+    """``inject_documents``, and one line per workload saying why it was or was not injected."""
+    reasons: list[str] = []
+    return [_inject_object(document, injector, reasons) for document in documents], reasons
 
 
 _POD_PATHS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -228,12 +324,12 @@ _POD_PATHS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 """Where each kind that holds a pod keeps the metadata Istio reads and writes, and the pod spec."""
 
 
-def _inject_object(document: Any, injector: Injector, skipped: Skipped | None) -> Any:
+def _inject_object(document: Any, injector: Injector, reasons: list[str]) -> Any:
     if not isinstance(document, Mapping):
         return document
     kind = document.get("kind")
     if kind == "List" and isinstance(document.get("items"), list):
-        return {**document, "items": [_inject_object(item, injector, skipped) for item in document["items"]]}
+        return {**document, "items": [_inject_object(item, injector, reasons) for item in document["items"]]}
     paths = pod_paths(document)
     if paths is None:
         return copy.deepcopy(document)
@@ -244,7 +340,9 @@ def _inject_object(document: Any, injector: Injector, skipped: Skipped | None) -
     metadata_path, spec_path = paths
     pod = {"metadata": _at(document, metadata_path), "spec": _at(document, spec_path)}
     pod = {key: {} if value is None else value for key, value in pod.items()}
-    injected = inject_pod(pod, injector, workload=workload, namespace=namespace, skipped=skipped)
+    outcome = injected_pod(pod, injector, workload=workload, namespace=namespace, owner=owner_of(document))
+    reasons.append(f"{workload}: {outcome.reason}")
+    injected = outcome.pod
     result = copy.deepcopy(dict(document))
     if injected != pod:
         for path, key in zip(paths, ("metadata", "spec"), strict=True):
@@ -278,37 +376,206 @@ def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _skip_reason(
+@record
+class Owner:
+    """The workload a pod belongs to, as the template's ``.WorkloadName`` and ``.Owner`` name it."""
+
+    api_version: str
+    kind: str
+    name: str
+
+
+def _capture_config(settings: Settings) -> InjectorConfig:
+    """Without an injector configuration: Istio's default templates, as its values name them."""
+    defaults = settings.value("sidecarInjectorWebhook.defaultTemplates")
+    names = [go_text(name) for name in defaults] if isinstance(defaults, list) and defaults else [CAPTURE_TEMPLATE]
+    return InjectorConfig(default_templates=tuple(names))
+
+
+def check_config(config: InjectorConfig, settings: Settings) -> None:
+    """Refuse a configuration whose proxies cannot receive what the capture sends them: listeners other than
+    the mesh config's (which the CNI plugin reads), or a proxy without a UID of its own to be exempted by."""
+    problems = []
+    for template in config.templates.values():
+        for field, path in (("outbound", "proxyListenPort"), ("inbound", "proxyInboundListenPort")):
+            port = getattr(template.listeners, field)
+            if port != settings.mesh_value(path):
+                problems.append(
+                    f"templates.{template.name}.listeners.{field}: {port} disagrees with setting "
+                    f"meshConfig.{path} ({go_text(settings.mesh_value(path))}), where the capture sends connections"
+                )
+        for mode, proxy in (("", template.proxy), (" (TPROXY)", _strategic_merge(template.proxy, template.tproxy))):
+            try:
+                proxy_identity(proxy)
+            except InjectionError as error:
+                problems.append(f"templates.{template.name}.proxy{mode}: {error}")
+    if problems:
+        raise ConfigError("\n".join(f"invalid value for --injector-config: {problem}" for problem in problems))
+
+
+def owner_of(document: Mapping[str, Any]) -> Owner:
+    """A workload document's own identity; for a bare Pod, its controller's (a ReplicaSet made by a Deployment
+    named as its Deployment, as Istio does), else the pod itself."""
+    metadata = _mapping(document.get("metadata"), "metadata", "the workload")
+    name = go_text(metadata.get("name") or metadata.get("generateName"))
+    if document.get("kind") == "Pod":
+        for reference in metadata.get("ownerReferences") or []:
+            if isinstance(reference, Mapping) and reference.get("controller") is True:
+                kind, owner_name = go_text(reference.get("kind")), go_text(reference.get("name"))
+                template_hash = _mapping(metadata.get("labels"), "metadata.labels", "the pod").get("pod-template-hash")
+                if kind == "ReplicaSet" and template_hash and owner_name.endswith(f"-{template_hash}"):
+                    return Owner("apps/v1", "Deployment", owner_name[: -len(template_hash) - 1])
+                return Owner(go_text(reference.get("apiVersion")), kind, owner_name)
+    return Owner(go_text(document.get("apiVersion")), go_text(document.get("kind")), name)
+
+
+def _placeholder_values(  # noqa: PLR0917 (one value per placeholder source)
+    pod: Mapping[str, Any],
     spec: Mapping[str, Any],
-    *,
     annotations: Mapping[str, str],
-    labels: Mapping[str, Any],
-    namespace: str,
     settings: Settings,
-) -> str:
-    """Why Istio leaves the workload alone (``injectRequired`` and the template choice, as far as the capture
-    goes); empty when it injects it."""
-    if spec.get("hostNetwork") is True:
-        return "it uses the host's network (spec.hostNetwork)"
-    if namespace in IGNORED_NAMESPACES:
-        return f"namespace {namespace} is one Istio never injects"
-    if SIDECAR_STATUS in annotations:
-        return f"it is injected already (annotation {SIDECAR_STATUS})"  # injecting again changes nothing
-    # The label is the newer API and wins over the annotation. Only y/yes/true/on (any case) ask for it; any
-    # other non-empty value, "enabled" included (istio#33618), turns injection off.
-    where, selector = (
-        ("label", go_text(labels[INJECT])) if INJECT in labels else ("annotation", annotations.get(INJECT, ""))
-    )
-    if selector and selector.lower() not in ("y", "yes", "true", "on"):
-        return f"{where} {INJECT} is '{selector}'"
-    templates = [name.strip() for name in annotations[TEMPLATES].split(",")] if TEMPLATES in annotations else None
-    if templates is None:
-        defaults = settings.value("sidecarInjectorWebhook.defaultTemplates")
-        templates = [go_text(name) for name in defaults] if isinstance(defaults, list) and defaults else ["sidecar"]
-    if CAPTURE_TEMPLATE not in templates:
-        chosen = ", ".join(templates)
-        return f"its injection templates ({chosen}) do not include '{CAPTURE_TEMPLATE}', the one with the capture"
-    return ""
+    mode: str,
+    template: Template,
+    namespace: str,
+    owner: Owner | None,
+) -> dict[str, Any]:
+    """What the template's placeholders stand for, for this pod (template.PLACEHOLDERS lists them)."""
+    owner = owner or owner_of({"apiVersion": "v1", "kind": "Pod", **pod})
+    apps = [c for c in spec.get("containers") or [] if isinstance(c, Mapping) and c.get("name") != PROXY_CONTAINER]
+    context = template.proxy.get("securityContext") or {}
+    return {
+        "ProxyUID": context.get("runAsUser"),
+        "ProxyGID": context.get("runAsGroup", context.get("runAsUser")),
+        "OutboundPort": template.listeners.outbound,
+        "InboundPort": template.listeners.inbound,
+        "InterceptionMode": mode,
+        "Namespace": namespace,
+        "WorkloadName": owner.name,
+        "Owner": f"kubernetes://apis/{owner.api_version}/namespaces/{namespace}/{owner.kind.lower()}s/{owner.name}",
+        "AppContainers": ",".join(go_text(c.get("name")) for c in apps),
+        "PodPorts": _pod_ports(apps),
+        "ProxyConfig": _proxy_config_text(annotations, settings),
+        "ProxyResources": _resources(annotations, settings),
+    }
+
+
+_PORT_FIELDS = ("name", "hostPort", "containerPort", "protocol", "hostIP")
+"""A ContainerPort's fields in Go's struct order, as Istio's structToJSON writes them."""
+
+
+def _pod_ports(containers: list[Mapping[str, Any]]) -> str:
+    """Istio's ISTIO_META_POD_PORTS text: each port on its own line, a comma before all but the very first
+    (its template tests the first port of the first container, so a first container without ports gives
+    a leading comma, kept)."""
+    text = "["
+    for index, container in enumerate(containers):
+        for position, port in enumerate(container.get("ports") or []):
+            if not isinstance(port, Mapping):
+                continue
+            shown = {key: port[key] for key in _PORT_FIELDS if port.get(key) not in (None, "", 0)}
+            comma = "" if index == 0 and position == 0 else ","
+            text += f"\n    {comma}{json.dumps(shown, separators=(',', ':'))}"
+    return text + "\n]"
+
+
+def _proxy_config_text(annotations: Mapping[str, str], settings: Settings) -> str:
+    """The pod's proxy config where it differs from the built-in defaults, as Istio's PROXY_CONFIG env."""
+    defaults = DEFAULT_MESH["defaultConfig"]
+    config = capture.proxy_config(annotations, settings)
+    differing = {key: value for key, value in config.items() if value != defaults.get(key) and value not in ({}, None)}
+    return json.dumps(differing, separators=(",", ":"), sort_keys=True) + "\n"
+
+
+def _trees(settings: Settings) -> dict[str, Any]:
+    return {"Values": settings.values, "MeshConfig": settings.mesh}
+
+
+def _rendered_proxy(template: Template, mode: str, values: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    proxy = dict(template.proxy)
+    if mode == "TPROXY" and template.tproxy:
+        proxy = _strategic_merge(proxy, template.tproxy)
+    rendered: dict[str, Any] = substitute(proxy, values, _trees(settings))
+    return rendered
+
+
+def _sidecar(template: Template, proxy: Mapping[str, Any]) -> Sidecar:
+    """What the capture takes from the proxy, which must be able to receive it."""
+    uid, gid = proxy_identity(proxy)
+    listeners = template.listeners
+    own = [*template.proxy_ports]
+    own += [port for port in declared_ports(proxy) if port not in own]
+    for port in (listeners.outbound, listeners.inbound):
+        if port in own:
+            raise InjectionError(
+                f"the proxy's container declares port {port}, a redirect listener: excluding it from inbound "
+                "capture would let connections to it bypass the proxy"
+            )
+    return Sidecar(uid=uid or gid, outbound=listeners.outbound, inbound=listeners.inbound, own_ports=tuple(own))
+
+
+def proxy_identity(proxy: Mapping[str, Any]) -> tuple[int, int]:
+    """The proxy's UID and GID (the GID defaults to the UID). A root proxy must have a group of its own: the
+    capture then exempts it by that group."""
+    context = _mapping(proxy.get("securityContext"), "the istio-proxy container's securityContext", "the proxy")
+    uid, gid = context.get("runAsUser"), context.get("runAsGroup")
+    if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
+        raise InjectionError(
+            f"invalid value '{go_text(uid)}' for the istio-proxy container's securityContext.runAsUser: the "
+            "capture exempts the proxy by its UID, which must be given (a non-negative integer)"
+        )
+    gid = uid if gid is None else gid
+    if not isinstance(gid, int) or isinstance(gid, bool) or gid < 0 or uid == gid == 0:
+        raise InjectionError(
+            f"invalid value '{go_text(gid)}' for the istio-proxy container's securityContext.runAsGroup: a proxy "
+            "running as root needs a group of its own (not 0), by which the capture exempts it"
+        )
+    return uid, gid
+
+
+def _check_apps(spec: Mapping[str, Any], proxy: Mapping[str, Any], workload: str) -> None:
+    """Refuse an app container that runs as the proxy's UID or group: the capture would exempt its traffic."""
+    uid, gid = proxy_identity(proxy)
+    exempt_uid = uid or gid
+    pod_context = _mapping(spec.get("securityContext"), "spec.securityContext", workload)
+    for key in ("containers", "initContainers"):
+        for container in spec.get(key) or []:
+            # The capture's own containers run as root, or (the validation probe) as the proxy on purpose.
+            if not isinstance(container, Mapping) or container.get("name") in (
+                PROXY_CONTAINER,
+                INIT_CONTAINER,
+                VALIDATION_CONTAINER,
+            ):
+                continue
+            own = _mapping(container.get("securityContext"), f"{key}.securityContext", workload)
+            for field, proxy_value in (("runAsUser", exempt_uid), ("runAsGroup", gid)):
+                value = own.get(field, pod_context.get(field))
+                if value == proxy_value:
+                    raise InjectionError(
+                        f"container {go_text(container.get('name'))} runs as {field} {value}, the proxy's: the "
+                        "capture exempts the proxy by it, so that container's traffic would bypass the proxy"
+                    )
+
+
+def _native(annotations: Mapping[str, str], template: Template) -> bool:
+    """The template's choice, unless the pod's sidecar.istio.io/nativeSidecar annotation says otherwise."""
+    asked = annotations.get(NATIVE_SIDECAR, "").lower()
+    return asked == "true" if asked in ("true", "false") else template.native_sidecar
+
+
+def _add_volumes(
+    spec: dict[str, Any], template: Template, values: Mapping[str, Any], settings: Settings, workload: str
+) -> list[str]:
+    """The template's volumes added to the pod (one the pod already has, by name, is kept); their names."""
+    volumes = _list(spec, "volumes", workload)
+    present = {v.get("name") for v in volumes if isinstance(v, Mapping)}
+    added = []
+    for volume in substitute(list(template.volumes), values, _trees(settings)):
+        if volume["name"] not in present:
+            volumes.append(volume)
+            added.append(volume["name"])
+    if volumes:
+        spec["volumes"] = volumes
+    return added
 
 
 def _native_sidecar(annotations: Mapping[str, str], init_containers: list[Any]) -> bool:
@@ -317,15 +584,23 @@ def _native_sidecar(annotations: Mapping[str, str], init_containers: list[Any]) 
     return any(isinstance(c, Mapping) and c.get("name") == PROXY_CONTAINER for c in init_containers)
 
 
-def _init_container(
-    annotations: Mapping[str, str], settings: Settings, mode: str, proxy: Mapping[str, Any], injector: Injector
+def _init_container(  # noqa: PLR0917
+    annotations: Mapping[str, str],
+    settings: Settings,
+    mode: str,
+    proxy: Mapping[str, Any],
+    injector: Injector,
+    sidecar: Sidecar | None,
 ) -> dict[str, Any]:
-    """The init container as Istio's template renders it, field by field (its order kept)."""
+    """The init container as Istio's template renders it, field by field (its order kept). ``proxy`` is the
+    proxy's security context."""
     proxy_uid, proxy_gid = _int_or_none(proxy.get("runAsUser")), _int_or_none(proxy.get("runAsGroup"))
+    if sidecar is not None:
+        proxy_uid = sidecar.uid  # what the rules exempt, which the validation probe runs as
     container: dict[str, Any] = {
         "name": VALIDATION_CONTAINER if settings.cni else INIT_CONTAINER,
         "image": _image(settings, injector),
-        "args": init_args(annotations, settings, proxy_uid=proxy_uid),
+        "args": init_args(annotations, settings, proxy_uid=proxy_uid, sidecar=sidecar),
     }
     if policy := settings.text("global.imagePullPolicy"):
         container["imagePullPolicy"] = policy

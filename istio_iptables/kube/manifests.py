@@ -15,8 +15,9 @@ import yaml
 
 from istio_iptables.errors import ConfigError
 from istio_iptables.kube.capture import load_settings
-from istio_iptables.kube.inject import DEFAULT_IMAGE, Injector, inject_documents
+from istio_iptables.kube.inject import DEFAULT_IMAGE, Injector, check_config, explained_documents
 from istio_iptables.kube.settings import DEFAULT_VALUES
+from istio_iptables.kube.template import SHIPPED, InjectorConfig, parse_config, shipped_text
 from istio_iptables.log import Log
 
 log = Log(__name__)
@@ -31,13 +32,34 @@ def run_inject(
     mesh_file: str,
     image: str,
     hardened: bool,
+    injector_config: str = "",
+    capture_only: bool = False,
+    namespace_labels: str = "",
+    explain: bool = False,
 ) -> None:
-    """``istio-iptables inject``: ``source`` (``-`` for stdin) injected to ``output`` (empty for stdout)."""
-    injector = load_injector(sets=sets, values_file=values_file, mesh_file=mesh_file, image=image, hardened=hardened)
+    """``istio-iptables inject``: ``source`` (``-`` for stdin) injected to ``output`` (empty for stdout);
+    with ``explain``, why each workload was or was not injected, on stderr."""
+    injector = load_injector(
+        sets=sets,
+        values_file=values_file,
+        mesh_file=mesh_file,
+        image=image,
+        hardened=hardened,
+        injector_config=injector_config,
+        capture_only=capture_only,
+        namespace_labels=namespace_labels,
+    )
     text = _read(source, "-f/--filename")
     documents = load_documents(text, "standard input" if source == "-" else source)
-    # Each workload left as it was is said (at warning level: inject's log shows nothing below it).
-    injected = inject_documents(documents, injector, skipped=_report_skipped)
+    injected, reasons = explained_documents(documents, injector)
+    if explain:
+        sys.stderr.write("".join(f"{reason}\n" for reason in reasons))
+    else:
+        # Each workload left as it was is said (at warning level: inject's log shows nothing below it).
+        for reason in reasons:
+            workload, _, why = reason.partition(": not injected: ")
+            if why:
+                log.warning("skipped %s: %s", workload, why)
     rendered = dump_documents(injected)
     if output:
         _write_whole(output, rendered)
@@ -45,17 +67,26 @@ def run_inject(
         sys.stdout.write(rendered)
 
 
-def _report_skipped(workload: str, reason: str) -> None:
-    log.warning("skipped %s: %s", workload, reason)
-
-
-def load_injector(*, sets: Sequence[str], values_file: str, mesh_file: str, image: str, hardened: bool) -> Injector:
+def load_injector(
+    *,
+    sets: Sequence[str],
+    values_file: str,
+    mesh_file: str,
+    image: str,
+    hardened: bool,
+    injector_config: str = "",
+    capture_only: bool = False,
+    namespace_labels: str = "",
+) -> Injector:
     """The injector that the options shared by ``inject`` and ``webhook`` describe (files read here)."""
+    config, config_values = read_injector_config(injector_config) if injector_config else (None, None)
     settings = load_settings(
         sets,
-        values=read_tree(values_file, "--values", configmap_key="values") if values_file else None,
+        values=read_tree(values_file, "--values", configmap_key="values") if values_file else config_values,
         mesh_config=read_tree(mesh_file, "--mesh-config", configmap_key="mesh") if mesh_file else None,
     )
+    if config is not None:
+        check_config(config, settings)
     if image and (not image.strip() or any(character.isspace() for character in image)):
         raise ConfigError(f"invalid value for --image: '{image}': must be an image reference without blanks")
     configured = settings.text("global.proxy_init.image")
@@ -67,7 +98,50 @@ def load_injector(*, sets: Sequence[str], values_file: str, mesh_file: str, imag
             configured,
             image or DEFAULT_IMAGE,
         )
-    return Injector(settings=settings, image=image or DEFAULT_IMAGE, hardened=hardened)
+    return Injector(
+        settings=settings,
+        image=image or DEFAULT_IMAGE,
+        hardened=hardened,
+        config=config,
+        capture_only=capture_only,
+        namespace_labels=_labels(namespace_labels) if namespace_labels else None,
+    )
+
+
+def read_injector_config(source: str) -> tuple[InjectorConfig, Mapping[str, Any] | None]:
+    """``--injector-config``: a shipped configuration by name (istio, relay) or a file holding the injector's
+    ConfigMap (its ``config`` key, and its ``values`` key when present) or the ``config`` tree itself."""
+    flag = "--injector-config"
+    text = shipped_text(source) if source in SHIPPED else _read(source, flag)
+    documents = load_documents(text, source)
+    if len(documents) != 1 or not isinstance(documents[0], Mapping):
+        raise ConfigError(f"invalid value for {flag}: '{source}': must hold one ConfigMap or one configuration map")
+    tree: Mapping[str, Any] = documents[0]
+    values = None
+    if tree.get("kind") == "ConfigMap":
+        data = tree.get("data") or {}
+        if not isinstance(data.get("config"), str):
+            raise ConfigError(f"invalid value for {flag}: '{source}': a ConfigMap without data.config")
+        inner = load_documents(data["config"], f"{source} (data.config)")
+        if len(inner) != 1:
+            raise ConfigError(f"invalid value for {flag}: '{source}': data.config must hold one map")
+        if isinstance(data.get("values"), str):
+            values = read_tree_text(data["values"], f"{source} (data.values)", flag)
+        tree = inner[0]
+    return parse_config(json.loads(json.dumps(tree, default=str)), f"{flag} {source}"), values
+
+
+def _labels(text: str) -> dict[str, str]:
+    labels = {}
+    for item in text.split(","):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError(
+                f"invalid value for --namespace-labels: '{text}': must be KEY=VALUE[,KEY=VALUE...] "
+                "(e.g. istio-injection=enabled)"
+            )
+        labels[key.strip()] = value.strip()
+    return labels
 
 
 def load_documents(text: str, source: str) -> list[Any]:
@@ -137,11 +211,7 @@ def _go_yaml_reads_as_non_string(value: str) -> bool:
 def read_tree(path: str, flag: str, *, configmap_key: str) -> Mapping[str, Any]:
     """A settings tree from a YAML or JSON file: the tree itself, or an Istio ConfigMap holding it under
     ``data.<configmap_key>`` (``istio-sidecar-injector``'s ``values``, ``istio``'s ``mesh``)."""
-    text = _read(path, flag)
-    documents = load_documents(text, path)
-    if len(documents) != 1 or not isinstance(documents[0], Mapping):
-        raise ConfigError(f"invalid value for {flag}: '{path}': must hold one map of settings")
-    tree: Mapping[str, Any] = documents[0]
+    tree = read_tree_text(_read(path, flag), path, flag)
     if tree.get("kind") == "ConfigMap":
         held = (tree.get("data") or {}).get(configmap_key)
         if not isinstance(held, str):
@@ -152,6 +222,14 @@ def read_tree(path: str, flag: str, *, configmap_key: str) -> Mapping[str, Any]:
         tree = inner[0]
     plain: Mapping[str, Any] = json.loads(json.dumps(tree, default=str))  # no dates or other YAML-only types
     return plain
+
+
+def read_tree_text(text: str, path: str, flag: str) -> Mapping[str, Any]:
+    documents = load_documents(text, path)
+    if len(documents) != 1 or not isinstance(documents[0], Mapping):
+        raise ConfigError(f"invalid value for {flag}: '{path}': must hold one map of settings")
+    tree: Mapping[str, Any] = documents[0]
+    return tree
 
 
 def _read(path: str, flag: str) -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from istio_iptables.errors import ConfigError, HostError, MissingExtraError
+from istio_iptables.kube.inject import Outcome
 from istio_iptables.log import Log
 
 try:
@@ -40,10 +41,10 @@ except ModuleNotFoundError:  # the plain install has neither; this module is the
 log = Log(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Inject = Callable[[Mapping[str, Any], str, str], dict[str, Any]]
+Inject = Callable[[Mapping[str, Any], str, str], "Outcome"]
 """One pod's injection: the pod as the API server sent it, how to name it in a message and its namespace give
-the pod to store (equal to the input when nothing is to be done); a ConfigError refuses the pod, its message
-saying why."""
+the pod to store (equal to the input when nothing is to be done) and why; a ConfigError refuses the pod, its
+message saying why."""
 
 API_VERSION = "admission.k8s.io/v1"
 DRAIN_SECONDS = 4.0
@@ -106,16 +107,19 @@ def answer(review: Any, inject: Inject) -> dict[str, Any]:
         workload = f"pod {namespace}/{_name(pod)}"
         started = time.perf_counter()
         try:
-            injected = inject(pod, workload, namespace)
+            outcome = inject(pod, workload, namespace)
         except ConfigError as error:
             message = bounded(str(error))
             # The injection's message names the workload already; the line names it once.
             log.info("refused %s", message if workload in message else f"{workload}: {message}")
             response.update(allowed=False, status={"code": 400, "reason": "BadRequest", "message": message})
         else:
-            patch = json_patch(pod, injected)
+            patch = json_patch(pod, outcome.pod)
             elapsed = (time.perf_counter() - started) * 1000
+            log.info("%s: %s", workload, outcome.reason)
             log.debug("%s: %d patch operations (%.1f ms)", workload, len(patch), elapsed)
+            # kubectl shows the creator each warning: why the pod got (or did not get) a sidecar.
+            response["warnings"] = [f"istio-iptables: {outcome.reason}"]
             if patch:
                 response.update(patchType="JSONPatch", patch=base64.b64encode(json.dumps(patch).encode()).decode())
     return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
