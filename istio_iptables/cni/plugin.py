@@ -178,7 +178,7 @@ def main() -> None:
     try:
         request = read_request(os.environ, sys.stdin.buffer.read())
         version = request.version
-        output = handle(request)
+        output = handle(request, own_process=True)
     except CniError as error:
         fail(error, version)
     except Exception as error:  # a defect: the runtime still gets an error object, the log the traceback
@@ -206,16 +206,19 @@ def _node_libraries() -> None:
             os.environ["LD_LIBRARY_PATH"] = original
 
 
-def handle(request: Request) -> str:
-    """What the plugin prints for one request; raises CniError."""
+def handle(request: Request, *, own_process: bool = False) -> str:
+    """What the plugin prints for one request; raises CniError. ``own_process``: the plugin's executable
+    (main), which takes SIGINT and SIGTERM over; a caller in-process keeps its own handlers and signal mask."""
     if request.command == "VERSION":
         return version_json()
     if left_alone_quietly(request):
         return result_json(request) if request.command == "ADD" else ""
-    from istio_iptables.host import interrupts  # noqa: PLC0415
     from istio_iptables.log import LogLevel, LogOptions, configure  # noqa: PLC0415
 
-    interrupts.install()  # from here on, SIGTERM ends the run with one line (an apply rolls back first)
+    if own_process:
+        from istio_iptables.host import interrupts  # noqa: PLC0415
+
+        interrupts.install()  # from here on, SIGTERM ends the run with one line (an apply rolls back first)
     plugin = parse_plugin_config(request.config)
     configure(LogOptions(level=plugin.log_level or LogLevel.INFO))
     try:

@@ -182,6 +182,22 @@ def test_a_pod_left_alone_loads_nothing_past_the_protocol() -> None:
     }
 
 
+def test_a_library_caller_of_handle_keeps_its_signal_handlers() -> None:
+    """Only the plugin's own process (main) takes SIGINT and SIGTERM over: a caller in-process, such as a test
+    runner, that got the console program's handlers would have its signals blocked by the next in-process
+    CLI run, and every child it starts after that would inherit the block (a --watch deaf to SIGTERM)."""
+    probe = (
+        "import signal\nfrom istio_iptables.cni import plugin\nfrom istio_iptables.cni.protocol import CniError\n"
+        "from tests.cni.test_plugin import INJECTED, request_of\n"
+        "try:\n    plugin.handle(request_of('ADD', INJECTED, netns='/var/run/netns/none'))\n"
+        "except CniError as error:\n    print(error.code)\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+        "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert run.stdout.split() == [str(CniError.INVALID_ENVIRONMENT), "True", "True"], run.stderr
+
+
 @pytest.mark.parametrize(
     ("annotation", "mesh", "where"),
     [
