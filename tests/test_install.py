@@ -102,10 +102,12 @@ def test_the_build_warns_of_nothing(installed: Install, tmp_path: Path) -> None:
 
 
 def test_inject_works(installed: Install) -> None:
+    """With a shipped injector configuration: its template and the schema it is checked against are package
+    data, which only an install shows missing."""
     (installed.work / "app.yaml").write_text(APP)
-    done = installed.run(["istio-iptables", "inject", "-f", "app.yaml"])
+    done = installed.run(["istio-iptables", "inject", "--injector-config", "relay", "-f", "app.yaml"])
     assert done.returncode == 0, done.stderr
-    assert "name: istio-init" in done.stdout
+    assert "name: istio-init" in done.stdout and "name: istio-proxy" in done.stdout
 
 
 def test_webhook_help_works(installed: Install) -> None:

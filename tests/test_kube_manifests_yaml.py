@@ -101,7 +101,8 @@ def test_kubectl_reads_back_every_string(strings: list[str]) -> None:
 
 @needs_kubectl
 def test_kubectl_reads_inject_s_output_as_inject_wrote_it() -> None:
-    """The documented ``sidecar.istio.io/inject: "y"`` label, through ``inject`` and then kubectl."""
+    """The documented ``sidecar.istio.io/inject: "y"`` label, through ``inject`` (with Istio's proxy template:
+    its output is the most there is to read back) and then kubectl."""
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -115,7 +116,7 @@ def test_kubectl_reads_inject_s_output_as_inject_wrote_it() -> None:
         },
     }
     done = subprocess.run(
-        [sys.executable, "-m", "istio_iptables", "inject", "-f", "-"],
+        [sys.executable, "-m", "istio_iptables", "inject", "--injector-config", "istio", "-f", "-"],
         input=json.dumps(deployment),
         capture_output=True,
         text=True,
@@ -125,5 +126,6 @@ def test_kubectl_reads_inject_s_output_as_inject_wrote_it() -> None:
     )
     assert done.returncode == 0, done.stderr
     written = yaml.safe_load(done.stdout)
-    assert any(c["name"] == "istio-init" for c in written["spec"]["template"]["spec"]["initContainers"])
+    names = [c["name"] for c in written["spec"]["template"]["spec"]["initContainers"]]
+    assert "istio-init" in names and "istio-proxy" in names  # Istio's template: the proxy as a native sidecar
     assert kubectl_reads(done.stdout) == written

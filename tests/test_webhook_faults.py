@@ -29,6 +29,8 @@ PROBE_TIMEOUT = 1.0
 """A kubelet probe's default timeoutSeconds: /ready must answer within it, whatever else is going on."""
 HEADER_WAIT = 30.0
 """Longer than the server's header and body time limits (10 s each), with room for a loaded machine."""
+CAPTURE_ONLY = ["--capture-only"]
+"""The webhook injects the capture alone: these pods bring no proxy, and a proxy is not what is tested."""
 
 
 def review(pod: dict[str, Any], uid: str = "5a1b") -> dict[str, Any]:
@@ -100,7 +102,7 @@ def longest_log_line(webhook: Webhook) -> int:
 
 @pytest.fixture
 def webhook(tmp_path: Path) -> Iterator[Webhook]:
-    with running(tmp_path) as server:
+    with running(tmp_path, CAPTURE_ONLY) as server:
         yield server
 
 
@@ -245,7 +247,7 @@ def test_more_idle_connections_than_descriptors_never_stop_ready(tmp_path: Path)
     """Idle connections beyond the cap close the oldest idle one: the probe's new connection is served even
     when the idle ones outnumber the file descriptors the process may open."""
     files = MAX_CONNECTIONS + 64
-    with running(tmp_path, files=files) as server:
+    with running(tmp_path, CAPTURE_ONLY, files=files) as server:
         idle = []
         try:
             for _ in range(files + 50):
@@ -293,7 +295,7 @@ def test_a_rotation_to_another_key_type_ca_and_chain_takes_effect(tmp_path: Path
     old.issue(cert_file, key_file, key_type=before)
     new_ca = tmp_path / "new-ca.crt"
     new_ca.write_bytes(root.pem())
-    with running(tmp_path, authority=old, tls=(cert_file, key_file)) as server:
+    with running(tmp_path, CAPTURE_ONLY, authority=old, tls=(cert_file, key_file)) as server:
         assert handshake_with(server, server.ca_file) and not handshake_with(server, new_ca)
         serial = new.issue(tmp_path / "next.crt", tmp_path / "next.key", key_type=after)
         os.replace(tmp_path / "next.key", key_file)
