@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from istio_iptables.cni import install
+from istio_iptables.cni import install, nodepaths
 from tests.helpers import ROOT, fake_cni_plugin, kubernetes_validate
 
 MANIFEST = ROOT / "deploy" / "istio-iptables-cni.yaml"
@@ -246,9 +246,14 @@ def test_the_repair_args_point_at_its_mounts() -> None:
     arguments = dict(argument.split("=", 1) for argument in _repair_container()["args"] if "=" in argument)
     socket = arguments["--cri-socket"].removeprefix("unix://")
     assert volumes[mounts[socket]]["hostPath"] == {"path": "/run/containerd/containerd.sock", "type": "Socket"}
+    # The installer writes it in the conf dir it finds under --node-root: the runtime's default on a kubeadm node.
     kubeconfig = Path(arguments["--kubeconfig"])
     assert kubeconfig.name == install.KUBECONFIG_FILE
-    assert volumes[mounts[str(kubeconfig.parent)]]["hostPath"]["path"] == "/etc/cni/net.d"
+    installer_root = next(a for a in _container()["args"] if a.startswith("--node-root=")).split("=", 1)[1]
+    assert volumes[mounts[installer_root]]["hostPath"]["path"] == "/"
+    [root_mount] = [mount for mount in _repair_container()["volumeMounts"] if mount["mountPath"] == installer_root]
+    assert root_mount["readOnly"] is True  # the repair only reads the node's files
+    assert kubeconfig.parent == Path(installer_root) / nodepaths.DEFAULT_CONF_DIR.lstrip("/")
     assert "--write-kubeconfig" in _container()["args"]  # the installer writes it
     installer_config = next(a for a in _container()["args"] if a.startswith("--plugin-config="))
     assert f"--plugin-config={arguments['--plugin-config']}" == installer_config  # the plugin's own settings
