@@ -60,7 +60,8 @@ def workloads(documents: list[Any], sets: list[str] | None) -> list[dict[str, An
     """The workloads of ``documents`` injected with ``sets`` (None: as written), each as the ``metadata`` and
     ``spec`` of its pod."""
     if sets is not None:
-        documents = inject_documents(documents, Injector(load_settings(sets)))
+        # The corpus's pods bring no proxy: the capture alone is what is compared.
+        documents = inject_documents(documents, Injector(load_settings(sets), capture_only=True))
     found = []
     for document in _flattened(documents):
         paths = pod_paths(document) if isinstance(document, Mapping) else None
