@@ -87,12 +87,18 @@ class Paths:
         return self.top / "containerd.log"
 
     @property
+    def node_root(self) -> Path:
+        """The node's root file system as a pod mounting the host's ``/`` sees it (the CNI installer's
+        ``--node-root``): the CNI dirs where a kubeadm node has them, and the node's C library."""
+        return self.top / "node-root"
+
+    @property
     def cni_bin(self) -> Path:
-        return self.top / "cni" / "bin"
+        return self.node_root / "opt" / "cni" / "bin"
 
     @property
     def cni_conf(self) -> Path:
-        return self.top / "cni" / "conf"
+        return self.node_root / "etc" / "cni" / "net.d"
 
     @property
     def pod_logs(self) -> Path:
@@ -148,6 +154,10 @@ class Node:
             folder.mkdir(parents=True)
         for plugin in ("bridge", "host-local", "loopback"):
             (paths.cni_bin / plugin).symlink_to(REFERENCE_PLUGINS / plugin)
+        # The installer checks the node's glibc in its root: this machine's is the lab node's.
+        for libc in Path("/lib").glob("*-linux-gnu/libc.so.6"):
+            (paths.node_root / libc.parent.relative_to("/")).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(libc.resolve(), paths.node_root / libc.relative_to("/"))
         self.write_conflist(bridge_conflist(self.subnets))
         paths.config.write_text(containerd_config(paths))
         inner = paths.top / "inner.sh"
@@ -190,7 +200,7 @@ class Node:
     @property
     def host_paths(self) -> dict[str, Path]:
         """The node's directories that a pod's hostPath volume may name (as a node has them)."""
-        return {"/etc/cni/net.d": self.paths.cni_conf, "/opt/cni/bin": self.paths.cni_bin}
+        return {"/": self.paths.node_root, "/etc/cni/net.d": self.paths.cni_conf, "/opt/cni/bin": self.paths.cni_bin}
 
     @property
     def gateway(self) -> str:
