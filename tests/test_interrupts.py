@@ -28,14 +28,21 @@ def report(body):
 
 
 def run(script: str, *, ignore_sigint: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", PRELUDE + textwrap.dedent(script)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
-    )
+    # An ignored disposition is inherited across fork and exec. It is set here, around the call, rather than
+    # in a preexec_fn: Python code between fork and exec breaks when threads run in this process (gRPC's,
+    # once the kubelet lab's tests have run).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore_sigint else None
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", PRELUDE + textwrap.dedent(script)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(("name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
