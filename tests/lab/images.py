@@ -321,7 +321,17 @@ def _shadowed_var_lib() -> Iterator[tuple[Path, list[str]]]:
             'mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$work/upper,workdir=$work/work" /var/lib\n'
             'exec "$@"\n'
         )
-        yield work, ["unshare", "--mount", "--propagation", "private", "--", "sh", str(script), str(work)]
+        # buildah makes its CNI config dir (default /etc/cni/net.d, with a lock file) even for --network host:
+        # the machine's is never to be touched, so it is one of the build's own.
+        conf = work / "containers.conf"
+        conf.write_text(f'[network]\nnetwork_config_dir = "{work / "cni"}"\n')
+        yield (
+            work,
+            [
+                *("unshare", "--mount", "--propagation", "private", "--", "sh", str(script), str(work)),
+                *("env", f"CONTAINERS_CONF={conf}"),
+            ],
+        )
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ and the pod with setpriv and noticed neither."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.lab import images
 from tests.lab import node as lab_node
 from tests.lab.conftest import LabImages
 from tests.lab.kubelet import Pod
@@ -108,3 +111,21 @@ def _rules(pod: Pod) -> str:
         text = pod.in_netns(save, "-t", "nat", check=False).stdout
         saved += [re.sub(r" \[\d+:\d+\]$", "", line) for line in text.splitlines() if not line.startswith("#")]
     return "\n".join(saved)
+
+
+def test_a_build_leaves_the_machines_cni_config_alone(tmp_path: Path) -> None:
+    """buildah makes /etc/cni/net.d (and a lock file in it) on any build unless told where its CNI config is."""
+    if shutil.which("buildah") is None:
+        pytest.skip("buildah is not installed (scripts/test installs it)")
+    before = sorted(Path("/etc/cni").rglob("*")) if Path("/etc/cni").exists() else None
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY x /x\n")
+    (tmp_path / "x").write_text("x\n")
+    with images._shadowed_var_lib() as (work, wrap):
+        subprocess.run(
+            [*wrap, "buildah", "--root", str(work / "root"), "--runroot", str(work / "runroot"),
+             "--storage-driver", "vfs", "bud", "--pull=never", "--network", "host", "--isolation", "oci",
+             "-t", "lab-cni-probe", str(tmp_path)],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+    after = sorted(Path("/etc/cni").rglob("*")) if Path("/etc/cni").exists() else None
+    assert after == before
