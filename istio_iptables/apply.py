@@ -28,8 +28,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 
-from istio_iptables.backends import ipset
-from istio_iptables.backends import nft as native
 from istio_iptables.backends.restore import (
     LEGACY,
     NFT,
@@ -43,6 +41,7 @@ from istio_iptables.backends.restore import (
 from istio_iptables.capture.config import Backend, Config
 from istio_iptables.capture.model import (
     BUILTIN_CHAINS,
+    NFT_TABLE_NAMES,
     AddressSet,
     Family,
     Plan,
@@ -53,11 +52,10 @@ from istio_iptables.capture.model import (
     Table,
 )
 from istio_iptables.errors import ApplyError
-from istio_iptables.host import interrupts, locks, netns, routes
+from istio_iptables.host import interrupts, locks, netlink, netns, routes
 from istio_iptables.host.hostfacts import which
 from istio_iptables.log import Log, LogLevel, logs
 from istio_iptables.records import field, record, replace
-from istio_iptables.render.nft import TABLE_NAMES
 from istio_iptables.render.restore import render_restore
 from istio_iptables.state import (
     Chains,
@@ -77,8 +75,12 @@ from istio_iptables.state import (
     planned_layout,
     saved_as_planned,
 )
-from istio_iptables.state import nft as nft_state
 from istio_iptables.state.changes import render_deletes, render_transition, render_undo, table_changes
+
+TYPE_CHECKING = False  # typing is not imported at run time (records.py says why)
+if TYPE_CHECKING:
+    from istio_iptables.backends import ipset
+    from istio_iptables.backends import nft as native
 
 log = Log(__name__)
 
@@ -105,7 +107,7 @@ def apply(config: Config, plan: Plan) -> None:
     started = time.monotonic()
     environment = xtables_environment()
     with namespace_lock(), interrupts.held():
-        native_copy = native.own_tables()
+        native_copy = netlink.own_nft_tables()
         switching = bool(native_copy) and config.reconcile and not config.cleanup_only and which("nft") is not None
         held, marks = split_save_mark(plan) if switching else (plan, Plan(()))
         observations = observe(config, held, environment)
@@ -113,27 +115,29 @@ def apply(config: Config, plan: Plan) -> None:
             observations += stray_copies(observations, environment, held)
         transitions = plan_transitions(config, observations)
         if native_copy and not (config.reconcile or config.cleanup_only):
-            names = ", ".join(TABLE_NAMES[table] for table in native_copy)
+            names = ", ".join(NFT_TABLE_NAMES[table] for table in native_copy)
             raise DriftError(
                 f"nftables tables of a --native-nftables run are present ({names}) and --no-reconcile "
                 "forbids removing them"
             )
         # TPROXY switch: the old copy's save-mark out first, the new copy's in last (README, "Switching").
-        old = native.detect() if marks.rulesets else None
-        unmarked = nft_state.render_deletes(old.saved, saves_mark) if old else ""
+        old, unmarked = None, ""
+        if marks.rulesets:
+            from istio_iptables.backends import nft as native  # noqa: PLC0415 (only to switch backends)
+            from istio_iptables.state.nft import render_deletes as nft_deletes  # noqa: PLC0415
+
+            old = native.detect()
+            unmarked = nft_deletes(old.saved, saves_mark)
         finish = [
             Transition(seen.iptables, render_restore(ruleset), frozenset({Table.MANGLE}), places(seen.live))
             for seen in observations
             if (ruleset := marks.ruleset(seen.target.family))
         ]
         routing = routes.read()
-        planned_sets = () if config.cleanup_only else plan.sets
-        live_sets = ipset.read() if _sets_concern(config, planned_sets, transitions) else {}
-        fill, drop = ipset.fill(planned_sets, live_sets), ipset.drop(planned_sets, live_sets)
-        if live_sets and (fill or drop) and not (config.reconcile or config.cleanup_only):
+        sets = set_changes(config, () if config.cleanup_only else plan.sets, transitions)
+        if sets and sets.drift() and not (config.reconcile or config.cleanup_only):
             raise DriftError(
-                "live sets differ from the plan and --no-reconcile forbids repairing them:\n"
-                + "\n".join(ipset.differences(planned_sets, live_sets))
+                "live sets differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(sets.drift())
             )
         attempted: list[Transition] = []
         undo: list[routes.Step] = []
@@ -141,7 +145,8 @@ def apply(config: Config, plan: Plan) -> None:
         interrupts.checkpoint()
         try:
             # Sets first, so no rule meets a missing or half-filled set; stale ones only once unused.
-            ipset.apply(fill)
+            if sets:
+                sets.fill_in()
             if old and unmarked:
                 old.apply(unmarked)
                 native_changed = True
@@ -150,9 +155,12 @@ def apply(config: Config, plan: Plan) -> None:
                 attempted.append(transition)
                 transition.iptables.restore(transition.payload)
             undo = routes.converge(plan, routing, cleanup=config.cleanup_only)
-            ipset.apply(drop)
+            if sets:
+                sets.drop_out()
             if native_copy:
-                native_changed = native.delete_tables(native_copy) or native_changed
+                from istio_iptables.backends.nft import delete_tables  # noqa: PLC0415 (only to switch backends)
+
+                native_changed = delete_tables(native_copy) or native_changed
             for transition in finish:
                 attempted.append(transition)
                 transition.iptables.restore(transition.payload)
@@ -162,7 +170,8 @@ def apply(config: Config, plan: Plan) -> None:
             notes = [restore_native(old)] if old and native_changed else []
             notes += rollback_notes(attempted)
             try:
-                ipset.apply(ipset.restore_as_read(live_sets, planned_sets) if fill else "")
+                if sets:
+                    sets.put_back()
             except ApplyError as failure:
                 notes.append(f"ROLLBACK FAILED for the sets: {failure}")
             raise ApplyError(f"{error} ({'; '.join(notes) or 'nothing was changed'})") from None
@@ -176,9 +185,8 @@ def apply(config: Config, plan: Plan) -> None:
             for line in _changed_tables(seen.expected, seen.actual, _iptables_label(seen.iptables))
         ]
         lines += emptied
-        lines += [f"ipset: wrote {name}" for name in ipset.created(fill)]
-        lines += [f"ipset: deleted {name}" for name in ipset.destroyed(drop)]
-        _report(config, started, lines, changed=bool(transitions or native_copy or fill or drop))
+        lines += sets.report() if sets else []
+        _report(config, started, lines, changed=bool(transitions or native_copy or (sets and (sets.fill or sets.drop))))
 
 
 def _changed_tables(expected: Layout, actual: Layout, label: Callable[[Table], str]) -> list[str]:
@@ -191,7 +199,7 @@ def _iptables_label(iptables: Iptables) -> Callable[[Table], str]:
 
 
 def _nft_label(table: Table) -> str:
-    return f"nftables inet {TABLE_NAMES[table]}"
+    return f"nftables inet {NFT_TABLE_NAMES[table]}"
 
 
 def _report(config: Config, started: float, lines: list[str], changed: bool) -> None:
@@ -209,16 +217,25 @@ def _report(config: Config, started: float, lines: list[str], changed: bool) -> 
         log.info("rules already as planned; nothing to change (took %.0f ms)", took)
 
 
-def _sets_concern(config: Config, planned: tuple[AddressSet | PortSet, ...], transitions: list[Transition]) -> bool:
-    """Whether this run must read our ipsets: the plan has some, rules being replaced look some up, or a
-    clean-up may find some (no process otherwise)."""
+def set_changes(
+    config: Config, planned: tuple[AddressSet | PortSet, ...], transitions: list[Transition]
+) -> ipset.Changes | None:
+    """What this run does to our ipsets; None, with no process and no ipset code loaded, unless the plan has
+    some, rules being replaced look some up, or a clean-up may find some."""
     referenced = any("--match-set ISTIO_" in transition.iptables.saved for transition in transitions)
-    return bool(planned) or referenced or (config.cleanup_only and which("ipset") is not None)
+    if not (planned or referenced or (config.cleanup_only and which("ipset") is not None)):
+        return None
+    from istio_iptables.backends import ipset  # noqa: PLC0415 (most plans have no sets)
+
+    return ipset.changes(planned)
 
 
 def apply_native(config: Config, plan: Plan) -> None:
     """``--native-nftables``: make our three ``inet`` tables hold exactly the plan (or, with ``--cleanup-only``,
     delete them) in one nft transaction, converge routing, then remove any iptables copy of our rules."""
+    from istio_iptables.backends import nft as native  # noqa: PLC0415 (an iptables apply needs none of it)
+    from istio_iptables.state import nft as nft_state  # noqa: PLC0415
+
     started = time.monotonic()
     environment = xtables_environment()
     with namespace_lock(), interrupts.held():
@@ -338,7 +355,7 @@ def _refuse_native_drift(expected: Layout, actual: Layout, tables_exist: bool, c
     problems = []
     if expected != actual and tables_exist:
         lines = drift(expected, actual)
-        lines += [f"table inet {TABLE_NAMES[t]} (not in the plan)" for t in actual if t not in expected]
+        lines += [f"table inet {NFT_TABLE_NAMES[t]} (not in the plan)" for t in actual if t not in expected]
         problems.append("nftables:\n" + "\n".join(lines))
     for iptables, live in copies:
         count = sum(len(own_entries(state)) for state in live.values())
@@ -394,8 +411,10 @@ def delete_emptied_tables(transitions: list[Transition]) -> list[str]:
     for transition in transitions:
         if transition.iptables.variant is NFT and transition.emptying:
             family = transition.iptables.family
+            from istio_iptables.backends.nft import delete_emptied  # noqa: PLC0415 (iptables-nft clean-ups only)
+
             try:
-                deleted = native.delete_emptied(family, sorted(transition.emptying, key=lambda table: table.value))
+                deleted = delete_emptied(family, sorted(transition.emptying, key=lambda table: table.value))
             except (ApplyError, ValueError) as error:
                 log.warning("%s: tables left empty stay: %s", family.label, error)
                 continue

@@ -325,20 +325,35 @@ def test_a_half_written_pair_of_another_key_type_keeps_the_old_one(tmp_path: Pat
 @pytest.mark.parametrize(
     ("argv", "collects"),
     [
-        (["webhook", "--help"], True),
-        (["cni", "install", "--watch"], True),
+        (["webhook", "--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"], True),
+        (["cni", "install", "--watch", "--cni-conf-dir", "{tmp}/net.d", "--cni-bin-dir", "{tmp}/bin"], True),
+        (["cni", "repair"], True),
+        (["cni", "repair", "--once"], False),
         (["-p", "15001", "--dry-run"], False),
         (["inject", "-f", "-"], False),
     ],
 )
-def test_only_one_shot_runs_go_without_the_garbage_collector(argv: list[str], collects: bool) -> None:
-    """The console entry point decides at import; the command itself is replaced by a report of it."""
+def test_only_one_shot_runs_go_without_the_garbage_collector(argv: list[str], collects: bool, tmp_path: Path) -> None:
+    """The console entry point turns the collector off before any import; a command that stays up turns it
+    back on before it serves. Its loop is replaced by a report of the collector's state (a one-shot run's is
+    reported after its end)."""
     probe = (
         "import gc, sys\n"
-        f"sys.argv = ['istio-iptables', *{argv!r}]\n"
+        f"sys.argv = ['istio-iptables', *{[word.format(tmp=tmp_path) for word in argv]!r}]\n"
         "from istio_iptables.cli import console\n"
-        "print(gc.isenabled())\n"
+        "from istio_iptables.cni import install, repair\n"
+        "from istio_iptables.kube import webhook\n"
+        "def report(*args, **kwargs):\n"
+        "    print(gc.isenabled())\n"
+        "    sys.exit(0)\n"
+        "webhook.serve = install.watch = repair.run = report\n"
+        "try:\n"
+        "    console.main()\n"
+        "except SystemExit:\n"
+        "    print(gc.isenabled())\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], input="", capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(collects)
+    assert done.stdout.splitlines()[-1] == str(collects), done.stdout + done.stderr

@@ -138,6 +138,42 @@ def apply(payload: str) -> None:
         _run(["ipset", "restore"], payload)
 
 
+@record
+class Changes:
+    """What an apply does to our sets: the planned ones, the live ones it read, and the restore inputs that
+    fill the planned ones (before the rules go in) and drop the stale ones (after the rules are out)."""
+
+    planned: tuple[AddressSet | PortSet, ...]
+    live: dict[str, LiveSet]
+    fill: str
+    drop: str
+
+    def drift(self) -> list[str]:
+        """How live sets differ from the plan: empty when there are none yet, or they are as planned."""
+        return differences(self.planned, self.live) if self.live and (self.fill or self.drop) else []
+
+    def fill_in(self) -> None:
+        apply(self.fill)
+
+    def drop_out(self) -> None:
+        apply(self.drop)
+
+    def put_back(self) -> None:
+        """Undo ``fill_in``: the sets as they were read."""
+        apply(restore_as_read(self.live, self.planned) if self.fill else "")
+
+    def report(self) -> list[str]:
+        return [f"ipset: wrote {name}" for name in created(self.fill)] + [
+            f"ipset: deleted {name}" for name in destroyed(self.drop)
+        ]
+
+
+def changes(planned: tuple[AddressSet | PortSet, ...]) -> Changes:
+    """The changes that make our sets in this namespace the planned ones."""
+    live = read()
+    return Changes(planned, live, fill(planned, live), drop(planned, live))
+
+
 def _run(arguments: list[str], stdin: str | None) -> str:
     try:
         result = subprocess.run(

@@ -8,8 +8,8 @@ the JSON read before. Kernel features are probed (in a scratch table created and
 transaction, so nothing is ever visible) only to name what is missing when a script is refused, and by
 ``preflight``.
 
-The iptables side needs to know only whether our tables exist (``own_tables``): that is one netlink dump,
-no process.
+The iptables side needs to know only whether our tables exist (``netlink.own_nft_tables``): one netlink
+dump, no process, and none of this module.
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ import subprocess
 from collections.abc import Iterable
 
 from istio_iptables.backends.restore import LOSSLESS
-from istio_iptables.capture.model import Family, Table
-from istio_iptables.errors import ApplyError, HostError
-from istio_iptables.host import netlink
+from istio_iptables.capture.model import NFT_TABLE_NAMES, Family, Table
+from istio_iptables.errors import ApplyError
 from istio_iptables.host.hostfacts import which
 from istio_iptables.log import Log
 from istio_iptables.records import record
-from istio_iptables.render.nft import TABLE_NAMES
-from istio_iptables.state.nft import FAMILY, OWN_TABLES, NftState, parse_ruleset, restore_document
+from istio_iptables.state.nft import FAMILY, NftState, parse_ruleset, restore_document
 
 log = Log(__name__)
 
@@ -36,7 +34,6 @@ MINIMUM_VERSION = (1, 0, 1)
 """What Istio's knftables needs, and what the transactions here are tested with (``nft -f -`` of add,
 flush, delete and insert by index)."""
 _TIMEOUT = 60.0
-_NFPROTO_INET = 1
 _FAILED_LINE = re.compile(r"^/dev/stdin:(\d+):", re.MULTILINE)
 PROBE_TABLE = "istio-proxy-probe"
 
@@ -154,7 +151,9 @@ def read(binary: str) -> NftState:
     if version and version < MINIMUM_VERSION:
         raise ApplyError(f"nft {state.version} is too old for --native-nftables: nftables >= 1.0.1 is needed")
     for table, rule in state.unparsed:
-        log.info("nftables: a rule the model cannot express, in %s %s: %s", TABLE_NAMES[table], rule.chain, rule.text)
+        log.info(
+            "nftables: a rule the model cannot express, in %s %s: %s", NFT_TABLE_NAMES[table], rule.chain, rule.text
+        )
     return state
 
 
@@ -171,30 +170,19 @@ def _listing_error(stderr: str) -> str:
     return f"nft -j list ruleset failed: {text}"
 
 
-def own_tables() -> list[Table]:
-    """Our nftables tables that exist in this namespace: one netlink dump, no process. None when the kernel
-    has no nf_tables (then there can be none)."""
-    try:
-        tables = netlink.nft_tables(_NFPROTO_INET)
-    except HostError as error:
-        log.debug("cannot list nftables tables: %s", error)
-        return []
-    return [OWN_TABLES[name] for family, name in tables if family == _NFPROTO_INET and name in OWN_TABLES]
-
-
 def delete_tables(tables: list[Table]) -> bool:
     """Delete some of our tables in one transaction (the copy an earlier --native-nftables run left); False,
     with a warning, when there is no nft binary to do it with."""
     binary = which("nft")
     if binary is None:
-        names = ", ".join(TABLE_NAMES[table] for table in tables)
+        names = ", ".join(NFT_TABLE_NAMES[table] for table in tables)
         log.warning("nftables tables of an earlier --native-nftables run stay (%s): no nft binary here", names)
         return False
-    script = "".join(f"delete table {FAMILY} {TABLE_NAMES[table]}\n" for table in tables)
+    script = "".join(f"delete table {FAMILY} {NFT_TABLE_NAMES[table]}\n" for table in tables)
     result = _run([binary, "-f", "-"], script)
     if result.returncode != 0:
         raise ApplyError(f"nft -f - failed: {_first_lines(result.stderr)}")
-    log.info("nftables: deleted %s", ", ".join(TABLE_NAMES[table] for table in tables))
+    log.info("nftables: deleted %s", ", ".join(NFT_TABLE_NAMES[table] for table in tables))
     return True
 
 

@@ -41,6 +41,10 @@ class Table(enum.Enum):
     RAW = "raw"
 
 
+NFT_TABLE_NAMES = {Table.NAT: "istio-proxy-nat", Table.MANGLE: "istio-proxy-mangle", Table.RAW: "istio-proxy-raw"}
+"""Our ``inet`` tables under --native-nftables, each standing in for the iptables table of the same role, in
+the order the transaction writes them."""
+
 BUILTIN_CHAINS = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"})
 COMMENT_PREFIX = "istio-iptables: "
 """Every ``--rule-comments`` comment starts so: a rule carrying it is ours, whatever its shape."""

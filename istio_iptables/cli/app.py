@@ -9,6 +9,7 @@ text (or a switch) and ``config.load`` parses it, which gives every bad value th
 from __future__ import annotations
 
 import enum
+import gc
 import inspect
 import sys
 from collections.abc import Callable, Sequence
@@ -448,6 +449,7 @@ def webhook_command(
         injector_config=injector_config,
         capture_only=capture_only,
     )
+    _stays_up()
     serve(listen, lambda pod, workload, namespace: injected_pod(pod, injector, workload=workload, namespace=namespace))
 
 
@@ -509,6 +511,7 @@ def cni_install_command(
         install.install(*node, root=root)
         return
     period = _checked("--interval", interval, _positive_seconds)
+    _stays_up()
     install.watch(*node, interval=period, stop=install.stop_on_signals(), root=root)
 
 
@@ -601,7 +604,15 @@ def cni_repair_command(
         ),
     )
     period = _checked("--interval", interval, _positive_seconds)
+    if not once:
+        _stays_up()
     repair.run(cri_socket, options, interval=period, stop=install.stop_on_signals(), once=once)
+
+
+def _stays_up() -> None:
+    """For a command that runs for days: the collector back on. The console entry point turned it off for a
+    one-shot run (console.py says why); a server without it grows with every request."""
+    gc.enable()
 
 
 def _plugin_settings(path: str) -> dict[str, Any]:

@@ -5,8 +5,8 @@ loaded would otherwise set off collections that find nothing to free (the object
 strings and tables that live until exit), and exit would scan every object once more. The collector stays
 off, and what is left is frozen before the interpreter tears down. The commands that keep running (the
 webhook, the CNI installer's --watch and node agent) keep the collector: without it their memory grows with
-every request. Only the console commands do this; the library, and tests that call ``cli.main``, keep the
-collector as they found it.
+every request, so they turn it back on once their modules are loaded (``app.py``). Only the console commands
+do this; the library, and tests that call ``cli.main``, keep the collector as they found it.
 """
 
 from __future__ import annotations
@@ -16,12 +16,7 @@ import io
 import sys
 from collections.abc import Callable
 
-LONG_RUNNING = frozenset({"webhook", "cni"})
-"""Subcommands that may run for days. A flag's value that happens to be one of these words only leaves the
-collector on, which costs a one-shot run a little time and nothing else."""
-
-if LONG_RUNNING.isdisjoint(sys.argv[1:]):
-    gc.disable()
+gc.disable()
 
 # Each command imports its modules here, with the collector off (the point), and only its own: the CNI
 # plugin's run never loads the CLI's, nor the CLI's the plugin's.

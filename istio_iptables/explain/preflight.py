@@ -15,14 +15,14 @@ from istio_iptables.apply import iptables_copies, namespace_lock_path, observe, 
 from istio_iptables.backends import nft as native
 from istio_iptables.backends.restore import payload_features
 from istio_iptables.capture.config import Config
-from istio_iptables.capture.model import BUILTIN_CHAINS, Family, Plan
+from istio_iptables.capture.model import BUILTIN_CHAINS, NFT_TABLE_NAMES, Family, Plan
 from istio_iptables.capture.plan import usable_ipv6
 from istio_iptables.errors import ApplyError
 from istio_iptables.explain.status import NATIVE, backend_label
 from istio_iptables.host import netns
 from istio_iptables.host.hostfacts import local_addresses
 from istio_iptables.records import field, mutable_record
-from istio_iptables.render.nft import BASE_CHAINS, TABLE_NAMES, render_nft
+from istio_iptables.render.nft import BASE_CHAINS, render_nft
 from istio_iptables.render.restore import render_restore
 from istio_iptables.state import foreign_entries, own_entries
 
@@ -94,7 +94,7 @@ def native_checks(plan: Plan, environment: dict[str, str]) -> list[FamilyCheck]:
     except (ApplyError, ValueError) as error:
         check.error = str(error)
         return [check]
-    present = [TABLE_NAMES[table] for table in nft.saved.tables]
+    present = [NFT_TABLE_NAMES[table] for table in nft.saved.tables]
     check.reason = f"nft {nft.saved.version}; " + (
         f"our tables here: {', '.join(present)}" if present else "none of our tables here yet"
     )
@@ -102,7 +102,7 @@ def native_checks(plan: Plan, environment: dict[str, str]) -> list[FamilyCheck]:
     ours = [
         (hook.split(" hook ", 1)[1].split()[0], int(hook.rsplit(" ", 1)[1]))
         for table, chains in BASE_CHAINS.items()
-        if f"add table inet {TABLE_NAMES[table]}" in script
+        if f"add table inet {NFT_TABLE_NAMES[table]}" in script
         for hook in chains.values()
     ]
     check.preceding = [

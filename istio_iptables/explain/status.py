@@ -9,12 +9,11 @@ from istio_iptables.apply import Observation, group_id, iptables_copies, observe
 from istio_iptables.backends import ipset
 from istio_iptables.backends import nft as native
 from istio_iptables.capture.config import Config
-from istio_iptables.capture.model import Plan, Table
+from istio_iptables.capture.model import NFT_TABLE_NAMES, Plan, Table
 from istio_iptables.errors import ApplyError
-from istio_iptables.host import routes
+from istio_iptables.host import netlink, routes
 from istio_iptables.host.hostfacts import which
 from istio_iptables.records import field, record
-from istio_iptables.render.nft import TABLE_NAMES
 from istio_iptables.state import Layout, compare, foreign_entries, holds_own, live_layout, own_entries
 from istio_iptables.state.nft import planned_layout
 
@@ -143,7 +142,7 @@ def native_status(config: Config, plan: Plan) -> list[FamilyStatus]:
 
 def native_copy_status() -> list[FamilyStatus]:
     """The nftables tables a --native-nftables run left, which an iptables apply removes."""
-    tables = native.own_tables()
+    tables = netlink.own_nft_tables()
     if not tables:
         return []
     try:
@@ -159,7 +158,7 @@ def _empty_extras(expected: Layout, actual: Layout) -> list[Ref]:
     for table, chains in actual.items():
         wanted = expected.get(table)
         if wanted is None and not chains:
-            extras.append((table, "", f"table inet {TABLE_NAMES[table]} (empty)"))
+            extras.append((table, "", f"table inet {NFT_TABLE_NAMES[table]} (empty)"))
         extras += [
             (table, chain, "(empty chain)")
             for chain, texts in chains.items()

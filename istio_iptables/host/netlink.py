@@ -11,7 +11,9 @@ import os
 import socket
 import struct
 
+from istio_iptables.capture.model import NFT_TABLE_NAMES, Table
 from istio_iptables.errors import HostError
+from istio_iptables.log import Log
 from istio_iptables.records import record
 
 _NLMSG_HEADER = struct.Struct("=LHHLL")
@@ -25,12 +27,16 @@ RTM_GETROUTE, RTM_NEWROUTE = 26, 24
 RTM_GETRULE, RTM_NEWRULE = 34, 32
 
 _NETLINK_NETFILTER = 12
+_NFPROTO_INET = 1
+"""nf_tables' ``inet`` family, which holds both IPv4 and IPv6 rules."""
 _NFT_MSG_GETTABLE = (10 << 8) | 1  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
 _NFTA_TABLE_NAME = 1
 
 # Fixed headers: ifinfomsg (16 bytes), ifaddrmsg (8 bytes), rtmsg and fib_rule_hdr (12 bytes each, family first).
 _HEADER_SIZE = {RTM_GETLINK: 16, RTM_GETADDR: 8, RTM_GETROUTE: 12, RTM_GETRULE: 12}
 RTA_DST, RTA_SRC, RTA_IIF, RTA_OIF, RTA_PREFSRC, RTA_MARK, RTA_UID = 1, 2, 3, 4, 7, 16, 25
+
+log = Log(__name__)
 
 
 @record
@@ -88,6 +94,17 @@ def nft_tables(family: int = 0) -> list[tuple[int, str]]:
         name = message.attributes.get(_NFTA_TABLE_NAME, b"").split(b"\0", 1)[0]
         tables.append((message.family, name.decode(errors="replace")))
     return tables
+
+
+def own_nft_tables() -> list[Table]:
+    """Our nftables tables (a --native-nftables run's) in this namespace: one dump, no process. None when the
+    kernel has no nf_tables (then there can be none)."""
+    try:
+        present = nft_tables(_NFPROTO_INET)
+    except HostError as error:
+        log.debug("cannot list nftables tables: %s", error)
+        return []
+    return [table for table, name in NFT_TABLE_NAMES.items() if (_NFPROTO_INET, name) in present]
 
 
 def _dump(protocol: int, request: int, body: bytes, header_size: int) -> list[Message]:

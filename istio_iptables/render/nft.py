@@ -24,6 +24,7 @@ from istio_iptables.capture.model import (
     ISTIO_OUTPUT_DNS,
     ISTIO_REDIRECT,
     ISTIO_TPROXY,
+    NFT_TABLE_NAMES,
     AddressSet,
     Connmark,
     ConntrackState,
@@ -62,9 +63,6 @@ from istio_iptables.records import record
 
 PREROUTING, OUTPUT = "PREROUTING", "OUTPUT"
 NAT, MANGLE, RAW = Table.NAT, Table.MANGLE, Table.RAW
-
-TABLE_NAMES = {NAT: "istio-proxy-nat", MANGLE: "istio-proxy-mangle", RAW: "istio-proxy-raw"}
-"""Istio's tables, in the order the transaction writes them."""
 
 BASE_CHAINS: dict[Table, dict[str, str]] = {
     NAT: {
@@ -136,11 +134,11 @@ def chain_name(chain: str) -> str:
 def render_nft(plan: Plan) -> str:
     """The transaction: per table that has rules, ``add table``, ``flush table``, its chains, its rules."""
     tables = {rule.table for ruleset in plan.rulesets for rule in ruleset.rules}
-    unsupported = sorted(table.value for table in tables - TABLE_NAMES.keys())
+    unsupported = sorted(table.value for table in tables - NFT_TABLE_NAMES.keys())
     if unsupported:
         raise ValueError(f"no nftables form for the table(s) {', '.join(unsupported)}")
     lines: list[str] = []
-    for table, table_name in TABLE_NAMES.items():
+    for table, table_name in NFT_TABLE_NAMES.items():
         rules = merge_families(plan, table)
         if not rules:
             continue

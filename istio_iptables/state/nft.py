@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from istio_iptables.capture.model import (
     BUILTIN_CHAINS,
     ISTIO_CHAINS,
+    NFT_TABLE_NAMES,
     AddressSet,
     Connmark,
     ConntrackState,
@@ -66,7 +67,6 @@ from istio_iptables.records import field, mutable_record, record, replace
 from istio_iptables.render.nft import (
     BASE_CHAINS,
     CHAIN_ORDER,
-    TABLE_NAMES,
     chain_name,
     insert_index,
     merge_families,
@@ -81,7 +81,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 FAMILY = "inet"
-OWN_TABLES: dict[str, Table] = {name: table for table, name in TABLE_NAMES.items()}
+OWN_TABLES: dict[str, Table] = {name: table for table, name in NFT_TABLE_NAMES.items()}
 """Our nftables tables by name, each standing in for the iptables table of the same role."""
 
 _MODEL_CHAINS = {chain_name(chain): chain for chain in (*BUILTIN_CHAINS, *ISTIO_CHAINS)}
@@ -573,7 +573,7 @@ def planned_layout(plan: Plan | None, group_id: Callable[[int | str], int | str]
     layout: Layout = {}
     if plan is None:
         return layout
-    for table in TABLE_NAMES:
+    for table in NFT_TABLE_NAMES:
         entries = merge_families(plan, table)
         if not entries:
             continue
@@ -598,7 +598,7 @@ def planned_hooks(plan: Plan | None) -> dict[Table, dict[str, str | None]]:
     """The tables ``render_nft`` writes and, in each, the chains it declares (those holding a rule) by nft
     name, with their hook as a live hooked chain shows it (``NftTable.chains``)."""
     hooks: dict[Table, dict[str, str | None]] = {}
-    for table in TABLE_NAMES:
+    for table in NFT_TABLE_NAMES:
         used = list(dict.fromkeys(rule.chain for _, rule in merge_families(plan, table))) if plan else []
         if not used:
             continue
@@ -623,14 +623,16 @@ def render_transition(plan: Plan | None, live: NftState) -> str:
     which after a flush would still be the flushed ones (the insert would land at the wrong place), while a
     table deleted in the same transaction is known to be empty.
     """
-    deletes = "".join(f"delete table {FAMILY} {TABLE_NAMES[table]}\n" for table in TABLE_NAMES if table in live.tables)
+    deletes = "".join(
+        f"delete table {FAMILY} {NFT_TABLE_NAMES[table]}\n" for table in NFT_TABLE_NAMES if table in live.tables
+    )
     return deletes + (render_nft(plan) if plan is not None else "")
 
 
 def render_deletes(live: NftState, unwanted: Callable[[Rule], bool]) -> str:
     """One ``nft -f`` transaction deleting, by handle, the rules of our tables that ``unwanted`` picks."""
     return "".join(
-        f"delete rule {FAMILY} {TABLE_NAMES[table]} {entry.chain} handle {entry.handle}\n"
+        f"delete rule {FAMILY} {NFT_TABLE_NAMES[table]} {entry.chain} handle {entry.handle}\n"
         for table, state in live.tables.items()
         for entry in state.rules
         if entry.rule is not None and entry.handle is not None and unwanted(entry.rule)
@@ -656,7 +658,7 @@ def restore_document(before: NftState, present: Iterable[Table]) -> str:
     that exists now is deleted, and every one that existed before is created again, whole (chains, sets,
     rules with their counters). Handles are left out: on an ``add rule`` one would mean "after this rule"."""
     commands: list[dict[str, Any]] = [
-        {"delete": {"table": {"family": FAMILY, "name": TABLE_NAMES[table]}}} for table in present
+        {"delete": {"table": {"family": FAMILY, "name": NFT_TABLE_NAMES[table]}}} for table in present
     ]
     for item in before.objects:
         ((kind, body),) = item.items()

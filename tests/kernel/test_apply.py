@@ -404,3 +404,27 @@ def test_applies_as_non_root_with_only_net_admin_and_net_raw(pod: Pod, variant: 
         assert "fwmark 0x539 lookup 133" in pod.run(["ip", "rule"]).stdout
         again = run_as_image_user(flags)
         assert again.returncode == 0 and "nothing to change" in again.stderr, again.stderr
+
+
+def test_an_apply_loads_the_native_and_ipset_code_only_when_it_needs_it(pod: Pod) -> None:
+    """The init container's start-up is mostly imports: a plain apply loads neither the native nftables
+    backend nor the ipset one, which it needs only for match sets and to remove a --native-nftables copy."""
+    optional = ["istio_iptables.backends.ipset", "istio_iptables.backends.nft", "istio_iptables.state.nft"]
+    probe = (
+        "import sys\nfrom istio_iptables.cli import fast\n"
+        "try: fast.main(sys.argv[1:])\nexcept SystemExit as end: assert end.code == 0, end.code\n"
+        f"print(' '.join(name for name in {optional!r} if name in sys.modules))"
+    )
+
+    def loaded(*flags: str) -> list[str]:
+        argv = [sys.executable, "-c", probe, "--network-namespace", pod.name, *INIT_FLAGS, "--no-ipv6", *flags]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert loaded() == []
+    assert loaded("--match-sets") == ["istio_iptables.backends.ipset"]
+    assert loaded("--native-nftables") == ["istio_iptables.backends.nft", "istio_iptables.state.nft"]
+    # An iptables run after a native one removes the native copy: only then the native code.
+    assert loaded() == ["istio_iptables.backends.nft", "istio_iptables.state.nft"]
+    assert loaded() == []
