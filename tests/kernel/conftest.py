@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Iterator
-from types import FrameType
 
 import pytest
 
+from tests.helpers import sigterm_interrupts
 from tests.kernel import netlab
 
 
@@ -31,15 +30,8 @@ def _kernel_session() -> Iterator[None]:
     """Remove namespaces of killed earlier runs; turn SIGTERM into KeyboardInterrupt so teardown runs."""
     if netlab.missing_prerequisites() is None:
         netlab.sweep_stale_namespaces()
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with sigterm_interrupts():
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(params=netlab.VARIANTS)

@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import pytest
 
+from tests.helpers import sigterm_interrupts
 from tests.lab import images as lab_images
 from tests.lab import node as lab_node
 from tests.lab.kubelet import Kubelet, Pod
@@ -38,15 +37,8 @@ def _lab_session() -> Iterator[None]:
     """Sweep the nodes of killed earlier runs; turn SIGTERM into KeyboardInterrupt so teardown runs."""
     if lab_node.missing_prerequisites() is None:
         lab_node.sweep_stale_nodes()
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with sigterm_interrupts():
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")
