@@ -267,10 +267,12 @@ def test_a_read_only_conf_dir_is_one_line_and_watch_retries(node: tuple[Path, Pa
     assert once.returncode == 1, once
     assert len(once.stderr.splitlines()) == 1 and "Traceback" not in once.stderr
     assert str(conf_dir) in once.stderr and "Read-only file system" in once.stderr
-    # The conf dir stays read-only for 1.5 s of --watch, then becomes writable (the mount goes).
+    # The conf dir stays read-only until --watch says it retries, then becomes writable (the mount goes).
     command = [CLI, "cni", "install", *arguments, "--watch", "--interval", "0.05"]
-    watcher, log = _logged(_read_only(conf_dir, command, seconds=1.5), conf_dir.parent)
+    watcher, log = _logged(_read_only(conf_dir, command), conf_dir.parent)
     try:
+        _wait_for(lambda: b"retrying in" in log.read_bytes(), 20)
+        subprocess.run(["nsenter", f"--mount=/proc/{watcher.pid}/ns/mnt", "umount", str(conf_dir)], check=True)
         _wait_for(lambda: b"istio-iptables-cni" in (conf_dir / "10-calico.conflist").read_bytes(), 20)
         assert watcher.poll() is None, "--watch exited instead of retrying"
     finally:
@@ -278,11 +280,11 @@ def test_a_read_only_conf_dir_is_one_line_and_watch_retries(node: tuple[Path, Pa
     assert "Traceback" not in stderr and "retrying in" in stderr
 
 
-def _read_only(directory: Path, command: list[str], seconds: float | None = None) -> list[str]:
+def _read_only(directory: Path, command: list[str]) -> list[str]:
     """``command`` run in a mount namespace of its own where ``directory`` is mounted read-only over itself
-    (root ignores permission bits), for ``seconds`` or for good; the test's own mounts are never touched."""
-    lift = f'(sleep {seconds}; umount "$0") & ' if seconds is not None else ""
-    script = f'mount --bind -o ro "$0" "$0" && {{ {lift}exec "$@"; }}'
+    (root ignores permission bits); the test's own mounts are never touched. Its process is the command's
+    (unshare and the shell exec it), so the mount can be lifted through ``/proc/PID/ns/mnt``."""
+    script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(directory), *command]
 
 
