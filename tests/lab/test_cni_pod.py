@@ -58,7 +58,7 @@ def cni_node(lab: lab_node.Node, images: LabImages) -> Iterator[lab_node.Node]:
         yield lab
     finally:
         kubelet.remove_all()
-        lab.write_conflist(lab_node.bridge_conflist(lab.subnets))
+        lab.use_subnets(lab.subnets)
         (lab.paths.cni_bin / PLUGIN).unlink(missing_ok=True)
         shutil.rmtree(lab.paths.cni_bin / f"{PLUGIN}.d", ignore_errors=True)
 

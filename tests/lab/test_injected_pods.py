@@ -1,0 +1,170 @@
+"""The other pod specs the project writes, on a real runtime, with real connections through a proxy both ways:
+a dual-stack pod (IPv4 and IPv6), ``inject --hardened``, ``inject`` with Istio's own template, and the
+webhook's patch applied to a pod (what the API server would store)."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from tests.lab import node as lab_node
+from tests.lab.conftest import RELAY_IMAGE, LabImages
+from tests.lab.kubelet import Pod
+from tests.lab.workloads import app_pod, check_relayed_both_ways, inject, server_command, wait_for_log, with_programs
+from tests.webhook_lab import Authority, review, running
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("relay_image")]
+
+ISTIO_PROXY_IMAGE = "docker.io/istio/proxyv2"
+RELAY_COMMAND = ["python3", "-m", "relay", "--outbound-port=15001", "--inbound-port=15006", "--health-port=15021"]
+"""The relay (its image's entrypoint) on the ports of Istio's template: its listeners and its status port."""
+
+
+@pytest.fixture
+def dual_stack(lab: lab_node.Node) -> Iterator[lab_node.Node]:
+    """The node's network with an IPv6 range beside the IPv4 one, for the pods created in the test."""
+    previous = lab.subnets
+    lab.use_subnets((lab_node.SUBNET, lab_node.SUBNET6))
+    try:
+        yield lab
+    finally:
+        lab.use_subnets(previous)
+
+
+def running_app(pod: Pod) -> Pod:
+    assert pod.exit_code("istio-init") == 0, pod.logs("istio-init")
+    wait_for_log(pod, "istio-proxy", "listening")
+    wait_for_log(pod, "shop", "listening")
+    return pod
+
+
+def test_a_dual_stack_pods_ipv4_and_ipv6_traffic_goes_through_the_relay(
+    dual_stack: lab_node.Node,
+    images: LabImages,
+    run_pod: Callable[..., Pod],
+    peer: Pod,
+    tmp_path: Path,
+) -> None:
+    """Istio's dual-stack switch (``ISTIO_DUAL_STACK`` in the proxy metadata, on the init container's env); the
+    capture programs ip6tables too (the pod has an IPv6 address) and puts ``::6`` on ``lo``."""
+    sets = ["--set", "meshConfig.defaultConfig.proxyMetadata.ISTIO_DUAL_STACK=true"]
+    document = inject(app_pod(), tmp_path, "--injector-config", "relay", *sets)
+    assert {"name": "ISTIO_DUAL_STACK", "value": "true"} in document["spec"]["initContainers"][0]["env"]
+    pod = running_app(run_pod(with_programs(document, images.init, {"shop": server_command("app")})))
+    assert [ipaddress.ip_address(ip).version for ip in pod.status.ips] == [4, 6]
+    assert "-A ISTIO_OUTPUT" in pod.in_netns("ip6tables-save").stdout + pod.in_netns("ip6tables-legacy-save").stdout
+    assert "inet6 ::6/128" in pod.in_netns("ip", "-6", "address", "show", "dev", "lo").stdout
+
+    check_relayed_both_ways(dual_stack, pod, peer, version=4)
+    check_relayed_both_ways(dual_stack, pod, peer, version=6)
+
+
+def test_a_hardened_pods_traffic_goes_through_the_relay(
+    lab: lab_node.Node,
+    images: LabImages,
+    run_pod: Callable[..., Pod],
+    peer: Pod,
+    tmp_path: Path,
+) -> None:
+    """``--hardened``: istio-init as the image's user 65532 (file capabilities, read-only root, RuntimeDefault
+    seccomp), the xtables lock on the ``istio-iptables-lock`` emptyDir."""
+    document = inject(app_pod(), tmp_path, "--injector-config", "relay", "--hardened")
+    init = document["spec"]["initContainers"][0]
+    assert init["name"] == "istio-init"
+    assert init["securityContext"]["runAsUser"] == 65532
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    assert init["volumeMounts"] == [{"name": "istio-iptables-lock", "mountPath": "/run/istio-iptables"}]
+    pod = running_app(run_pod(with_programs(document, images.init, {"shop": server_command("app")})))
+    check_relayed_both_ways(lab, pod, peer)
+
+
+def test_a_pod_of_istios_template_with_the_relay_for_pilot_agent(
+    lab: lab_node.Node,
+    images: LabImages,
+    run_pod: Callable[..., Pod],
+    peer: Pod,
+    tmp_path: Path,
+) -> None:
+    """``inject --injector-config istio`` (Istio's sidecar template), run as written but for one substitution:
+    the istio-proxy container's image (``docker.io/istio/proxyv2``, pilot-agent and Envoy, which cannot be had
+    offline) is the relay's, and its command is the relay's in place of pilot-agent's args. Every other field
+    of that container is kept: user 1337, read-only root, no capabilities, its env (field and resource refs),
+    its volume mounts (the emptyDirs, the downward API's labels and annotations, the projected token, the CA's
+    ConfigMap, the optional CRL one absent). The lab's kubelet runs no probes and no preStop hook, so the
+    template's HTTP probes of 15021 (pilot-agent's) and its ``pilot-agent request`` hook are not exercised; the
+    relay only listens on 15021, as the status port the capture exempts."""
+    document = inject(app_pod(), tmp_path, "--injector-config", "istio")
+    proxy = next(c for c in document["spec"]["initContainers"] if c["name"] == "istio-proxy")
+    assert proxy["image"].startswith(f"{ISTIO_PROXY_IMAGE}:")
+    assert proxy["args"][:2] == ["proxy", "sidecar"]
+    spec = with_programs(document, images.init, {"shop": server_command("app")})
+    spec = with_programs(spec, RELAY_IMAGE, {"istio-proxy": RELAY_COMMAND})
+    root_cert = Authority().pem().decode()
+    pod = running_app(run_pod(spec, config_maps={"istio-ca-root-cert": {"root-cert.pem": root_cert}}))
+
+    # The container as Istio's template has it: its user, its read-only root, its volumes, its env.
+    checks = """\
+import json, os
+found = {"uid": os.getuid(), "gid": os.getgid(), "env": {k: os.environ.get(k) for k in
+    ("INSTANCE_IP", "POD_NAME", "ISTIO_CPU_LIMIT", "GOMEMLIMIT", "ISTIO_META_INTERCEPTION_MODE")}}
+try:
+    open("/written", "w")
+except OSError as error:
+    found["root"] = error.strerror
+found["labels"] = open("/etc/istio/pod/labels").read()
+found["token"] = os.path.getsize("/var/run/secrets/tokens/istio-token") > 0
+found["root_cert"] = open("/var/run/secrets/istio/root-cert.pem").read()
+open("/etc/istio/proxy/written", "w").close()
+print(json.dumps(found))
+"""
+    result = pod.exec("istio-proxy", ["python3", "-c", checks])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "uid": 1337,
+        "gid": 1337,
+        "env": {
+            "INSTANCE_IP": pod.ip,
+            "POD_NAME": "shop",
+            "ISTIO_CPU_LIMIT": "2",
+            "GOMEMLIMIT": str(1024**3),
+            "ISTIO_META_INTERCEPTION_MODE": "REDIRECT",
+        },
+        "root": "Read-only file system",
+        "labels": "",
+        "token": True,
+        "root_cert": root_cert,
+    }
+    check_relayed_both_ways(lab, pod, peer)
+
+
+def test_the_webhooks_patch_makes_the_pod_inject_makes_and_it_runs(
+    lab: lab_node.Node,
+    images: LabImages,
+    run_pod: Callable[..., Pod],
+    peer: Pod,
+    tmp_path: Path,
+) -> None:
+    """The webhook (``istio-iptables webhook --injector-config relay`` on 127.0.0.1, a certificate made here)
+    answers the AdmissionReview of a pod; its JSON Patch applied to that pod gives what ``inject`` writes for
+    it, and that pod runs with its traffic through the relay."""
+    pod = {"apiVersion": "v1", "kind": "Pod", **app_pod()}
+    with running(tmp_path, ["--injector-config", "relay"]) as webhook:
+        answer = webhook.review(review(pod, namespace="default"))
+    response = answer["response"]
+    assert response["allowed"] is True, response
+    assert response["patchType"] == "JSONPatch"
+    patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
+    written: dict[str, Any] = inject(pod, tmp_path, "--injector-config", "relay")
+    assert patched == written
+    assert [c["name"] for c in patched["spec"]["initContainers"]] == ["istio-init", "istio-proxy"]
+    assert patched["spec"]["initContainers"][1]["image"] == RELAY_IMAGE
+
+    running_pod = running_app(run_pod(with_programs(patched, images.init, {"shop": server_command("app")})))
+    check_relayed_both_ways(lab, running_pod, peer)
