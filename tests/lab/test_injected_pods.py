@@ -85,6 +85,20 @@ def test_a_hardened_pods_traffic_goes_through_the_relay(
     check_relayed_both_ways(lab, pod, peer)
 
 
+def runnable(document: dict[str, Any], images: LabImages) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """An injected pod as the lab runs it, and the ConfigMaps it mounts: the app container runs the app's
+    server; a proxy of Istio's template (pilot-agent's image) is the relay: its image and its command (in
+    place of pilot-agent's args), every other field as written; the CA's ConfigMap holds a certificate made
+    here."""
+    spec = with_programs(document, images.init, {"shop": server_command("app")})
+    proxy = next(c for c in spec["spec"]["initContainers"] if c["name"] == "istio-proxy")
+    if not proxy["image"].startswith(f"{ISTIO_PROXY_IMAGE}:"):
+        return spec, {}
+    assert proxy["args"][:2] == ["proxy", "sidecar"]
+    spec = with_programs(spec, RELAY_IMAGE, {"istio-proxy": RELAY_COMMAND})
+    return spec, {"istio-ca-root-cert": {"root-cert.pem": Authority().pem().decode()}}
+
+
 def test_a_pod_of_istios_template_with_the_relay_for_pilot_agent(
     lab: lab_node.Node,
     images: LabImages,
@@ -94,20 +108,17 @@ def test_a_pod_of_istios_template_with_the_relay_for_pilot_agent(
 ) -> None:
     """``inject --injector-config istio`` (Istio's sidecar template), run as written but for one substitution:
     the istio-proxy container's image (``docker.io/istio/proxyv2``, pilot-agent and Envoy, which cannot be had
-    offline) is the relay's, and its command is the relay's in place of pilot-agent's args. Every other field
-    of that container is kept: user 1337, read-only root, no capabilities, its env (field and resource refs),
-    its volume mounts (the emptyDirs, the downward API's labels and annotations, the projected token, the CA's
-    ConfigMap, the optional CRL one absent). The lab's kubelet runs no probes and no preStop hook, so the
-    template's HTTP probes of 15021 (pilot-agent's) and its ``pilot-agent request`` hook are not exercised; the
-    relay only listens on 15021, as the status port the capture exempts."""
-    document = inject(app_pod(), tmp_path, "--injector-config", "istio")
-    proxy = next(c for c in document["spec"]["initContainers"] if c["name"] == "istio-proxy")
-    assert proxy["image"].startswith(f"{ISTIO_PROXY_IMAGE}:")
-    assert proxy["args"][:2] == ["proxy", "sidecar"]
-    spec = with_programs(document, images.init, {"shop": server_command("app")})
-    spec = with_programs(spec, RELAY_IMAGE, {"istio-proxy": RELAY_COMMAND})
-    root_cert = Authority().pem().decode()
-    pod = running_app(run_pod(spec, config_maps={"istio-ca-root-cert": {"root-cert.pem": root_cert}}))
+    offline and need istiod) is the relay's, and its command is the relay's in place of pilot-agent's args.
+    Every other field of that container is kept: user 1337, read-only root, no capabilities, its env (field
+    and resource refs), its volume mounts (the emptyDirs, the downward API's labels and annotations, the
+    projected token, the CA's ConfigMap, the optional CRL one absent). The lab's kubelet runs no probes and no
+    preStop hook, so the template's HTTP probes of 15021 (pilot-agent's) and its ``pilot-agent request`` hook
+    are not exercised; the relay only listens on 15021, the status port the capture exempts."""
+    document = app_pod()
+    document["metadata"]["labels"] = {"app": "shop"}
+    spec, config_maps = runnable(inject(document, tmp_path, "--injector-config", "istio"), images)
+    assert [c["image"] for c in spec["spec"]["initContainers"]] == [images.init, RELAY_IMAGE]
+    pod = running_app(run_pod(spec, config_maps=config_maps))
 
     # The container as Istio's template has it: its user, its read-only root, its volumes, its env.
     checks = """\
@@ -119,8 +130,10 @@ try:
 except OSError as error:
     found["root"] = error.strerror
 found["labels"] = open("/etc/istio/pod/labels").read()
+found["annotations"] = open("/etc/istio/pod/annotations").read().startswith("sidecar.istio.io/status=")
 found["token"] = os.path.getsize("/var/run/secrets/tokens/istio-token") > 0
 found["root_cert"] = open("/var/run/secrets/istio/root-cert.pem").read()
+found["crl"] = os.listdir("/var/run/secrets/istio/crl")
 open("/etc/istio/proxy/written", "w").close()
 print(json.dumps(found))
 """
@@ -137,34 +150,37 @@ print(json.dumps(found))
             "ISTIO_META_INTERCEPTION_MODE": "REDIRECT",
         },
         "root": "Read-only file system",
-        "labels": "",
+        "labels": 'app="shop"',
+        "annotations": True,
         "token": True,
-        "root_cert": root_cert,
+        "root_cert": config_maps["istio-ca-root-cert"]["root-cert.pem"],
+        "crl": [],
     }
     check_relayed_both_ways(lab, pod, peer)
 
 
-def test_the_webhooks_patch_makes_the_pod_inject_makes_and_it_runs(
+@pytest.mark.parametrize("template", ["relay", "istio"])
+def test_the_webhooks_patch_makes_the_pod_inject_makes_and_it_runs(  # noqa: PLR0917 (fixtures and parameter)
     lab: lab_node.Node,
     images: LabImages,
     run_pod: Callable[..., Pod],
     peer: Pod,
     tmp_path: Path,
+    template: str,
 ) -> None:
-    """The webhook (``istio-iptables webhook --injector-config relay`` on 127.0.0.1, a certificate made here)
-    answers the AdmissionReview of a pod; its JSON Patch applied to that pod gives what ``inject`` writes for
-    it, and that pod runs with its traffic through the relay."""
+    """The webhook (``istio-iptables webhook --injector-config TEMPLATE`` on 127.0.0.1, a certificate made
+    here) answers the AdmissionReview of a pod; its JSON Patch applied to that pod gives what ``inject`` writes
+    for it, and that pod runs with its traffic through the relay (for Istio's template, the relay in place of
+    pilot-agent as above)."""
     pod = {"apiVersion": "v1", "kind": "Pod", **app_pod()}
-    with running(tmp_path, ["--injector-config", "relay"]) as webhook:
+    with running(tmp_path, ["--injector-config", template]) as webhook:
         answer = webhook.review(review(pod, namespace="default"))
     response = answer["response"]
     assert response["allowed"] is True, response
     assert response["patchType"] == "JSONPatch"
     patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
-    written: dict[str, Any] = inject(pod, tmp_path, "--injector-config", "relay")
-    assert patched == written
+    assert patched == inject(pod, tmp_path, "--injector-config", template)
     assert [c["name"] for c in patched["spec"]["initContainers"]] == ["istio-init", "istio-proxy"]
-    assert patched["spec"]["initContainers"][1]["image"] == RELAY_IMAGE
 
-    running_pod = running_app(run_pod(with_programs(patched, images.init, {"shop": server_command("app")})))
-    check_relayed_both_ways(lab, running_pod, peer)
+    spec, config_maps = runnable(patched, images)
+    check_relayed_both_ways(lab, running_app(run_pod(spec, config_maps=config_maps)), peer)
