@@ -5,6 +5,7 @@ webhook's patch applied to a pod (what the API server would store)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import json
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import pytest
 from tests.lab import node as lab_node
 from tests.lab.conftest import RELAY_IMAGE, LabImages
 from tests.lab.kubelet import Pod
+from tests.lab.test_cni_pod import installed_plugin
 from tests.lab.workloads import app_pod, check_relayed_both_ways, inject, server_command, wait_for_log, with_programs
 from tests.webhook_lab import Authority, review, running
 
@@ -39,31 +41,40 @@ def dual_stack(lab: lab_node.Node) -> Iterator[lab_node.Node]:
 
 
 def running_app(pod: Pod) -> Pod:
-    assert pod.exit_code("istio-init") == 0, pod.logs("istio-init")
+    capture = pod.spec["spec"]["initContainers"][0]["name"]
+    assert pod.exit_code(capture) == 0, pod.logs(capture)
     wait_for_log(pod, "istio-proxy", "listening")
     wait_for_log(pod, "shop", "listening")
     return pod
 
 
-def test_a_dual_stack_pods_ipv4_and_ipv6_traffic_goes_through_the_relay(
+@pytest.mark.parametrize("cni", [False, True], ids=["init-mode", "cni-mode"])
+def test_a_dual_stack_pods_ipv4_and_ipv6_traffic_goes_through_the_relay(  # noqa: PLR0917 (fixtures, parameter)
     dual_stack: lab_node.Node,
     images: LabImages,
     run_pod: Callable[..., Pod],
     peer: Pod,
     tmp_path: Path,
+    cni: bool,
 ) -> None:
-    """Istio's dual-stack switch (``ISTIO_DUAL_STACK`` in the proxy metadata, on the init container's env); the
-    capture programs ip6tables too (the pod has an IPv6 address) and puts ``::6`` on ``lo``."""
+    """Istio's dual-stack switch (``ISTIO_DUAL_STACK`` in the proxy metadata); the capture programs ip6tables
+    too (the pod has an IPv6 address) and puts ``::6`` on ``lo``: by istio-init, or by the plugin that the
+    CNI image's installer chains after the dual-stack network."""
     sets = ["--set", "meshConfig.defaultConfig.proxyMetadata.ISTIO_DUAL_STACK=true"]
+    sets += ["--set", "components.cni.enabled=true"] if cni else []
     document = inject(app_pod(), tmp_path, "--injector-config", "relay", *sets)
-    assert {"name": "ISTIO_DUAL_STACK", "value": "true"} in document["spec"]["initContainers"][0]["env"]
-    pod = running_app(run_pod(with_programs(document, images.init, {"shop": server_command("app")})))
-    assert [ipaddress.ip_address(ip).version for ip in pod.status.ips] == [4, 6]
-    assert "-A ISTIO_OUTPUT" in pod.in_netns("ip6tables-save").stdout + pod.in_netns("ip6tables-legacy-save").stdout
-    assert "inet6 ::6/128" in pod.in_netns("ip", "-6", "address", "show", "dev", "lo").stdout
+    capture = document["spec"]["initContainers"][0]
+    assert capture["name"] == ("istio-validation" if cni else "istio-init")
+    assert {"name": "ISTIO_DUAL_STACK", "value": "true"} in capture["env"]
+    with installed_plugin(dual_stack, images) if cni else contextlib.nullcontext():
+        pod = running_app(run_pod(with_programs(document, images.init, {"shop": server_command("app")})))
+        assert [ipaddress.ip_address(ip).version for ip in pod.status.ips] == [4, 6]
+        ip6tables = pod.in_netns("ip6tables-save").stdout + pod.in_netns("ip6tables-legacy-save").stdout
+        assert "-A ISTIO_OUTPUT" in ip6tables
+        assert "inet6 ::6/128" in pod.in_netns("ip", "-6", "address", "show", "dev", "lo").stdout
 
-    check_relayed_both_ways(dual_stack, pod, peer, version=4)
-    check_relayed_both_ways(dual_stack, pod, peer, version=6)
+        check_relayed_both_ways(dual_stack, pod, peer, version=4)
+        check_relayed_both_ways(dual_stack, pod, peer, version=6)
 
 
 def test_a_hardened_pods_traffic_goes_through_the_relay(
