@@ -19,7 +19,15 @@ from tests.lab import node as lab_node
 from tests.lab.conftest import RELAY_IMAGE, LabImages
 from tests.lab.kubelet import Pod
 from tests.lab.test_cni_pod import installed_plugin
-from tests.lab.workloads import app_pod, check_relayed_both_ways, inject, server_command, wait_for_log, with_programs
+from tests.lab.workloads import (
+    app_pod,
+    check_relayed_both_ways,
+    inject,
+    server_command,
+    tproxy_packets,
+    wait_for_log,
+    with_programs,
+)
 from tests.webhook_lab import Authority, review, running
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("relay_image")]
@@ -48,21 +56,28 @@ def running_app(pod: Pod) -> Pod:
     return pod
 
 
-@pytest.mark.parametrize("cni", [False, True], ids=["init-mode", "cni-mode"])
-def test_a_dual_stack_pods_ipv4_and_ipv6_traffic_goes_through_the_relay(  # noqa: PLR0917 (fixtures, parameter)
+@pytest.mark.parametrize(
+    ("cni", "mode"),
+    [(False, "REDIRECT"), (True, "REDIRECT"), (False, "TPROXY")],
+    ids=["init-mode", "cni-mode", "init-mode-tproxy"],
+)
+def test_a_dual_stack_pods_ipv4_and_ipv6_traffic_goes_through_the_relay(  # noqa: PLR0917 (fixtures, parameters)
     dual_stack: lab_node.Node,
     images: LabImages,
     run_pod: Callable[..., Pod],
     peer: Pod,
     tmp_path: Path,
     cni: bool,
+    mode: str,
 ) -> None:
     """Istio's dual-stack switch (``ISTIO_DUAL_STACK`` in the proxy metadata); the capture programs ip6tables
     too (the pod has an IPv6 address) and puts ``::6`` on ``lo``: by istio-init, or by the plugin that the
-    CNI image's installer chains after the dual-stack network."""
+    CNI image's installer chains after the dual-stack network; in TPROXY mode, IPv6 inbound through
+    ip6tables' TPROXY rule."""
     sets = ["--set", "meshConfig.defaultConfig.proxyMetadata.ISTIO_DUAL_STACK=true"]
     sets += ["--set", "components.cni.enabled=true"] if cni else []
-    document = inject(app_pod(), tmp_path, "--injector-config", "relay", *sets)
+    app = app_pod(**{"sidecar.istio.io/interceptionMode": mode})
+    document = inject(app, tmp_path, "--injector-config", "relay", *sets)
     capture = document["spec"]["initContainers"][0]
     assert capture["name"] == ("istio-validation" if cni else "istio-init")
     assert {"name": "ISTIO_DUAL_STACK", "value": "true"} in capture["env"]
@@ -75,6 +90,8 @@ def test_a_dual_stack_pods_ipv4_and_ipv6_traffic_goes_through_the_relay(  # noqa
 
         check_relayed_both_ways(dual_stack, pod, peer, version=4)
         check_relayed_both_ways(dual_stack, pod, peer, version=6)
+        if mode == "TPROXY":
+            assert tproxy_packets(pod, version=6) > 0
 
 
 def test_a_hardened_pods_traffic_goes_through_the_relay(

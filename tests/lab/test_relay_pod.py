@@ -16,7 +16,15 @@ from tests.lab import node as lab_node
 from tests.lab.conftest import RELAY_IMAGE, LabImages
 from tests.lab.kubelet import Pod
 from tests.lab.test_cni_pod import cni_node  # noqa: F401 (the fixture, for CNI mode)
-from tests.lab.workloads import app_pod, check_relayed_both_ways, inject, server_command, wait_for_log, with_programs
+from tests.lab.workloads import (
+    app_pod,
+    check_relayed_both_ways,
+    inject,
+    server_command,
+    tproxy_packets,
+    wait_for_log,
+    with_programs,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -93,14 +101,3 @@ def test_tproxy_delivers_inbound_connections_untouched_to_the_relay(  # noqa: PL
 
     check_relayed_both_ways(lab, pod, peer)
     assert tproxy_packets(pod) > 0
-
-
-def tproxy_packets(pod: Pod) -> int:
-    """The packets the pod's rule ``-j TPROXY --on-port 15006`` took (iptables-save -c of the mangle table, in
-    whichever of iptables' back ends the capture chose)."""
-    counted = []
-    for save in ("iptables-nft-save", "iptables-legacy-save"):
-        table = pod.in_netns(save, "-c", "-t", "mangle", check=False).stdout
-        counted += [line for line in table.splitlines() if "-j TPROXY" in line and "--on-port 15006" in line]
-    assert len(counted) == 1, counted
-    return int(counted[0].split("]")[0].lstrip("[").split(":")[0])

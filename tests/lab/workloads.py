@@ -174,3 +174,15 @@ def connect(pod: Pod, container: str, host: str, port: int) -> str:
     if result.exit_code != 0:
         raise PodError(f"the client in {container} exited {result.exit_code}: {result.stderr}")
     return result.stdout.strip()
+
+
+def tproxy_packets(pod: Pod, version: int = 4) -> int:
+    """The packets the pod's rule ``-j TPROXY --on-port 15006`` took (``iptables-save -c`` of the mangle table,
+    ``ip6tables-save`` for IPv6, in whichever of iptables' back ends the capture chose)."""
+    command = "iptables" if version == 4 else "ip6tables"
+    counted = []
+    for save in (f"{command}-nft-save", f"{command}-legacy-save"):
+        table = pod.in_netns(save, "-c", "-t", "mangle", check=False).stdout
+        counted += [line for line in table.splitlines() if "-j TPROXY" in line and "--on-port 15006" in line]
+    assert len(counted) == 1, counted
+    return int(counted[0].split("]")[0].lstrip("[").split(":")[0])
