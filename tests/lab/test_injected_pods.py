@@ -33,8 +33,13 @@ from tests.webhook_lab import Authority, review, running
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("relay_image")]
 
 ISTIO_PROXY_IMAGE = "docker.io/istio/proxyv2"
-RELAY_COMMAND = ["python3", "-m", "relay", "--outbound-port=15001", "--inbound-port=15006", "--health-port=15021"]
-"""The relay (its image's entrypoint) on the ports of Istio's template: its listeners and its status port."""
+NET_ADMIN = 12  # linux/capability.h
+RELAY_COMMAND = [
+    *("python3", "-m", "relay", "--outbound-port=15001", "--inbound-port=15006", "--health-port=15021"),
+    "--mode=$(ISTIO_META_INTERCEPTION_MODE)",
+]
+"""The relay (its image's entrypoint) on the ports of Istio's template (its listeners, its status port), in the
+interception mode the template tells pilot-agent in its env."""
 
 
 @pytest.fixture
@@ -127,22 +132,25 @@ def runnable(document: dict[str, Any], images: LabImages) -> tuple[dict[str, Any
     return spec, {"istio-ca-root-cert": {"root-cert.pem": Authority().pem().decode()}}
 
 
-def test_a_pod_of_istios_template_with_the_relay_for_pilot_agent(
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
+def test_a_pod_of_istios_template_with_the_relay_for_pilot_agent(  # noqa: PLR0917 (fixtures and parameter)
     lab: lab_node.Node,
     images: LabImages,
     run_pod: Callable[..., Pod],
     peer: Pod,
     tmp_path: Path,
+    mode: str,
 ) -> None:
     """``inject --injector-config istio`` (Istio's sidecar template), run as written but for one substitution:
     the istio-proxy container's image (``docker.io/istio/proxyv2``, pilot-agent and Envoy, which cannot be had
     offline and need istiod) is the relay's, and its command is the relay's in place of pilot-agent's args.
-    Every other field of that container is kept: user 1337, read-only root, no capabilities, its env (field
+    Every other field of that container is kept: user 1337 (root with NET_ADMIN in TPROXY mode, as Istio's
+    template has it), read-only root, its capabilities, its env (field
     and resource refs), its volume mounts (the emptyDirs, the downward API's labels and annotations, the
     projected token, the CA's ConfigMap, the optional CRL one absent). The lab's kubelet runs no probes and no
     preStop hook, so the template's HTTP probes of 15021 (pilot-agent's) and its ``pilot-agent request`` hook
     are not exercised; the relay only listens on 15021, the status port the capture exempts."""
-    document = app_pod()
+    document = app_pod(**{"sidecar.istio.io/interceptionMode": mode})
     document["metadata"]["labels"] = {"app": "shop"}
     spec, config_maps = runnable(inject(document, tmp_path, "--injector-config", "istio"), images)
     assert [c["image"] for c in spec["spec"]["initContainers"]] == [images.init, RELAY_IMAGE]
@@ -151,14 +159,15 @@ def test_a_pod_of_istios_template_with_the_relay_for_pilot_agent(
     # The container as Istio's template has it: its user, its read-only root, its volumes, its env.
     checks = """\
 import json, os
-found = {"uid": os.getuid(), "gid": os.getgid(), "env": {k: os.environ.get(k) for k in
+status = dict(line.split(":\\t") for line in open("/proc/self/status").read().splitlines() if ":\\t" in line)
+found = {"uid": os.getuid(), "gid": os.getgid(), "capabilities": status["CapEff"], "env": {k: os.environ.get(k) for k in
     ("INSTANCE_IP", "POD_NAME", "ISTIO_CPU_LIMIT", "GOMEMLIMIT", "ISTIO_META_INTERCEPTION_MODE")}}
 try:
     open("/written", "w")
 except OSError as error:
     found["root"] = error.strerror
 found["labels"] = open("/etc/istio/pod/labels").read()
-found["annotations"] = open("/etc/istio/pod/annotations").read().startswith("sidecar.istio.io/status=")
+found["annotations"] = [line.partition("=")[0] for line in open("/etc/istio/pod/annotations").read().splitlines()]
 found["token"] = os.path.getsize("/var/run/secrets/tokens/istio-token") > 0
 found["root_cert"] = open("/var/run/secrets/istio/root-cert.pem").read()
 found["crl"] = os.listdir("/var/run/secrets/istio/crl")
@@ -168,22 +177,24 @@ print(json.dumps(found))
     result = pod.exec("istio-proxy", ["python3", "-c", checks])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout) == {
-        "uid": 1337,
+        "uid": 0 if mode == "TPROXY" else 1337,
         "gid": 1337,
+        "capabilities": f"{1 << NET_ADMIN if mode == 'TPROXY' else 0:016x}",
         "env": {
             "INSTANCE_IP": pod.ip,
             "POD_NAME": "shop",
             "ISTIO_CPU_LIMIT": "2",
             "GOMEMLIMIT": str(1024**3),
-            "ISTIO_META_INTERCEPTION_MODE": "REDIRECT",
+            "ISTIO_META_INTERCEPTION_MODE": mode,
         },
         "root": "Read-only file system",
         "labels": 'app="shop"',
-        "annotations": True,
+        "annotations": ["sidecar.istio.io/interceptionMode", "sidecar.istio.io/status"],
         "token": True,
         "root_cert": config_maps["istio-ca-root-cert"]["root-cert.pem"],
         "crl": [],
     }
+    assert f'"tproxy":{str(mode == "TPROXY").lower()}' in pod.logs("istio-proxy")
     check_relayed_both_ways(lab, pod, peer)
 
 
