@@ -113,8 +113,11 @@ def test_a_hardened_pods_traffic_goes_through_the_relay(
     assert init["name"] == "istio-init"
     assert init["securityContext"]["runAsUser"] == 65532
     assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    assert init["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert init["volumeMounts"] == [{"name": "istio-iptables-lock", "mountPath": "/run/istio-iptables"}]
     pod = running_app(run_pod(with_programs(document, images.init, {"shop": server_command("app")})))
+    # istio-init's run lock, beside the xtables lock, is on the emptyDir: the read-only root has no room for it.
+    assert [path.name for path in Path(pod.volumes["istio-iptables-lock"]).iterdir()] == ["xtables.lock.istio-iptables"]
     check_relayed_both_ways(lab, pod, peer)
 
 
