@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from istio_iptables.kube.capture import RECORDED_PROXY_UID, InjectionError, capture_args, init_args, load_settings
 from istio_iptables.kube.inject import DEFAULT_IMAGE, Injector, append_multus_network, inject_documents, inject_pod
+from istio_iptables.kube.quantity import canonical_quantity, quantity_value
 
 # These tests are about the capture: its init container, without a proxy (--capture-only).
 CaptureOnly = functools.partial(Injector, capture_only=True)
@@ -228,6 +230,27 @@ def test_resource_annotations_in_canonical_form() -> None:
     }
     with pytest.raises(InjectionError, match=r"annotation 'sidecar\.istio\.io/proxyCPU'"):
         injected(pod({"sidecar.istio.io/proxyCPU": "lots"}))
+
+
+@pytest.mark.parametrize(
+    ("text", "amount"),
+    [
+        ("100m", Fraction(1, 10)),
+        ("2", 2),
+        ("1Gi", 1024**3),
+        ("1.5e3", 1500),
+        ("-1k", -1000),
+        ("1n", Fraction(1, 10**9)),
+    ],
+)
+def test_a_quantitys_amount(text: str, amount: Fraction) -> None:
+    assert quantity_value(text) == amount
+
+
+@given(st.integers(-(10**12), 10**12), st.sampled_from(["m", "", "k", "Ki", "Mi", "e3"]))
+def test_the_canonical_spelling_stands_for_the_same_amount(number: int, suffix: str) -> None:
+    text = f"{number}{suffix}"
+    assert quantity_value(canonical_quantity(text)) == quantity_value(text)
 
 
 def test_null_resources_in_the_values_drop_the_charts_defaults() -> None:

@@ -36,7 +36,7 @@ from istio_iptables.kube.manifests import load_injector, read_injector_config  #
 from istio_iptables.kube.template import shipped_text  # noqa: E402
 from istio_iptables.kube.webhook import NotAReviewError, answer, json_patch  # noqa: E402
 from tests.helpers import ROOT, SHARED, kubernetes_validate  # noqa: E402
-from tests.webhook_lab import Authority, Webhook, command, running, wait_for  # noqa: E402
+from tests.webhook_lab import Authority, Webhook, command, review, running, wait_for  # noqa: E402
 
 CORPUS = SHARED / "conformance" / "istio" / "inject"
 DEPLOY = ROOT / "deploy" / "webhook.yaml"
@@ -70,22 +70,6 @@ def _at(tree: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree.get(key) if isinstance(tree, Mapping) else None
     return tree
-
-
-def review(pod: Mapping[str, Any], uid: str = "5a1b", namespace: str = "apps", **request: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "operation": "CREATE",
-            "namespace": namespace,
-            "object": pod,
-            **request,
-        },
-    }
 
 
 def injector(sets: list[str]) -> Injector:

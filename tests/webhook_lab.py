@@ -168,6 +168,23 @@ class _Connection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(self.sock, server_hostname=self._server_hostname)  # type: ignore[attr-defined]
 
 
+def review(pod: Mapping[str, Any], uid: str = "5a1b", namespace: str = "apps", **request: Any) -> dict[str, Any]:
+    """The AdmissionReview the API server sends for the creation of ``pod`` in ``namespace``."""
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": namespace,
+            "object": pod,
+            **request,
+        },
+    }
+
+
 def command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "istio_iptables", *arguments]
 

@@ -14,21 +14,16 @@ _BINARY_SUFFIX = {power: suffix for suffix, power in _BINARY.items()}
 _QUANTITY = re.compile(r"([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?")
 
 
+def quantity_value(text: str) -> Fraction:
+    """The amount a quantity stands for (``100m`` → 1/10, ``1Ki`` → 1024); ValueError for text that is not one."""
+    return _parsed(text)[0]
+
+
 def canonical_quantity(text: str) -> str:
     """The canonical spelling of a quantity; ValueError for text that is not one."""
-    match = _QUANTITY.fullmatch(text.strip())
-    if match is None:
-        raise ValueError("quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'")
-    sign, number, suffix = match.group(1), Fraction(match.group(2)), match.group(3) or ""
-    if suffix in _BINARY:
-        value, style = number * 1024 ** _BINARY[suffix], "binary"
-    elif suffix[:1] in ("e", "E"):
-        value, style = number * Fraction(10) ** int(suffix[1:]), "exponent"
-    else:
-        value, style = number * Fraction(10) ** _DECIMAL[suffix], "decimal"
-    # Precision finer than a nano-unit is rounded up, as the API server does.
-    value = Fraction(math.ceil(value * 10**9), 10**9)
-    negative = sign == "-" and value != 0
+    value, style = _parsed(text)
+    negative = value < 0
+    value = abs(value)
     # A binary quantity that is not a whole number of units, or below 1024, is written in decimal.
     if style == "binary" and (value.denominator != 1 or value < 1024):
         style = "decimal"
@@ -45,3 +40,20 @@ def canonical_quantity(text: str) -> str:
         exponent = 0
     unit = (f"e{exponent}" if exponent else "") if style == "exponent" else _SUFFIX_OF_EXPONENT[exponent]
     return f"{'-' if negative else ''}{amount}{unit}"
+
+
+def _parsed(text: str) -> tuple[Fraction, str]:
+    """A quantity's amount, rounded up to a nano-unit as the API server does, and its style (binary,
+    exponent, decimal)."""
+    match = _QUANTITY.fullmatch(text.strip())
+    if match is None:
+        raise ValueError("quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'")
+    sign, number, suffix = match.group(1), Fraction(match.group(2)), match.group(3) or ""
+    if suffix in _BINARY:
+        value, style = number * 1024 ** _BINARY[suffix], "binary"
+    elif suffix[:1] in ("e", "E"):
+        value, style = number * Fraction(10) ** int(suffix[1:]), "exponent"
+    else:
+        value, style = number * Fraction(10) ** _DECIMAL[suffix], "decimal"
+    value = Fraction(math.ceil(value * 10**9), 10**9)
+    return (-value if sign == "-" else value), style

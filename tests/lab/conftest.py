@@ -4,9 +4,12 @@
   (:class:`tests.lab.node.Node`; ``lab.runtime`` is a :class:`istio_iptables.cni.cri.Runtime`);
 - ``images``: the project's images built from ``Dockerfile`` and ``Dockerfile.cni`` and loaded into ``lab``
   (:class:`LabImages`: ``images.init``, ``images.cni`` are the names pod specs use);
+- ``relay_image``: the relay's image (``Dockerfile.proxy``, the relay template's proxy) loaded into ``lab``;
 - ``kubelet``: runs pod specs on ``lab`` (:meth:`tests.lab.kubelet.Kubelet.run_pod`) and removes every pod
   it ran when the test ends, passed or failed;
-- ``run_pod``: ``kubelet.run_pod`` itself.
+- ``run_pod``: ``kubelet.run_pod`` itself;
+- ``peer``: a pod that is not injected, where an app's outbound connections go (it answers on 8080, as
+  :func:`tests.lab.workloads.check_relayed_both_ways` expects).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from tests.helpers import sigterm_interrupts
 from tests.lab import images as lab_images
 from tests.lab import node as lab_node
 from tests.lab.kubelet import Kubelet, Pod
+from tests.lab.workloads import server_command, wait_for_log
 
 INIT_IMAGE = "istio-iptables:0.1.0"
 CNI_IMAGE = "istio-iptables-cni:0.1.0"
+RELAY_IMAGE = "istio-iptables-relay:0.1.0"
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,12 @@ def images(lab: lab_node.Node) -> LabImages:
     return LabImages(init=INIT_IMAGE, cni=CNI_IMAGE)
 
 
+@pytest.fixture(scope="session")
+def relay_image(lab: lab_node.Node, images: LabImages) -> str:
+    lab.import_image(lab_images.dockerfile_image("Dockerfile.proxy", RELAY_IMAGE).archive)
+    return RELAY_IMAGE
+
+
 @pytest.fixture
 def kubelet(lab: lab_node.Node) -> Iterator[Kubelet]:
     runner = Kubelet(lab)
@@ -76,3 +87,15 @@ def run_pod(kubelet: Kubelet) -> Callable[..., Pod]:
         return kubelet.run_pod(document, **options)
 
     return run
+
+
+@pytest.fixture
+def peer(images: LabImages, run_pod: Callable[..., Pod]) -> Pod:
+    # The annotation is there because containerd passes the CNI plugin a pod's annotations only when it has some.
+    spec = {
+        "metadata": {"name": "peer", "namespace": "default", "annotations": {"sidecar.istio.io/inject": "false"}},
+        "spec": {"containers": [{"name": "peer", "image": images.init, "command": server_command("peer")}]},
+    }
+    pod = run_pod(spec)
+    wait_for_log(pod, "peer", "listening")
+    return pod

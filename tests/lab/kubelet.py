@@ -5,27 +5,33 @@ RunPodSandbox with the pod's name, namespace, uid, labels and annotations (the C
 the init containers in order, each run to completion with its exit code checked (a native sidecar, an init
 container with ``restartPolicy: Always``, is started and left running), then the containers. Each gets its
 image, command, args (``$(VAR)`` expanded), env (values and the ``fieldRef``s a kubelet resolves), emptyDir
-mounts (a directory in the node's temp dir) and its security context (the pod's merged in) as the kubelet's
+mounts (a directory in the node's temp dir; a volume without a source is one, as the API server's defaulting
+makes it), ``configMap`` (data given to ``run_pod``), ``downwardAPI`` and projected ``serviceAccountToken``
+volumes, and its security context (the pod's merged in) as the kubelet's
 ``convertToRuntimeSecurityContext`` gives it, with the kubelet's default masked and read-only paths and its
 ``runAsNonRoot`` check against the image's user.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import json
+import math
 import re
 import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from istio_iptables.cni import cri
+from istio_iptables.kube.quantity import quantity_value
 from tests.lab.node import Node
 
 # kubelet's defaults (k8s.io/kubernetes pkg/securitycontext/util.go) for a container that is not privileged.
@@ -197,7 +203,7 @@ class Kubelet:
             cgroup_parent=f"{self.node.cgroup_parent}/pod{uid}",
             host_network=bool(spec.get("hostNetwork", False)),
         )
-        volumes = self._volumes(spec, uid, config_maps or {})
+        volumes = self._volumes(pod_doc, uid, config_maps or {})
         try:
             sandbox_id = self.node.runtime.run_sandbox(config)
         except cri.CriError:
@@ -265,24 +271,43 @@ class Kubelet:
     # --- the kubelet's mapping ---------------------------------------------------------------------------
 
     def _volumes(
-        self, spec: Mapping[str, Any], uid: str, config_maps: Mapping[str, Mapping[str, str]]
+        self, pod: Mapping[str, Any], uid: str, config_maps: Mapping[str, Mapping[str, str]]
     ) -> dict[str, str]:
-        """Each volume's directory on the node: an emptyDir or a ConfigMap's files in the node's temp dir, a
-        hostPath the node maps (its CNI dirs)."""
+        """Each volume's directory on the node: an emptyDir, a ConfigMap's, the downward API's or a projected
+        token's files in the node's temp dir, a hostPath the node maps (its CNI dirs)."""
         paths = {}
+        metadata = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
         for volume in spec.get("volumes") or []:
             name = volume["name"]
             directory = self.node.paths.volumes / uid / name
-            if "emptyDir" in volume:
+            if "emptyDir" in volume or set(volume) == {"name"}:
                 directory.mkdir(parents=True)
                 directory.chmod(0o777)  # the kubelet's mode for an emptyDir
             elif "configMap" in volume:
                 source = volume["configMap"]["name"]
-                if source not in config_maps:
-                    raise PodError(f"volume {name}: ConfigMap {source} was not given to the lab's kubelet")
                 directory.mkdir(parents=True)
-                for key, value in config_maps[source].items():
-                    (directory / key).write_text(value)
+                if source in config_maps:
+                    for key, value in config_maps[source].items():
+                        (directory / key).write_text(value)
+                elif not volume["configMap"].get("optional", False):
+                    raise PodError(f"volume {name}: ConfigMap {source} was not given to the lab's kubelet")
+            elif "downwardAPI" in volume:
+                directory.mkdir(parents=True)
+                for item in volume["downwardAPI"].get("items") or []:
+                    path = (item.get("fieldRef") or {}).get("fieldPath")
+                    (directory / item["path"]).write_text(downward_file(name, path, metadata, uid))
+            elif "projected" in volume:
+                directory.mkdir(parents=True)
+                for source in volume["projected"].get("sources") or []:
+                    if set(source) != {"serviceAccountToken"}:
+                        raise PodError(
+                            f"volume {name}: the lab projects serviceAccountToken alone, not {sorted(source)}"
+                        )
+                    token = source["serviceAccountToken"]
+                    account = spec.get("serviceAccountName", "default")
+                    subject = f"system:serviceaccount:{metadata.get('namespace', 'default')}:{account}"
+                    (directory / token["path"]).write_text(lab_token(token.get("audience", ""), subject))
             elif "hostPath" in volume:
                 host_path = volume["hostPath"]["path"]
                 if host_path not in self.node.host_paths:
@@ -305,7 +330,7 @@ class Kubelet:
         pod_context = (pod.spec.get("spec") or {}).get("securityContext") or {}
         security = security_context(container.get("securityContext") or {}, pod_context)
         check_run_as_non_root(name, container.get("securityContext") or {}, pod_context, runtime.image_user(image))
-        env = {**SERVICE_ENV, **resolve_env(container.get("env") or [], pod)}
+        env = {**SERVICE_ENV, **resolve_env(container, pod)}
         mounts = []
         for mount in container.get("volumeMounts") or []:
             if mount["name"] not in volumes:
@@ -394,18 +419,22 @@ def check_run_as_non_root(
         raise PodError(f"container {name}: container has runAsNonRoot and image will run as root")
 
 
-def resolve_env(env: Iterable[Mapping[str, Any]], pod: Pod) -> dict[str, str]:
-    """Env values in order (a value may use earlier ones as ``$(NAME)``), ``fieldRef``s resolved."""
+def resolve_env(container: Mapping[str, Any], pod: Pod) -> dict[str, str]:
+    """The container's env values in order (a value may use earlier ones as ``$(NAME)``), ``fieldRef``s and
+    ``resourceFieldRef``s resolved."""
     resolved: dict[str, str] = {}
     metadata = pod.spec.get("metadata") or {}
-    for item in env:
+    for item in container.get("env") or []:
         if "value" in item:
             resolved[item["name"]] = expand(str(item["value"]), resolved)
             continue
         source = item.get("valueFrom") or {}
+        if "resourceFieldRef" in source:
+            resolved[item["name"]] = resource_value(item["name"], source["resourceFieldRef"], container)
+            continue
         path = (source.get("fieldRef") or {}).get("fieldPath")
         if path is None:
-            raise PodError(f"env {item.get('name')}: the lab resolves value and valueFrom.fieldRef only")
+            raise PodError(f"env {item.get('name')}: the lab resolves value, fieldRef and resourceFieldRef only")
         fields = {
             "metadata.name": pod.config.name,
             "metadata.namespace": pod.config.namespace,
@@ -425,6 +454,43 @@ def resolve_env(env: Iterable[Mapping[str, Any]], pod: Pod) -> dict[str, str]:
             raise PodError(f"env {item.get('name')}: fieldRef {path} is not one the lab resolves")
         resolved[item["name"]] = str(value)
     return resolved
+
+
+def resource_value(name: str, reference: Mapping[str, Any], container: Mapping[str, Any]) -> str:
+    """kubelet's ExtractContainerResourceValue for a limit or request the container sets: the amount over the
+    divisor, rounded up (without a limit a kubelet gives the node's allocatable, which the lab has none of)."""
+    part, _, kind = str(reference["resource"]).partition(".")
+    amount = ((container.get("resources") or {}).get(part) or {}).get(kind)
+    if amount is None:
+        raise PodError(f"env {name}: resourceFieldRef {reference['resource']}: the container sets none")
+    divisor = quantity_value(str(reference.get("divisor", "1")))
+    return str(math.ceil(quantity_value(str(amount)) / divisor))
+
+
+def downward_file(volume: str, path: str | None, metadata: Mapping[str, Any], uid: str) -> str:
+    """A downwardAPI volume's file as the kubelet writes it: labels and annotations as sorted ``key="value"``
+    lines (Go's %q: JSON's quoting for the text these carry)."""
+    if path in ("metadata.labels", "metadata.annotations"):
+        entries = metadata.get(path.removeprefix("metadata.")) or {}
+        return "\n".join(f"{key}={json.dumps(str(entries[key]))}" for key in sorted(entries))
+    fields = {"metadata.name": metadata.get("name", ""), "metadata.namespace": metadata.get("namespace", "default")}
+    if path == "metadata.uid":
+        return uid
+    if path not in fields:
+        raise PodError(f"volume {volume}: downwardAPI fieldRef {path} is not one the lab writes")
+    return str(fields[path])
+
+
+def lab_token(audience: str, subject: str) -> str:
+    """A projected service account token: there is no API server to issue one, so the lab writes a JWT of the
+    claims a kubelet's TokenRequest would carry, unsigned (``alg: none``); nothing in the lab verifies it."""
+
+    def part(claims: Mapping[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+
+    issued = int(time.time())
+    claims = {"aud": [audience], "sub": subject, "iat": issued, "exp": issued + 3600, "iss": "iilab"}
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
 def expand(text: str, env: Mapping[str, str]) -> str:

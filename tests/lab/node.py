@@ -205,7 +205,17 @@ class Node:
     @property
     def gateway(self) -> str:
         """The node's address on its bridge (the bridge plugin's gateway: the subnet's first address)."""
-        return str(next(ipaddress.ip_network(self.subnets[0]).hosts()))
+        return self.gateways[0]
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        """The node's address on its bridge in each of its subnets (IPv4, then IPv6 when dual-stack)."""
+        return tuple(str(next(ipaddress.ip_network(subnet).hosts())) for subnet in self.subnets)
+
+    def use_subnets(self, subnets: tuple[str, ...]) -> None:
+        """Give the pods created from now on addresses from ``subnets`` (the bridge network's ranges)."""
+        self.write_conflist(bridge_conflist(subnets))
+        self.subnets = subnets
 
     @property
     def runtime(self) -> cri.Runtime:

@@ -5,6 +5,7 @@ pod the plugin captured and 126 in one it left alone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -38,9 +39,9 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def cni_node(lab: lab_node.Node, images: LabImages) -> Iterator[lab_node.Node]:
-    """The session's node with the plugin installed by the CNI image's installer, as the DaemonSet of
+@contextlib.contextmanager
+def installed_plugin(lab: lab_node.Node, images: LabImages) -> Iterator[None]:
+    """The plugin installed on ``lab``'s network by the CNI image's installer, as the DaemonSet of
     deploy/istio-iptables-cni.yaml runs it (without --watch, so that it exits, and without
     --write-kubeconfig: there is no API server here, and containerd passes the pods' annotations). The
     node's own network is put back afterwards."""
@@ -55,12 +56,19 @@ def cni_node(lab: lab_node.Node, images: LabImages) -> Iterator[lab_node.Node]:
         pod = kubelet.run_pod(daemonset, config_maps={config_map["metadata"]["name"]: config_map["data"]})
         status = pod.wait("install-cni")
         assert status.exit_code == 0, pod.logs("install-cni")
-        yield lab
+        yield
     finally:
         kubelet.remove_all()
-        lab.write_conflist(lab_node.bridge_conflist(lab.subnets))
+        lab.use_subnets(lab.subnets)
         (lab.paths.cni_bin / PLUGIN).unlink(missing_ok=True)
         shutil.rmtree(lab.paths.cni_bin / f"{PLUGIN}.d", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cni_node(lab: lab_node.Node, images: LabImages) -> Iterator[lab_node.Node]:
+    """The session's node with the plugin installed (:func:`installed_plugin`)."""
+    with installed_plugin(lab, images):
+        yield lab
 
 
 def injected_for_cni(images: LabImages, tmp_path: Path) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def node(lab: lab_node.Node, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield lab, record
     finally:
         lab_node.remove_sandboxes(lab.runtime)
-        lab.write_conflist(lab_node.bridge_conflist(lab.subnets))
+        lab.use_subnets(lab.subnets)
         recorder.unlink(missing_ok=True)
 
 

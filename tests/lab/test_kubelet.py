@@ -18,8 +18,10 @@ from tests.lab.kubelet import (
     Pod,
     PodError,
     check_run_as_non_root,
+    downward_file,
     expand,
     pod_document,
+    resource_value,
     security_context,
 )
 
@@ -60,6 +62,26 @@ def test_run_as_non_root_is_checked_against_the_image_user_as_the_kubelet_does()
 def test_variable_references_expand_as_the_kubelets_do() -> None:
     env = {"A": "1", "B": "two"}
     assert expand("$(A)-$(B)-$(C)-$$(A)", env) == "1-two-$(C)-$(A)"
+
+
+def test_resource_refs_are_the_containers_amount_over_the_divisor_rounded_up() -> None:
+    container = {"resources": {"limits": {"cpu": "1500m", "memory": "1Gi"}, "requests": {"cpu": "100m"}}}
+    assert resource_value("X", {"resource": "limits.cpu", "divisor": "1"}, container) == "2"
+    assert resource_value("X", {"resource": "requests.cpu", "divisor": "1m"}, container) == "100"
+    assert resource_value("X", {"resource": "limits.memory"}, container) == str(1024**3)
+    assert resource_value("X", {"resource": "limits.memory", "divisor": "1Mi"}, container) == "1024"
+    with pytest.raises(PodError, match=r"env X: resourceFieldRef requests\.memory: the container sets none"):
+        resource_value("X", {"resource": "requests.memory"}, container)
+
+
+def test_downward_api_files_are_the_kubelets() -> None:
+    metadata = {"name": "shop", "labels": {"b": "2", "a": 'say "hi"'}}
+    assert downward_file("v", "metadata.labels", metadata, "u1") == 'a="say \\"hi\\""\nb="2"'
+    assert downward_file("v", "metadata.annotations", metadata, "u1") == ""
+    assert downward_file("v", "metadata.name", metadata, "u1") == "shop"
+    assert downward_file("v", "metadata.uid", metadata, "u1") == "u1"
+    with pytest.raises(PodError, match=r"volume v: downwardAPI fieldRef spec\.nodeName"):
+        downward_file("v", "spec.nodeName", metadata, "u1")
 
 
 def test_a_workloads_pod_template_becomes_the_pod() -> None:
