@@ -20,23 +20,21 @@ from tests.helpers import run_cli
 from tests.lab import node as lab_node
 from tests.lab.conftest import LabImages
 from tests.lab.kubelet import Kubelet, Pod, PodError
-from tests.lab.workloads import connect, idle_command, proxy_command, wait_for_log, with_programs
+from tests.lab.workloads import (
+    APP_WITH_PROXY,
+    REMOTE,
+    connect,
+    idle_command,
+    proxy_command,
+    wait_for_log,
+    with_programs,
+)
 
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "deploy" / "istio-iptables-cni.yaml"
 PLUGIN = "istio-iptables-cni"
-REMOTE = "198.18.97.10"
-APP = """\
-apiVersion: v1
-kind: Pod
-metadata: {name: shop, namespace: default}
-spec:
-  containers:
-  - {name: shop, image: shop:1, securityContext: {runAsUser: 1000}}
-  - {name: istio-proxy, image: auto, securityContext: {runAsUser: 1337, runAsGroup: 1337}}
-"""
 
 
 @contextlib.contextmanager
@@ -73,7 +71,7 @@ def cni_node(lab: lab_node.Node, images: LabImages) -> Iterator[lab_node.Node]:
 
 def injected_for_cni(images: LabImages, tmp_path: Path) -> dict[str, Any]:
     source = tmp_path / "shop.yaml"
-    source.write_text(APP)
+    source.write_text(APP_WITH_PROXY)
     result = run_cli(["inject", "-f", str(source), "--set", "components.cni.enabled=true"])
     assert result.code == 0, result.stderr
     document: dict[str, Any] = yaml.safe_load(result.stdout)

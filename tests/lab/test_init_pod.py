@@ -16,15 +16,13 @@ import yaml
 from tests.lab import node as lab_node
 from tests.lab.conftest import LabImages
 from tests.lab.kubelet import Pod
-from tests.lab.workloads import CLIENT, connect, idle_command, proxy_command, wait_for_log, with_programs
+from tests.lab.workloads import CLIENT, REMOTE, connect, idle_command, proxy_command, wait_for_log, with_programs
 
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 POD = ROOT / "deploy" / "istio-init-pod.yaml"
 ISTIO_IPTABLES = Path(sys.prefix, "bin", "istio-iptables")
-REMOTE = "198.18.97.10"
-"""A test address that nothing routes: only the capture can answer a connection to it."""
 
 
 def status(pod: Pod, args: list[str]) -> subprocess.CompletedProcess[str]:

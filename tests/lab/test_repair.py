@@ -21,30 +21,28 @@ from tests.helpers import run_cli
 from tests.lab import node as lab_node
 from tests.lab.conftest import LabImages
 from tests.lab.kubelet import Kubelet, Pod
-from tests.lab.workloads import CLIENT, connect, idle_command, proxy_command, wait_for_log, with_programs
+from tests.lab.workloads import (
+    APP_WITH_PROXY,
+    CLIENT,
+    REMOTE,
+    connect,
+    idle_command,
+    proxy_command,
+    wait_for_log,
+    with_programs,
+)
 
 pytestmark = pytest.mark.kernel
 
 ISTIO_IPTABLES = Path(sys.prefix, "bin", "istio-iptables")
 REPAIR_MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "istio-iptables-cni-repair.yaml"
-REMOTE = "198.18.97.10"
-"""A test address that nothing routes: only the capture can answer a connection to it."""
-APP = """\
-apiVersion: v1
-kind: Pod
-metadata: {name: shop, namespace: default}
-spec:
-  containers:
-  - {name: shop, image: shop:1, securityContext: {runAsUser: 1000}}
-  - {name: istio-proxy, image: auto, securityContext: {runAsUser: 1337, runAsGroup: 1337}}
-"""
 FOREIGN_RULE = ["-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP"]
 """A rule of someone else's, which a pod that is not ours must keep."""
 
 
 def injected_for_cni(images: LabImages, tmp_path: Path, name: str) -> dict[str, Any]:
     source = tmp_path / f"{name}.yaml"
-    source.write_text(APP.replace("name: shop, namespace", f"name: {name}, namespace"))
+    source.write_text(APP_WITH_PROXY.replace("name: shop, namespace", f"name: {name}, namespace"))
     result = run_cli(["inject", "-f", str(source), "--set", "components.cni.enabled=true"])
     assert result.code == 0, result.stderr
     document: dict[str, Any] = yaml.safe_load(result.stdout)
@@ -54,7 +52,9 @@ def injected_for_cni(images: LabImages, tmp_path: Path, name: str) -> dict[str, 
 
 
 def plain_pod(images: LabImages, name: str) -> dict[str, Any]:
-    document: dict[str, Any] = yaml.safe_load(APP.replace("name: shop, namespace", f"name: {name}, namespace"))
+    document: dict[str, Any] = yaml.safe_load(
+        APP_WITH_PROXY.replace("name: shop, namespace", f"name: {name}, namespace")
+    )
     return with_programs(document, images.init, {"shop": idle_command(), "istio-proxy": idle_command()})
 
 

@@ -70,6 +70,18 @@ spec:
     securityContext: {runAsUser: 1000, runAsGroup: 1000}
     ports: [{containerPort: 8080}]
 """
+# An app pod that brings its own proxy container (the stand-in's image and program: :func:`with_programs`).
+APP_WITH_PROXY = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: shop, namespace: default}
+spec:
+  containers:
+  - {name: shop, image: shop:1, securityContext: {runAsUser: 1000}}
+  - {name: istio-proxy, image: auto, securityContext: {runAsUser: 1337, runAsGroup: 1337}}
+"""
+REMOTE = "198.18.97.10"
+"""A test address that nothing routes: only the capture can answer a connection to it."""
 INBOUND_SOURCE = {4: "127.0.0.6", 6: "::6"}
 """Where the proxy's inbound connections to the app come from: the source Istio's rules leave uncaptured."""
 
