@@ -554,6 +554,30 @@ def _node_paths(node_root: str, conf_dir: str, bin_dir: str) -> tuple[Path, str,
     return root, conf_dir or found.conf_dir, bin_dir or found.bin_dir
 
 
+@cni_app.command("agent")
+def cni_agent_command(
+    *,
+    socket_path: str = typer.Option(
+        "/var/run/istio-iptables-cni/agent.sock",
+        "--socket",
+        metavar="PATH",
+        help="Where to listen (its directory is made mode 0700 if missing; a stale socket is replaced).",
+    ),
+    request_timeout: str = typer.Option(
+        "20", "--request-timeout", metavar="SECONDS", help="How long one request may run before it is stopped."
+    ),
+) -> None:
+    """Serve the plugin's requests from a warm process: the thin plugin on the node hands each ADD, DEL and
+    CHECK to this agent, and runs the self-contained plugin itself when the agent does not answer
+    (docs/cni.md, "The node agent")."""
+    from istio_iptables.cni import agent  # noqa: PLC0415
+
+    if not socket_path.startswith("/"):
+        raise ConfigError(f"invalid value for --socket: '{socket_path}': must be an absolute path")
+    timeout = _checked("--request-timeout", request_timeout, _positive_seconds)
+    agent.run(agent.AgentOptions(Path(socket_path), request_timeout=timeout))
+
+
 @cni_app.command("repair")
 def cni_repair_command(
     *,
