@@ -488,6 +488,13 @@ def cni_install_command(
     service_account_dir: str = typer.Option(
         "/var/run/secrets/kubernetes.io/serviceaccount", "--service-account-dir", metavar="DIR", help="Its token."
     ),
+    agent_socket: str = typer.Option(
+        "",
+        "--agent-socket",
+        metavar="PATH",
+        help="The node agent's socket (cni agent --socket), as the node sees it: the plugin hands its requests "
+        "to the agent there [default: no agent; the plugin runs them itself].",
+    ),
 ) -> None:
     """Copy the plugin into the bin dir and append its entry to the first configuration file of the conf dir."""
     import os  # noqa: PLC0415
@@ -495,6 +502,10 @@ def cni_install_command(
     from istio_iptables.cni import install  # noqa: PLC0415
 
     settings = _plugin_settings(plugin_config)
+    if agent_socket and not agent_socket.startswith("/"):
+        raise ConfigError(
+            f"invalid value for --agent-socket: '{agent_socket}': must be an absolute path (as the node sees it)"
+        )
     root, node_conf_dir, node_bin_dir = _node_paths(node_root, conf_dir, bin_dir)
     here = (root / node_conf_dir.lstrip("/"), root / node_bin_dir.lstrip("/"))
     account = None
@@ -506,10 +517,10 @@ def cni_install_command(
         account = install.ServiceAccount(Path(service_account_dir), server, node_conf_dir)
     node = (*here, Path(plugin), settings, account)
     if not watch:
-        install.install(*node, root=root)
+        install.install(*node, root=root, agent_socket=agent_socket)
         return
     period = _checked("--interval", interval, _positive_seconds)
-    install.watch(*node, interval=period, stop=install.stop_on_signals(), root=root)
+    install.watch(*node, interval=period, stop=install.stop_on_signals(), root=root, agent_socket=agent_socket)
 
 
 @cni_app.command("uninstall")
