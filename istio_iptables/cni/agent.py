@@ -67,6 +67,7 @@ WARM_MODULES = (
     "istio_iptables.kube.settings",
     "istio_iptables.host.hostfacts",
     "istio_iptables.host.interrupts",
+    "istio_iptables.logformat",
     "istio_iptables.host.locks",
     "istio_iptables.host.netlink",
     "istio_iptables.host.netns",
