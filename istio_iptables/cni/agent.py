@@ -136,17 +136,17 @@ class Listening:
 
 
 def listen(path: Path) -> Listening:
-    """A listening socket at ``path``, mode 0600, in a directory only its owner can enter; a stale socket of an
+    """A listening socket at ``path``, mode 0600, in a directory only its owner can write; a stale socket of an
     agent that is gone is replaced, a live agent's is refused. Bound under a temporary name and renamed into
     place, so the path never names a socket that is not listening."""
     directory = path.parent
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
     status = directory.stat()
-    if status.st_uid != os.geteuid() or status.st_mode & 0o077:
+    if status.st_uid != os.geteuid() or status.st_mode & 0o022:
         raise ConfigError(
             f"invalid value for --socket: '{path}': its directory {directory} must belong to this user and be "
-            f"closed to others (mode 0700); it is uid {status.st_uid}'s, mode {stat.S_IMODE(status.st_mode):04o}"
+            f"writable by it alone; it is uid {status.st_uid}'s, mode {stat.S_IMODE(status.st_mode):04o}"
         )
     _refuse_live_agent(path)
     temporary = directory / f".{path.name}.{os.getpid()}"
@@ -317,6 +317,14 @@ class Server:
         if isinstance(request, str):
             self._refuse(connection, request)
         elif request is not None:
+            hidden = hidden_namespace(request[0])
+            if hidden:
+                # Not the plugin's to fail: the client runs the bundle, which sees the node's file system.
+                log.info(
+                    f"istio-iptables-cni agent: network namespace {hidden} is not visible here: left to the client"
+                )
+                self._close(connection)
+                return
             self.selector.unregister(connection.sock)
             self._start(connection, *request)
 
@@ -477,6 +485,17 @@ def parse_request(received: bytes | bytearray) -> tuple[bytes, bytes] | str | No
         if not equals or not key.startswith(b"CNI_"):
             return "an environment entry that is not CNI_*=VALUE"
     return environment, bytes(received[REQUEST.size + env_len : end])
+
+
+def hidden_namespace(environment: bytes) -> str:
+    """The request's ``CNI_NETNS`` when it names a path this agent cannot see (a runtime that passes
+    ``/proc/PID/ns/net`` to an agent without the host's PIDs, a mount missing): the agent would fail a
+    request the plugin on the node serves. Empty when there is none, or it is visible."""
+    for entry in environment.split(b"\0"):
+        if entry.startswith(b"CNI_NETNS="):
+            path = os.fsdecode(entry.removeprefix(b"CNI_NETNS="))
+            return path if path and not os.path.exists(path) else ""
+    return ""
 
 
 def reply_bytes(code: int, stdout: bytes, stderr: bytes) -> bytes:

@@ -122,6 +122,19 @@ def test_a_hostile_request_is_refused_and_the_next_is_served(running: Running, h
     assert running.process.poll() is None
 
 
+def test_a_request_for_a_network_namespace_the_agent_cannot_see_is_left_to_the_client(
+    running: Running, tmp_path: Path
+) -> None:
+    """The bundle, on the node, may see it (a /proc/PID path, a mount the agent's container lacks): the
+    agent closes without an answer rather than fail the pod; one it sees is served."""
+    stdin = b'{"cniVersion": "1.0.0", "name": "k8s", "type": "istio-iptables-cni"}'
+    hidden = request({"CNI_COMMAND": "ADD", "CNI_NETNS": str(tmp_path / "gone"), "CNI_CONTAINERID": "c"}, stdin)
+    assert exchange(running.path, hidden) == b""
+    seen = request({"CNI_COMMAND": "ADD", "CNI_NETNS": str(tmp_path), "CNI_CONTAINERID": "c"}, stdin)
+    code, stdout, _ = answer(exchange(running.path, seen))
+    assert (code, json.loads(stdout)["code"]) == (1, 4)  # the plugin's own answer: no CNI_IFNAME
+
+
 def test_an_idle_connection_holds_no_one_up_and_is_closed_after_the_read_timeout(running: Running) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
         idle.connect(str(running.path))
@@ -156,13 +169,13 @@ def test_a_stale_socket_is_replaced_and_a_live_agents_is_refused(tmp_path: Path,
 
 def test_a_directory_open_to_others_or_a_file_in_the_way_is_refused_in_one_line(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
-    shared.mkdir(mode=0o755)
-    shared.chmod(0o755)
+    shared.mkdir()
+    shared.chmod(0o775)  # another user of the group could put a socket of its own in place
     plain = tmp_path / "private"
     plain.mkdir(mode=0o700)
     (plain / "agent.sock").write_text("not a socket")
     for path, message in (
-        (shared / "agent.sock", "must belong to this user and be closed to others (mode 0700)"),
+        (shared / "agent.sock", "must belong to this user and be writable by it alone; it is uid"),
         (plain / "agent.sock", "exists and is not a socket (left alone)"),
     ):
         refused = subprocess.run(

@@ -41,12 +41,10 @@ class NodeAgent:
     """``istio-iptables cni agent`` in containerd's network and mount namespaces."""
 
     def __init__(self, lab: lab_node.Node, socket_path: Path, log: Path) -> None:
-        assert lab.process is not None
         self.socket_path = socket_path
-        namespaces = [f"--net=/run/netns/{lab.netns}", f"--mount=/proc/{lab.process.pid}/ns/mnt"]
         with log.open("wb") as output:
             self.process = subprocess.Popen(
-                ["nsenter", *namespaces, "--", CLI, "cni", "agent", "--socket", str(socket_path)],
+                [*lab.joined(), CLI, "cni", "agent", "--socket", str(socket_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
