@@ -56,6 +56,9 @@ READ_TIMEOUT = 5.0
 """Seconds for a request to arrive whole, and for a reply to be taken, from the connection's start."""
 MAX_CONNECTIONS = 64
 """Connections served at once; past that, new ones wait in the listening socket's backlog."""
+SPARE_DELAY = 0.25
+"""Seconds of quiet before the next spare worker is forked: the fork takes milliseconds of CPU, which the
+runtime, finishing the pod just answered, should not have to share."""
 KILL_GRACE = 2.0
 """Seconds between SIGTERM (the plugin rolls an apply back) and SIGKILL for a child past its time."""
 WARM_MODULES = (
@@ -84,6 +87,7 @@ WARM_MODULES = (
     "istio_iptables.state.nft",
     "pyroute2",
     "pyroute2.netlink.exceptions",
+    "encodings.ascii",
     "difflib",
     "traceback",
 )
@@ -204,7 +208,8 @@ class Connection:
 
 class Worker:
     """A forked child, waiting for one request (the spare) or running it. Forking a process of this size
-    takes milliseconds; the spare is forked after a reply has gone, so no request waits for a fork."""
+    takes milliseconds: the spare is forked once the agent has been quiet for SPARE_DELAY, so a request waits
+    for a fork only when requests come in a burst."""
 
     def __init__(self, pid: int, channel: socket.socket) -> None:
         self.pid = pid
@@ -226,6 +231,8 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.connections: set[Connection] = set()
         self.spare: Worker | None = None
+        self.spare_due = 0.0
+        """When to fork the next spare (SPARE_DELAY after the last connection ended)."""
         self.exiting: set[int] = set()
         """Children that answered (or were stopped) and are not reaped yet."""
         self.stopping = False
@@ -261,6 +268,8 @@ class Server:
         now = time.monotonic()
         waits = [connection.deadline for connection in self.connections if connection.worker is None]
         waits += [worker.kill_at or worker.deadline for worker in self._running()]
+        if self.spare is None and not self.connections:
+            waits.append(self.spare_due)
         timeout = max(0.0, min([*waits, now + 1.0]) - now)
         for key, _ in self.selector.select(timeout):
             if key.data == "wakeup":
@@ -282,8 +291,8 @@ class Server:
             log.info("istio-iptables-cni agent: stopping: no new requests, finishing those under way")
         self._enforce_deadlines(time.monotonic())
         self._reap(block=False)
-        if self.spare is None and not self.stopping and not self.connections:
-            self.spare = self._fork_worker()  # while nothing waits: a fork takes milliseconds
+        if self.spare is None and not self.stopping and not self.connections and time.monotonic() >= self.spare_due:
+            self.spare = self._fork_worker()
 
     def _running(self) -> list[Worker]:
         return [connection.worker for connection in self.connections if connection.worker is not None]
@@ -457,6 +466,7 @@ class Server:
             self.selector.unregister(connection.sock)
         connection.sock.close()
         self.connections.discard(connection)
+        self.spare_due = time.monotonic() + SPARE_DELAY
         if not self.accepting and not self.stopping:
             self.selector.register(self.listener, selectors.EVENT_READ, "listener")
             self.accepting = True

@@ -242,7 +242,8 @@ for netns, config in zip({[pod.netns_path for pod in pods]!r}, [{{"iptables": "n
         plugin.handle(protocol.read_request(env, json.dumps(stdin).encode()))
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
-    imported = cni_lab.sh(runtime.node, [sys.executable, "-c", script])
+    # A UTF-8 locale, as the agent's container has: the lab's C locale would load the ascii codec up front.
+    imported = cni_lab.sh(runtime.node, ["env", "LC_ALL=C.UTF-8", sys.executable, "-c", script])
     assert json.loads(imported.splitlines()[-1]) == []
 
 
