@@ -118,6 +118,9 @@ def run(options: AgentOptions) -> None:
 def warm_up() -> None:
     for name in WARM_MODULES:
         importlib.import_module(name)
+    from istio_iptables.kube.settings import known_keys  # noqa: PLC0415 (imported above)
+
+    known_keys()  # read once here, not by every worker whose plugin settings hold values or a mesh config
     gc.collect()
     gc.freeze()  # what is here now is never collected: children share its pages instead of touching them
 
