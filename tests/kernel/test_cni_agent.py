@@ -130,6 +130,19 @@ def test_the_agents_answers_are_the_bundles_byte_for_byte(
     assert stderr.startswith("istio-iptables-cni: ") and "10.0.0.0/33" in stderr
 
 
+def test_a_request_over_the_agents_bound_goes_to_the_bundle_and_the_agent_serves_on(
+    served: tuple[Runtime, Agent],
+) -> None:
+    """Over 4 MB of input the client does not send it (the agent would refuse it): it runs the bundle, here
+    the stand-in, with the whole input."""
+    runtime, agent = served
+    pod = runtime.new_pod(INJECTED)
+    big = runtime.invoke({"type": cnilab.PLUGIN_NAME, "padding": "x" * (5 * 1024 * 1024)}, "VERSION", pod, None)
+    assert (big.returncode, big.stderr) == (97, "the bundle ran: the agent did not answer\n")
+    assert runtime.invoke({"type": cnilab.PLUGIN_NAME}, "VERSION", pod, None).returncode == 0
+    assert agent.actor.popen.poll() is None
+
+
 @pytest.mark.parametrize("agent_file", ["none", "no-socket", "not-a-socket", "empty"])
 def test_without_a_usable_agent_the_client_runs_the_bundle(
     cni_lab: CniLab,
