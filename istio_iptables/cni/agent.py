@@ -147,9 +147,12 @@ def listen(path: Path) -> Listening:
     agent that is gone is replaced, a live agent's is refused. Bound under a temporary name and renamed into
     place, so the path never names a socket that is not listening."""
     directory = path.parent
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700)
-    status = directory.stat()
+    try:
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        status = directory.stat()
+    except OSError as error:
+        raise ConfigError(f"invalid value for --socket: '{path}': {directory}: {error.strerror}") from None
     if status.st_uid != os.geteuid() or status.st_mode & 0o022:
         raise ConfigError(
             f"invalid value for --socket: '{path}': its directory {directory} must belong to this user and be "

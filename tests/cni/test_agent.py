@@ -177,6 +177,7 @@ def test_a_directory_open_to_others_or_a_file_in_the_way_is_refused_in_one_line(
     for path, message in (
         (shared / "agent.sock", "must belong to this user and be writable by it alone; it is uid"),
         (plain / "agent.sock", "exists and is not a socket (left alone)"),
+        (tmp_path / "missing" / "dir" / "agent.sock", f"{tmp_path / 'missing' / 'dir'}: No such file or directory"),
     ):
         refused = subprocess.run(
             [CLI, "cni", "agent", "--socket", str(path)], check=False, capture_output=True, timeout=60
