@@ -757,10 +757,12 @@ CNI_RUNTIME_TITLE = "CNI mode through containerd: RunPodSandbox with the plugin 
 
 def cni_runtime(runs: int) -> list[Row]:
     """A pod's start as a kubelet asks for it: RunPodSandbox on containerd's CRI (the kubelet lab's node, its
-    chain loopback, bridge, host-local), on a node whose conflist ends with the plugin (the self-contained
-    build, the entry ``cni install`` writes) and on one without it; a pod left alone and a captured pod; a
-    fresh sandbox each run, the variants interleaved. Then the plugin's own process on a pod left alone
-    (CPU), against the same bundle built to do nothing: what its bootstrap costs before a line of ours."""
+    chain loopback, bridge, host-local), on a node whose conflist ends with the plugin and on one without it;
+    the plugin as the thin client running the self-contained bundle (no agent), and as the thin client
+    handing requests to the node agent (``cni agent`` in the node's namespaces, as the DaemonSet runs it); a
+    pod left alone and a captured pod; a fresh sandbox each run, the variants interleaved. Then the plugin's
+    own process on a pod left alone (CPU), against the same bundle built to do nothing: what its bootstrap
+    costs before a line of ours."""
     sys.path.insert(0, str(ROOT))
     from istio_iptables.cni import cri, install  # noqa: PLC0415
     from tests.kernel import cnilab  # noqa: PLC0415
@@ -780,40 +782,60 @@ def cni_runtime(runs: int) -> list[Row]:
     )  # fmt: skip
     pause = lab_images.pause_image().archive
     cases = [
-        ("bridge + host-local + loopback, without the plugin", False, None),
-        ("with the plugin, pod left alone", True, {}),
-        ("with the plugin, captured pod (rules applied)", True, cnilab.INJECTED),
+        ("bridge + host-local + loopback, without the plugin", "plain", None),
+        ("with the plugin (bundle, no agent), pod left alone", "bundle", {}),
+        ("with the plugin (bundle, no agent), captured pod (rules applied)", "bundle", cnilab.INJECTED),
+        ("with the plugin (client + node agent), pod left alone", "agent", {}),
+        ("with the plugin (client + node agent), captured pod (rules applied)", "agent", cnilab.INJECTED),
     ]
     times: dict[str, list[float]] = {label: [] for label, *_ in cases}
-    with lab_node.Node() as plain, lab_node.Node() as chained:
-        for node in (plain, chained):
+    with lab_node.Node() as plain, lab_node.Node() as bundled, lab_node.Node() as served:
+        nodes = {"plain": plain, "bundle": bundled, "agent": served}
+        for node in nodes.values():
             node.import_image(pause)
-        (chained.paths.cni_bin / cnilab.PLUGIN_NAME).symlink_to(build / cnilab.PLUGIN_NAME)
-        conflist = lab_node.bridge_conflist(chained.subnets)
-        plugins = conflist["plugins"]
-        assert isinstance(plugins, list)
-        plugins.append(install.plugin_entry({"iptables": "nft"}))
-        chained.write_conflist(conflist)
-        time.sleep(2)  # containerd reloads its conf dir a moment after a change
-        for run in range(runs + 1):
-            for label, with_plugin, annotations in cases:
-                node = chained if with_plugin else plain
-                config = cri.SandboxConfig(
-                    name=f"bench-{run}", namespace="default", uid=f"bench-{run}-{len(times[label])}",
-                    annotations=annotations or {}, cgroup_parent=f"{node.cgroup_parent}/bench{run}",
-                    dns_servers=("198.18.96.10",),
-                )  # fmt: skip
-                started = time.perf_counter()
-                sandbox = node.runtime.run_sandbox(config)
-                if run:  # the first run of each is containerd's warm-up
-                    times[label].append(time.perf_counter() - started)
-                node.runtime.stop_sandbox(sandbox)
-                node.runtime.remove_sandbox(sandbox)
+        socket_path = served.paths.top / "agent" / "agent.sock"
+        for node, agent_socket in ((bundled, ""), (served, str(socket_path))):
+            # As `cni install` puts it there; the node's root is this machine's (the glibc check).
+            install.install(node.paths.cni_conf, node.paths.cni_bin, build / cnilab.PLUGIN_NAME, {"iptables": "nft"},
+                            agent_socket=agent_socket)  # fmt: skip
+        agent = subprocess.Popen(
+            [*served.joined(), CLI, "cni", "agent", "--socket", str(socket_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not socket_path.exists():
+                if agent.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("bench: the CNI node agent did not start")
+                time.sleep(0.05)
+            time.sleep(2)  # containerd reloads its conf dir a moment after a change
+            for run in range(runs + 1):
+                for label, kind, annotations in cases:
+                    node = nodes[kind]
+                    config = cri.SandboxConfig(
+                        name=f"bench-{run}", namespace="default", uid=f"bench-{run}-{len(times[label])}",
+                        annotations=annotations or {}, cgroup_parent=f"{node.cgroup_parent}/bench{run}",
+                        dns_servers=("198.18.96.10",),
+                    )  # fmt: skip
+                    started = time.perf_counter()
+                    sandbox = node.runtime.run_sandbox(config)
+                    if run:  # the first run of each is containerd's warm-up
+                        times[label].append(time.perf_counter() - started)
+                    node.runtime.stop_sandbox(sandbox)
+                    node.runtime.remove_sandbox(sandbox)
+        finally:
+            agent.terminate()
+            agent.wait(timeout=30)
+    load = os.getloadavg()[0]
     baseline = statistics.median(times[cases[0][0]])
     rows = []
     for label, *_ in cases:
         seconds = statistics.median(times[label])
-        note = "" if label == cases[0][0] else f"adds {(seconds - baseline) * 1000:.0f} ms"
+        note = (
+            f"load average {load:.1f} after the runs"
+            if label == cases[0][0]
+            else f"adds {(seconds - baseline) * 1000:.0f} ms"
+        )
         rows.append(Row(label, seconds, baseline=None if label == cases[0][0] else baseline, note=note))
     request = {
         "cniVersion": "1.0.0", "name": "k8s", "type": cnilab.PLUGIN_NAME,
@@ -821,9 +843,10 @@ def cni_runtime(runs: int) -> list[Row]:
     }  # fmt: skip
     environment = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "bench", "CNI_NETNS": "/nonexistent", "CNI_IFNAME": "eth0",
                    "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench", "PATH": os.environ["PATH"]}  # fmt: skip
+    bundle = f"{cnilab.PLUGIN_NAME}.d/{cnilab.PLUGIN_NAME}"
     processes = [
-        ("the plugin's process alone, pod left alone", build / cnilab.PLUGIN_NAME),
-        ("the same bundle doing nothing (its bootstrap: the floor)", idle / cnilab.PLUGIN_NAME / cnilab.PLUGIN_NAME),
+        ("the plugin's process alone (bundle), pod left alone", build / bundle),
+        ("the same bundle doing nothing (its bootstrap: the floor)", idle / cnilab.PLUGIN_NAME / bundle),
     ]
     cpu: dict[str, list[float]] = {label: [] for label, _ in processes}
     for _ in range(runs * 2):

@@ -282,6 +282,28 @@ def test_watch_reinstalls_after_a_rewrite_and_stops_on_sigterm_leaving_the_plugi
     assert (bin_dir / "istio-iptables-cni").exists()
 
 
+def test_the_agent_file_names_the_socket_while_an_agent_runs_and_goes_with_it(node: tuple[Path, Path, Path]) -> None:
+    """The client reads the agent's socket from a file beside it: written when the installer is told an
+    agent runs, rewritten when the socket moves, removed by an install without one and by uninstall."""
+    conf_dir, bin_dir, plugin = node
+    (conf_dir / "10-bridge.conf").write_bytes(BRIDGE_CONF)
+    agent_file = bin_dir / install.AGENT_FILE
+    arguments = ["cni", "install", "--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir)]
+    arguments += ["--plugin", str(plugin)]
+
+    first = run_cli([*arguments, "--agent-socket", "/var/run/istio-iptables-cni/agent.sock"])
+    assert first.code == 0, first
+    assert agent_file.read_text() == "/var/run/istio-iptables-cni/agent.sock\n"
+    assert install.install(conf_dir, bin_dir, plugin, {}, agent_socket="/var/run/istio-iptables-cni/agent.sock") == []
+    install.install(conf_dir, bin_dir, plugin, {}, agent_socket="/run/other/agent.sock")
+    assert agent_file.read_text() == "/run/other/agent.sock\n"
+    assert install.install(conf_dir, bin_dir, plugin, {}) == [f"removed {agent_file}"]
+    assert not agent_file.exists()
+    install.install(conf_dir, bin_dir, plugin, {}, agent_socket="/run/other/agent.sock")
+    install.uninstall(conf_dir, bin_dir)
+    assert sorted(path.name for path in bin_dir.iterdir()) == []
+
+
 def _wait_for(condition: object, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds
     while not condition():  # type: ignore[operator]
@@ -302,6 +324,7 @@ def test_settings_cannot_take_over_the_type_or_capabilities() -> None:
         (["--cni-conf-dir", "{conf}", "--cni-bin-dir", "{bin}", "--plugin", "/nonexistent/p"], "--plugin:"),
         (["--cni-conf-dir", "{conf}", "--cni-bin-dir", "{bin}", "--plugin-config", "{bad}"], "--plugin-config:"),
         (["--cni-conf-dir", "{conf}", "--cni-bin-dir", "{bin}", "--watch", "--interval", "0"], "--interval: '0'"),
+        (["--cni-conf-dir", "{conf}", "--cni-bin-dir", "{bin}", "--agent-socket", "agent.sock"], "--agent-socket: "),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(

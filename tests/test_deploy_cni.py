@@ -36,8 +36,9 @@ def _documents() -> dict[str, dict[str, Any]]:
     return {document["kind"]: document for document in yaml.safe_load_all(MANIFEST.read_text())}
 
 
-def _container() -> dict[str, Any]:
-    [container] = _documents()["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+def _container(name: str = "install-cni") -> dict[str, Any]:
+    containers = _documents()["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    [container] = [container for container in containers if container["name"] == name]
     return container
 
 
@@ -133,6 +134,39 @@ def test_the_container_args_install_on_a_node_laid_out_as_the_mounts(tmp_path: P
     )
     assert (node / "etc/cni/net.d" / install.KUBECONFIG_FILE).exists()
     assert (node / "opt/cni/bin/istio-iptables-cni").read_bytes() == plugin.read_bytes()
+    socket_path = _arguments(_container("agent"))["--socket"]
+    assert (node / "opt/cni/bin" / install.AGENT_FILE).read_text() == f"{socket_path}\n"
+
+
+def _arguments(container: dict[str, Any]) -> dict[str, str]:
+    return dict(argument.split("=", 1) for argument in container["args"] if "=" in argument)
+
+
+def test_the_agent_has_what_the_plugin_has_on_the_node_and_no_more() -> None:
+    """Entering a pod's namespace (SYS_ADMIN) and changing its tables (NET_ADMIN, NET_RAW); the host's network
+    (the DaemonSet's); the host's /run with HostToContainer propagation: the socket's directory, the pods'
+    namespaces the runtime mounts after the agent started, the node's xtables and namespace locks."""
+    agent = _container("agent")
+    assert agent["args"][:2] == ["cni", "agent"]
+    context = agent["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]}
+    assert (context["privileged"], context["allowPrivilegeEscalation"], context["readOnlyRootFilesystem"]) == (
+        False,
+        False,
+        True,
+    )
+    assert "cpu" not in agent["resources"]["limits"]  # throttling would land on pods' start
+    volumes = {volume["name"]: volume for volume in _documents()["DaemonSet"]["spec"]["template"]["spec"]["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in agent["volumeMounts"]}
+    assert volumes[mounts["/run"]["name"]]["hostPath"]["path"] == "/run"
+    assert mounts["/run"]["mountPropagation"] == "HostToContainer"
+    assert mounts["/etc/cni/net.d"]["readOnly"] is True  # the plugin's kubeconfig, where the installer writes it
+    # The installer tells the client the socket's path as the node sees it: the agent's, under the same /run.
+    socket_path = Path(_arguments(agent)["--socket"])
+    assert _arguments(_container())["--agent-socket"] == str(socket_path)
+    assert socket_path.parts[:3] == ("/", "var", "run")  # /var/run is /run, on the node and in the image
+    help_text = subprocess.run([CLI, "cni", "agent", "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(flag in help_text for flag in _arguments(agent))
 
 
 # --- the installer's image ------------------------------------------------------------------------------
@@ -224,7 +258,7 @@ def test_only_the_repair_manifest_grants_what_repair_needs() -> None:
     base = _documents()
     spec = base["DaemonSet"]["spec"]["template"]["spec"]
     assert "hostPID" not in spec
-    assert all("add" not in container["securityContext"]["capabilities"] for container in spec["containers"])
+    assert "add" not in _container()["securityContext"]["capabilities"]
     assert all(rule["verbs"] == ["get"] for rule in base["ClusterRole"]["rules"])
     assert all(volume["hostPath"]["type"] != "Socket" for volume in spec["volumes"] if "hostPath" in volume)
 

@@ -328,6 +328,7 @@ def test_a_half_written_pair_of_another_key_type_keeps_the_old_one(tmp_path: Pat
         (["webhook", "--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"], True),
         (["cni", "install", "--watch", "--cni-conf-dir", "{tmp}/net.d", "--cni-bin-dir", "{tmp}/bin"], True),
         (["cni", "repair"], True),
+        (["cni", "agent", "--socket", "{tmp}/agent.sock"], True),
         (["cni", "repair", "--once"], False),
         (["-p", "15001", "--dry-run"], False),
         (["inject", "-f", "-"], False),
@@ -341,12 +342,12 @@ def test_only_one_shot_runs_go_without_the_garbage_collector(argv: list[str], co
         "import gc, sys\n"
         f"sys.argv = ['istio-iptables', *{[word.format(tmp=tmp_path) for word in argv]!r}]\n"
         "from istio_iptables.cli import console\n"
-        "from istio_iptables.cni import install, repair\n"
+        "from istio_iptables.cni import agent, install, repair\n"
         "from istio_iptables.kube import webhook\n"
         "def report(*args, **kwargs):\n"
         "    print(gc.isenabled())\n"
         "    sys.exit(0)\n"
-        "webhook.serve = install.watch = repair.run = report\n"
+        "webhook.serve = install.watch = repair.run = agent.run = report\n"
         "try:\n"
         "    console.main()\n"
         "except SystemExit:\n"

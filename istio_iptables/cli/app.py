@@ -490,6 +490,13 @@ def cni_install_command(
     service_account_dir: str = typer.Option(
         "/var/run/secrets/kubernetes.io/serviceaccount", "--service-account-dir", metavar="DIR", help="Its token."
     ),
+    agent_socket: str = typer.Option(
+        "",
+        "--agent-socket",
+        metavar="PATH",
+        help="The node agent's socket (cni agent --socket), as the node sees it: the plugin hands its requests "
+        "to the agent there [default: no agent; the plugin runs them itself].",
+    ),
 ) -> None:
     """Copy the plugin into the bin dir and append its entry to the first configuration file of the conf dir."""
     import os  # noqa: PLC0415
@@ -497,6 +504,10 @@ def cni_install_command(
     from istio_iptables.cni import install  # noqa: PLC0415
 
     settings = _plugin_settings(plugin_config)
+    if agent_socket and not agent_socket.startswith("/"):
+        raise ConfigError(
+            f"invalid value for --agent-socket: '{agent_socket}': must be an absolute path (as the node sees it)"
+        )
     root, node_conf_dir, node_bin_dir = _node_paths(node_root, conf_dir, bin_dir)
     here = (root / node_conf_dir.lstrip("/"), root / node_bin_dir.lstrip("/"))
     account = None
@@ -508,11 +519,11 @@ def cni_install_command(
         account = install.ServiceAccount(Path(service_account_dir), server, node_conf_dir)
     node = (*here, Path(plugin), settings, account)
     if not watch:
-        install.install(*node, root=root)
+        install.install(*node, root=root, agent_socket=agent_socket)
         return
     period = _checked("--interval", interval, _positive_seconds)
     _stays_up()
-    install.watch(*node, interval=period, stop=install.stop_on_signals(), root=root)
+    install.watch(*node, interval=period, stop=install.stop_on_signals(), root=root, agent_socket=agent_socket)
 
 
 @cni_app.command("uninstall")
@@ -555,6 +566,31 @@ def _node_paths(node_root: str, conf_dir: str, bin_dir: str) -> tuple[Path, str,
                 f"pass {flag}"
             )
     return root, conf_dir or found.conf_dir, bin_dir or found.bin_dir
+
+
+@cni_app.command("agent")
+def cni_agent_command(
+    *,
+    socket_path: str = typer.Option(
+        "/var/run/istio-iptables-cni/agent.sock",
+        "--socket",
+        metavar="PATH",
+        help="Where to listen (its directory is made mode 0700 if missing; a stale socket is replaced).",
+    ),
+    request_timeout: str = typer.Option(
+        "20", "--request-timeout", metavar="SECONDS", help="How long one request may run before it is stopped."
+    ),
+) -> None:
+    """Serve the plugin's requests from a warm process: the thin plugin on the node hands each ADD, DEL and
+    CHECK to this agent, and runs the self-contained plugin itself when the agent does not answer
+    (docs/cni.md, "The node agent")."""
+    from istio_iptables.cni import agent  # noqa: PLC0415
+
+    if not socket_path.startswith("/"):
+        raise ConfigError(f"invalid value for --socket: '{socket_path}': must be an absolute path")
+    timeout = _checked("--request-timeout", request_timeout, _positive_seconds)
+    _stays_up()
+    agent.run(agent.AgentOptions(Path(socket_path), request_timeout=timeout))
 
 
 @cni_app.command("repair")

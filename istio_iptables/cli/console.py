@@ -2,9 +2,9 @@
 
 An init container's run is mostly start-up and exit, so a one-shot run does not collect garbage: each module
 loaded would otherwise set off collections that find nothing to free (the objects made are acyclic records,
-strings and tables that live until exit), and exit would scan every object once more. The collector stays
-off, and what is left is frozen before the interpreter tears down. The commands that keep running (the
-webhook, the CNI installer's --watch and node agent) keep the collector: without it their memory grows with
+strings and tables that live until exit), and exit would scan every object once more. The collector stays off,
+and what is left is frozen before the interpreter tears down. The commands that keep running (the webhook, the
+CNI installer's --watch, the node agent and repair) keep the collector: without it their memory grows with
 every request, so they turn it back on once their modules are loaded (``app.py``). Only the console commands
 do this; the library, and tests that call ``cli.main``, keep the collector as they found it.
 """

@@ -44,6 +44,9 @@ CONFIG_SUFFIXES = (".conf", ".conflist", ".json")
 STATE_FILE = ".istio-iptables-cni.state"
 KUBECONFIG_FILE = "istio-iptables-cni-kubeconfig"
 """The plugin's credentials for the Kubernetes API, beside the configuration (a name no runtime reads)."""
+AGENT_FILE = PLUGIN_TYPE + ".agent"
+"""Beside the plugin's executable: the node agent's socket, for the thin client (``cni-client/``); without
+it, the client runs the self-contained plugin itself."""
 CONTENTS_SUFFIX = ".d"
 """A "onedir" build's directory beside its executable (PyInstaller's contents_directory)."""
 NODE_ROOT = Path("/")
@@ -109,10 +112,13 @@ def install(
     account: ServiceAccount | None = None,
     *,
     root: Path = NODE_ROOT,
+    agent_socket: str = "",
 ) -> list[str]:
-    """Put the plugin in place; return what changed (nothing when already installed as asked)."""
+    """Put the plugin in place; return what changed (nothing when already installed as asked).
+    ``agent_socket``: the node agent's socket as the node sees it, written for the client (empty: no agent,
+    and a file of an earlier install is removed)."""
     entry = _entry(settings, account)
-    changes = _install_changes(conf_dir, bin_dir, plugin, entry, account, root=root, cache=None)
+    changes = _install_changes(conf_dir, bin_dir, plugin, entry, account, root=root, cache=None, agent=agent_socket)
     for change in changes or [f"{PLUGIN_TYPE} already installed as asked: nothing to change"]:
         log.info(change)
     return changes
@@ -135,16 +141,26 @@ def _install_changes(
     *,
     root: Path,
     cache: BundleCache | None,
+    agent: str,
 ) -> list[str]:
     """``install`` of a checked entry, without its log lines: the changes made."""
     with _locked(_existing_dir(conf_dir, "--cni-conf-dir")), _one_line("install"):
         _existing_dir(bin_dir, "--cni-bin-dir")
         network = _primary_network(conf_dir)
         changes = _install_executable(plugin, bin_dir, root, cache)
+        changes += _agent_file(bin_dir, agent)
         if account is not None:
             changes += _write_if_changed(conf_dir / KUBECONFIG_FILE, _kubeconfig(account), mode=0o600)
         changes += _insert_entry(conf_dir, network, entry, root)
     return changes
+
+
+def _agent_file(bin_dir: Path, socket_path: str) -> list[str]:
+    """Where the client finds the agent: written when one runs, removed when none does."""
+    path = bin_dir / AGENT_FILE
+    if socket_path:
+        return _write_if_changed(path, f"{socket_path}\n".encode(), mode=0o644)
+    return [f"removed {path}"] if nodefiles.remove(path) else []
 
 
 def uninstall(conf_dir: Path, bin_dir: Path, *, root: Path = NODE_ROOT) -> list[str]:
@@ -164,6 +180,7 @@ def uninstall(conf_dir: Path, bin_dir: Path, *, root: Path = NODE_ROOT) -> list[
         for leftover in (conf_dir / STATE_FILE, conf_dir / KUBECONFIG_FILE):
             if nodefiles.remove(leftover):
                 nodefiles.sync_dir(conf_dir)
+        changes += _agent_file(bin_dir, "")
         executable = bin_dir / PLUGIN_TYPE
         if nodefiles.remove(executable):
             changes.append(f"removed {executable}")
@@ -187,6 +204,7 @@ def watch(
     interval: float,
     stop: threading.Event,
     root: Path = NODE_ROOT,
+    agent_socket: str = "",
 ) -> None:
     """Install, then keep the plugin installed until ``stop`` is set: another agent rewriting the first
     configuration file (the cluster's network plugin does, on its own restarts) gets our entry back within
@@ -201,7 +219,9 @@ def watch(
     failures, problem = 0, ""
     while not stop.is_set():
         try:
-            changes = _install_changes(conf_dir, bin_dir, plugin, entry, account, root=root, cache=cache)
+            changes = _install_changes(
+                conf_dir, bin_dir, plugin, entry, account, root=root, cache=cache, agent=agent_socket
+            )
         except HostError as error:
             failures += 1
             delay = min(interval * 2 ** min(failures - 1, 16), max(interval, MAX_BACKOFF))

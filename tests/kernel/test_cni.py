@@ -52,6 +52,7 @@ def frozen_build() -> Path:
     executable = build / cnilab.PLUGIN_NAME
     package = netlab.ROOT / "istio_iptables"
     sources = [*package.rglob("*.py"), *package.rglob("*.json"), netlab.ROOT / "scripts" / "build-cni-plugin"]
+    sources += (netlab.ROOT / "cni-client").glob("*.c")
     if not executable.exists() or executable.stat().st_mtime < max(path.stat().st_mtime for path in sources):
         built = subprocess.run(
             [str(netlab.ROOT / "scripts" / "build-cni-plugin")],

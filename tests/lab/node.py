@@ -240,6 +240,14 @@ class Node:
     def images(self) -> set[str]:
         return set(self.ctr("images", "list", "-q").stdout.split())
 
+    def joined(self) -> list[str]:
+        """A command prefix that joins containerd's network and mount namespaces: where a node's DaemonSet
+        pod with the host's network and the host's /var/run/netns (HostToContainer) sees the pods' network
+        namespaces, which containerd mounts in its private mount namespace."""
+        if self.process is None:
+            raise NodeError("the node is not running")
+        return ["nsenter", f"--net=/run/netns/{self.netns}", f"--mount=/proc/{self.process.pid}/ns/mnt", "--"]
+
     def in_node(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """A command in the node's network namespace (its bridge, the pods' veths)."""
         return _run(["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv], timeout=timeout)

@@ -46,9 +46,15 @@ def installed_plugin(lab: lab_node.Node, images: LabImages) -> Iterator[None]:
     documents = list(yaml.safe_load_all(DAEMONSET.read_text()))
     daemonset = next(d for d in documents if d["kind"] == "DaemonSet")
     config_map = next(d for d in documents if d["kind"] == "ConfigMap")
-    (installer,) = daemonset["spec"]["template"]["spec"]["containers"]
+    spec = daemonset["spec"]["template"]["spec"]
+    (installer,) = [container for container in spec["containers"] if container["name"] == "install-cni"]
     assert installer["image"] == images.cni
     installer["args"] = [arg for arg in installer["args"] if arg not in {"--watch", "--write-kubeconfig"}]
+    # The installer alone (its --agent-socket kept: the file names a socket no agent listens on, and the
+    # plugin runs the bundle); the agent container is tests/lab/test_cni_agent_runtime.py's.
+    spec["containers"] = [installer]
+    mounted = {mount["name"] for mount in installer["volumeMounts"]}
+    spec["volumes"] = [volume for volume in spec["volumes"] if volume["name"] in mounted]
     kubelet = Kubelet(lab)
     try:
         pod = kubelet.run_pod(daemonset, config_maps={config_map["metadata"]["name"]: config_map["data"]})
@@ -59,6 +65,7 @@ def installed_plugin(lab: lab_node.Node, images: LabImages) -> Iterator[None]:
         kubelet.remove_all()
         lab.use_subnets(lab.subnets)
         (lab.paths.cni_bin / PLUGIN).unlink(missing_ok=True)
+        (lab.paths.cni_bin / f"{PLUGIN}.agent").unlink(missing_ok=True)
         shutil.rmtree(lab.paths.cni_bin / f"{PLUGIN}.d", ignore_errors=True)
 
 
