@@ -45,6 +45,7 @@ from istio_iptables.kube.capture import load_settings
 from istio_iptables.kube.inject import INIT_CONTAINER, Injector, inject_documents, pod_paths
 from tests.conformance.test_istio_inject import CASES, CORPUS
 from tests.kernel import cnilab, netlab
+from tests.kernel import conftest as kernel_fixtures
 from tests.lab import node as lab_node
 from tests.lab.conftest import LabImages
 from tests.lab.kubelet import Pod
@@ -229,20 +230,15 @@ def node(lab: lab_node.Node, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         (lab.paths.cni_bin / PLUGIN).unlink(missing_ok=True)
 
 
+variant = kernel_fixtures.variant
+"""Each iptables variant (the kernel tests' fixture)."""
+
+
 @pytest.fixture
 def default_node(node: PluginNode) -> PluginNode:
     """The node with the plugin's default settings (nft)."""
     node.configure({"iptables": "nft"})
     return node
-
-
-@pytest.fixture(params=netlab.VARIANTS)
-def variant(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    reason = netlab.missing_prerequisites(name)
-    if reason:
-        pytest.skip(reason)
-    return name
 
 
 def variant_settings(variant: str) -> dict[str, object]:
