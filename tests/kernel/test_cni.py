@@ -1,5 +1,7 @@
 """The CNI plugin run as a runtime runs it, with the reference plugins, on a node namespace of the test's own
-(cnilab.py): real pods get real rules, and real traffic through a real proxy (uid 1337) shows the capture.
+(cnilab.py), for what containerd cannot make happen: CHECK, a netns that is gone, a fault injected into the
+plugin, annotations from an API server. Everything else runs through containerd in the kubelet lab
+(tests/lab/test_cni_runtime.py); docs/development.md says why each test here stays.
 
 Each test names the iptables variant through the plugin's configuration (``iptables``, or
 ``values.global.nativeNftables`` for native nftables), as an operator would.
@@ -21,9 +23,6 @@ from tests.kernel import cnilab
 from tests.kernel.cnilab import INJECTED, CniError, CniLab, PodSandbox, Runtime
 
 pytestmark = pytest.mark.kernel
-
-NODE_PORT = 8080
-APP_PORT = 8080
 
 
 def plugin_config(variant: str, **extra: object) -> dict[str, object]:

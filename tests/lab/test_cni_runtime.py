@@ -10,8 +10,9 @@ per group, rewritten between groups.
 
 Then what a runtime does with the plugin: capture through a proxy (each iptables variant), older spec
 versions, the excluded-CIDR annotation, pods left alone, a bad annotation failing RunPodSandbox, both DELs
-(the second without a netns), ten pods at once, a list where the plugin comes first, and the self-contained
-build on a node without Python.
+(the second without a netns), ten pods at once, a list where the plugin comes first, DNS capture with and
+without the ``dns`` capability, and the self-contained build on a node without Python (each variant). What
+containerd cannot make happen stays on the tests' own runtime (tests/kernel/test_cni.py).
 
 The plugin is in the node's CNI bin dir behind a recorder, a shell script that runs it and appends each call
 (command, pod, whether a netns and a ``prevResult`` came, the plugin's settings as it got them, its answer
