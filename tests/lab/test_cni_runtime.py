@@ -414,17 +414,27 @@ def test_the_plugin_applies_the_init_containers_rules(node: PluginNode, case: Ca
         try:
             (add,) = record.calls(captured, "ADD")
             assert add["runtime_config"]["dns"]["Servers"] == list(CLUSTER_DNS)  # containerd 1.6 spells it so
-            for sandbox, spec in ((captured, cni_pod["spec"]), (reference, init_pod["spec"])):
-                container = init_container(spec)
-                if container is not None:
-                    pid = lab.runtime.sandbox_status(sandbox).pid
-                    run_init_container(container, f"/proc/{pid}/ns/net", f"/proc/{pid}/root/etc/resolv.conf")
-            assert pod_tables(lab, captured) == pod_tables(lab, reference)
+            with ThreadPoolExecutor(2) as pool:
+                found, expected = pool.map(
+                    lambda sandbox, spec: set_up_by_init_container(lab, sandbox, spec),
+                    (captured, reference),
+                    (cni_pod["spec"], init_pod["spec"]),
+                )
+            assert found == expected
         finally:
             with ThreadPoolExecutor(2) as pool:
                 list(pool.map(lambda sandbox: removed(lab, sandbox), (captured, reference)))
         # The rules of a pod whose istio-init ran are that container's: the plugin's DEL leaves them.
         assert_both_dels_passed(record, captured, left_nothing=init_container(cni_pod["spec"]) is None)
+
+
+def set_up_by_init_container(lab: lab_node.Node, sandbox: str, spec: Mapping[str, Any]) -> str:
+    """The pod's istio-init command, when it has one, run as its init container would; the pod's tables."""
+    container = init_container(spec)
+    if container is not None:
+        pid = lab.runtime.sandbox_status(sandbox).pid
+        run_init_container(container, f"/proc/{pid}/ns/net", f"/proc/{pid}/root/etc/resolv.conf")
+    return pod_tables(lab, sandbox)
 
 
 def _refused_alike(node: PluginNode, case: Case) -> None:
