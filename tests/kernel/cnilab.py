@@ -334,6 +334,38 @@ def without_python() -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "sh"]
 
 
+def assert_python_hidden(wrapper: Sequence[str]) -> None:
+    """The hiding of :func:`without_python` is real: no interpreter runs, no standard library or project
+    file is there."""
+    probe = "python3 -c pass || python -c pass || exit 0; exit 1"
+    hidden = subprocess.run([*wrapper, "sh", "-c", probe], capture_output=True, timeout=30, check=False)
+    assert hidden.returncode == 0, "a Python interpreter still runs under without_python()"
+    for path in (Path(sys.base_prefix, "lib"), netlab.ROOT / "istio_iptables", Path(sys.prefix, "bin")):
+        listed = subprocess.run([*wrapper, "ls", "-A", str(path)], capture_output=True, timeout=30, check=False)
+        assert listed.stdout == b"", f"{path} is still visible under without_python()"
+
+
+def frozen_build() -> Path:
+    """The self-contained plugin's folder as ``scripts/build-cni-plugin`` makes it (scripts/test runs it
+    first), built again here when any source file is newer than the build."""
+    build = netlab.ROOT / "dist" / PLUGIN_NAME
+    executable = build / PLUGIN_NAME
+    package = netlab.ROOT / "istio_iptables"
+    sources = [*package.rglob("*.py"), *package.rglob("*.json"), netlab.ROOT / "scripts" / "build-cni-plugin"]
+    sources += (netlab.ROOT / "cni-client").glob("*.c")
+    if not executable.exists() or executable.stat().st_mtime < max(path.stat().st_mtime for path in sources):
+        built = subprocess.run(
+            [str(netlab.ROOT / "scripts" / "build-cni-plugin")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={**os.environ, "PYTHON": sys.executable},
+        )
+        assert built.returncode == 0, built.stderr[-3000:]
+    return build
+
+
 def copy_frozen_plugin(build: Path, folder: Path) -> Path:
     """The self-contained build (executable and its folder) copied where ``without_python`` leaves it
     visible, as an installer copies it onto a node; the executable's path."""

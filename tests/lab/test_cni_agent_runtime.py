@@ -25,9 +25,19 @@ import yaml
 from istio_iptables.cni import install
 from tests.kernel import cnilab
 from tests.kernel import test_cni as kernel_cni
-from tests.kernel.test_cni_exact import CNI, INIT_MODE, corpus_input, init_container, run_init_container, workloads
 from tests.lab import node as lab_node
-from tests.lab.test_cni_runtime import DNS_AND_UID, pod_tables, removed, run_sandbox
+from tests.lab.test_cni_runtime import (
+    CNI,
+    DNS_AND_UID,
+    INIT_MODE,
+    corpus_input,
+    init_container,
+    pod_tables,
+    removed,
+    run_init_container,
+    run_sandbox,
+    workloads,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -84,7 +94,7 @@ def agent_node(lab: lab_node.Node, frozen_build: Path) -> Iterator[tuple[lab_nod
             agent.stop()
         lab_node.remove_sandboxes(lab.runtime)
         install.uninstall(lab.paths.cni_conf, lab.paths.cni_bin)
-        lab.write_conflist(lab_node.bridge_conflist(lab.subnets))
+        lab.use_subnets(lab.subnets)
 
 
 @contextlib.contextmanager
