@@ -204,6 +204,7 @@ def injected_pod(
     if container is not None and settings.cni:
         annotations.update(cni_annotations(annotations, settings))
         annotations.update(recorded_proxy_uid(container["args"]))
+        annotations.update(recorded_proxy_ports(sidecar))
     new_labels = dict(labels)
     if template is not None:
         for key, value in substitute(dict(template.labels), values, _trees(settings)).items():
@@ -276,6 +277,18 @@ def recorded_proxy_uid(args: object) -> dict[str, str]:
     if isinstance(args, list) and "-u" in args[:-1]:  # the user's init container may have replaced the args
         uid = str(args[args.index("-u") + 1])
     return {} if uid == str(capture.DEFAULT_PROXY_UID) else {capture.RECORDED_PROXY_UID: uid}
+
+
+def recorded_proxy_ports(sidecar: Sidecar | None) -> dict[str, str]:
+    """CNI mode: the ports the capture takes from the template's proxy (``-p``, ``-z``, the start of ``-d``),
+    as the annotation the plugin reads back (``capture.RECORDED_PROXY_PORTS``), when they are not Istio's: the
+    template and the proxy's container are not handed to a CNI plugin."""
+    if sidecar is None:
+        return {}
+    istio = (*capture.DEFAULT_LISTENERS, capture.ALWAYS_EXCLUDED_INBOUND)
+    if (sidecar.outbound, sidecar.inbound, ",".join(map(str, sidecar.own_ports))) == istio:
+        return {}
+    return {capture.RECORDED_PROXY_PORTS: capture.recorded_ports_text(sidecar)}
 
 
 def append_multus_network(existing: str, network: str) -> str:
@@ -394,7 +407,8 @@ def _capture_config(settings: Settings) -> InjectorConfig:
 
 def check_config(config: InjectorConfig, settings: Settings) -> None:
     """Refuse a configuration whose proxies cannot receive what the capture sends them: listeners other than
-    the mesh config's (which the CNI plugin reads), or a proxy without a UID of its own to be exempted by."""
+    the mesh config's (which Istio's control plane and its CNI plugin use), or a proxy without a UID of its own
+    to be exempted by."""
     problems = []
     for template in config.templates.values():
         for field, path in (("outbound", "proxyListenPort"), ("inbound", "proxyInboundListenPort")):

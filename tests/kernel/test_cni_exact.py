@@ -3,6 +3,9 @@ injected with ``components.cni.enabled=true``, its annotations and DNS config ha
 equal the rules the same pod's ``istio-init`` container applies in init mode (its argv and environment as
 ``inject`` writes them, its resolv.conf as the runtime writes it), in two sandboxes the same runtime set up.
 
+The same again with a template whose proxy has other listeners, ports and UID than Istio's, the plugin run
+with the chart's defaults: what it must know of the proxy comes from the annotations the injector recorded.
+
 Through the tests' runtime (cnilab.py), all cases in one lab: one node runs the list with the plugin, the
 other the same list without it, where the init container's command runs as an init container would.
 """
@@ -22,6 +25,7 @@ import yaml
 
 from istio_iptables.kube.capture import load_settings
 from istio_iptables.kube.inject import INIT_CONTAINER, Injector, inject_documents, pod_paths
+from istio_iptables.kube.template import parse_config
 from tests.conformance.test_istio_inject import CASES, CORPUS
 from tests.kernel import cnilab, netlab
 from tests.kernel.cnilab import CniError, CniLab, PodSandbox, Runtime
@@ -62,6 +66,11 @@ def workloads(documents: list[Any], sets: list[str] | None) -> list[dict[str, An
     if sets is not None:
         # The corpus's pods bring no proxy: the capture alone is what is compared.
         documents = inject_documents(documents, Injector(load_settings(sets), capture_only=True))
+    return pods_of(documents)
+
+
+def pods_of(documents: list[Any]) -> list[dict[str, Any]]:
+    """The ``metadata`` and ``spec`` of each workload's pod in ``documents``."""
     found = []
     for document in _flattened(documents):
         paths = pod_paths(document) if isinstance(document, Mapping) else None
@@ -132,7 +141,7 @@ def entries() -> list[Any]:
 def test_the_plugin_applies_the_init_containers_rules(
     nodes: tuple[Runtime, Runtime], case: str, extra: tuple[str, ...], tmp_path: Path
 ) -> None:
-    plugin_node, init_node = nodes
+    plugin_node, _ = nodes
     folder = CORPUS / case
     spec = json.loads((folder / "case.json").read_text())
     sets = [*spec["sets"], *extra]
@@ -143,6 +152,54 @@ def test_the_plugin_applies_the_init_containers_rules(
         return
     init_pods = workloads(corpus_input(case), [*(item for item in sets if item != CNI), INIT_MODE])
     cni_pods = workloads(corpus_input(case), [*sets, CNI])
+    _same_rules(nodes, init_pods, cni_pods, tmp_path)
+
+
+CUSTOM_PROXY = {
+    "nativeSidecar": True,
+    "listeners": {"outbound": 16001, "inbound": 16006},
+    "proxyPorts": [9000],
+    "proxy": {
+        "name": "istio-proxy",
+        "image": "proxy:1",
+        "ports": [{"containerPort": 9901}, {"containerPort": 8081}],
+        "securityContext": {"runAsUser": 2001, "runAsGroup": 2002},
+    },
+    "tproxy": {"securityContext": {"runAsUser": 0, "capabilities": {"add": ["NET_ADMIN"]}}},
+}
+"""A template whose proxy captures on other listeners, declares other ports and runs as another UID than
+Istio's: the injector's settings name its listeners; the plugin runs with the chart's defaults."""
+CUSTOM_CASES = ("hello", "hello-tproxy", "traffic-params", "status_params", "kubevirtInterfaces")
+
+
+@pytest.mark.parametrize("case", [case for case in CUSTOM_CASES if case in CASES])
+def test_the_plugin_applies_the_init_containers_rules_with_a_custom_proxy(
+    nodes: tuple[Runtime, Runtime], case: str, tmp_path: Path
+) -> None:
+    plugin_node, _ = nodes
+    sets = json.loads((CORPUS / case / "case.json").read_text())["sets"]
+    plugin_settings = load_settings([*sets, CNI])
+    plugin_node.plugin_config = {
+        "iptables": "nft",
+        "values": plugin_settings.values,
+        "mesh_config": plugin_settings.mesh,
+    }
+    listeners = ["meshConfig.proxyListenPort=16001", "meshConfig.proxyInboundListenPort=16006"]
+    config = parse_config({"templates": {"sidecar": CUSTOM_PROXY}}, "custom")
+
+    def injected(mode: str) -> list[dict[str, Any]]:
+        injector = Injector(load_settings([*sets, *listeners, mode]), config=config)
+        return pods_of(inject_documents(corpus_input(case), injector))
+
+    _same_rules(nodes, injected(INIT_MODE), injected(CNI), tmp_path)
+
+
+def _same_rules(
+    nodes: tuple[Runtime, Runtime], init_pods: list[dict[str, Any]], cni_pods: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Each pod injected for CNI mode, captured by the plugin, has the tables of the same pod injected for
+    init mode, captured by its init container's command."""
+    plugin_node, init_node = nodes
     assert len(init_pods) == len(cni_pods)
     for init_pod, cni_pod in zip(init_pods, cni_pods, strict=True):
         captured = plugin_node.new_pod(cni_pod["metadata"].get("annotations") or {})
