@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from istio_iptables.errors import ConfigError
-from istio_iptables.kube import capture
+from istio_iptables.kube import agent, capture
+from istio_iptables.kube.agent import PROXY_CONTAINER
 from istio_iptables.kube.capture import InjectionError, Sidecar, init_args
 from istio_iptables.kube.policy import SIDECAR_STATUS, PodFacts, chosen_templates, decide, string_map
 from istio_iptables.kube.quantity import canonical_quantity
@@ -27,12 +28,15 @@ DEFAULT_IMAGE = "istio-iptables:0.1.0"
 
 INIT_CONTAINER = "istio-init"
 VALIDATION_CONTAINER = "istio-validation"
-PROXY_CONTAINER = "istio-proxy"
 
 TEMPLATES = "inject.istio.io/templates"
 NATIVE_SIDECAR = "sidecar.istio.io/nativeSidecar"
 MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"
 MULTUS_NETWORK = "default/istio-cni"
+PROXY_IMAGE = "sidecar.istio.io/proxyImage"
+PROXY_LOG_LEVEL = "sidecar.istio.io/logLevel"
+PROXY_COMPONENT_LOG_LEVEL = "sidecar.istio.io/componentLogLevel"
+WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
 RESOURCE_ANNOTATIONS = (
     ("requests", "cpu", "sidecar.istio.io/proxyCPU"),
     ("requests", "memory", "sidecar.istio.io/proxyMemory"),
@@ -148,13 +152,17 @@ def injected_pod(
                 "one; --capture-only injects the capture alone)"
             )
         proxy = None
+        native = template is not None and _native(annotations, template)
         if template is not None:
             values = _placeholder_values(pod, spec, annotations, settings, mode, template, namespace, owner)
-            proxy = _strategic_merge(_rendered_proxy(template, mode, values, settings), user_proxy or {})
-        sidecar = _sidecar(template, proxy) if template is not None and proxy is not None else None
+            conditions = _conditions(annotations, settings, mode, native)
+            overrides = {key: value for key, value in (user_proxy or {}).items() if (key, value) != ("image", "auto")}
+            proxy = _strategic_merge(_rendered_proxy(template, conditions, values, settings), overrides)
+        captures = template is None or template.listeners is not None
+        sidecar = _sidecar(template, proxy) if template is not None and proxy is not None and captures else None
         if sidecar is not None:
             _check_apps(spec, proxy or {}, workload)
-        if mode == "NONE":
+        if mode == "NONE" or not captures:
             container = None
         else:
             context = proxy.get("securityContext") if proxy is not None else _security_context(user_proxy, workload)
@@ -164,9 +172,14 @@ def injected_pod(
     if container is None and proxy is None:
         return Outcome(unchanged, "not injected: interception mode NONE asks for no capture")
     spec = copy.deepcopy(spec)
-    init_containers = _list(spec, "initContainers", workload)
     added_volumes: list[str] = []
-    native = template is not None and _native(annotations, template)
+    if template is not None and proxy is not None:
+        # What Istio's injector does in code for its agent, after the template (and the user's proxy) are laid.
+        if template.merge_prometheus_metrics:
+            agent.merge_prometheus(annotations, proxy, settings)
+        if template.rewrite_app_probes and agent.rewrites_probes(annotations, settings):
+            agent.rewrite_app_probes(spec, proxy, annotations, settings)
+    init_containers = _list(spec, "initContainers", workload)
     if proxy is not None:
         others = [c for c in init_containers if not (isinstance(c, Mapping) and c.get("name") == PROXY_CONTAINER)]
         containers = [
@@ -178,7 +191,9 @@ def injected_pod(
             init_containers = [{**proxy, "restartPolicy": "Always"}, *others]
         else:
             init_containers = others
-            containers = [*containers, proxy]
+            # Last, so that kubectl's commands default to the app; first when it holds the app until it is ready.
+            first = _holds_application(annotations, settings)[1]
+            containers = [proxy, *containers] if first else [*containers, proxy]
         spec["containers"] = containers
         added_volumes = _add_volumes(spec, template, values, settings, workload)  # type: ignore[arg-type]
     if container is not None:
@@ -227,6 +242,8 @@ def injected_pod(
     what = (
         f"the capture and the proxy of template {template.name}"
         if template is not None and container is not None
+        else f"the proxy of template {template.name} (a template without listeners: no capture)"
+        if template is not None and template.listeners is None
         else f"the proxy of template {template.name} (interception mode NONE: no capture)"
         if template is not None
         else "the capture, for the pod's own istio-proxy container"
@@ -411,6 +428,8 @@ def check_config(config: InjectorConfig, settings: Settings) -> None:
     to be exempted by."""
     problems = []
     for template in config.templates.values():
+        if template.listeners is None:
+            continue  # no capture: nothing to agree with
         for field, path in (("outbound", "proxyListenPort"), ("inbound", "proxyInboundListenPort")):
             port = getattr(template.listeners, field)
             if port != settings.mesh_value(path):
@@ -418,11 +437,15 @@ def check_config(config: InjectorConfig, settings: Settings) -> None:
                     f"templates.{template.name}.listeners.{field}: {port} disagrees with setting "
                     f"meshConfig.{path} ({go_text(settings.mesh_value(path))}), where the capture sends connections"
                 )
-        for mode, proxy in (("", template.proxy), (" (TPROXY)", _strategic_merge(template.proxy, template.tproxy))):
+        named = sorted({condition for overlay in template.overlays for condition in overlay.when})
+        # Every combination of the overlays' conditions gives a proxy the capture must be able to exempt.
+        for held in (frozenset(c for i, c in enumerate(named) if mask >> i & 1) for mask in range(2 ** len(named))):
+            where = f" (when {', '.join(sorted(held))})" if held else ""
             try:
-                proxy_identity(proxy)
+                proxy_identity(_overlaid(template, held))
             except InjectionError as error:
-                problems.append(f"templates.{template.name}.proxy{mode}: {error}")
+                problems.append(f"templates.{template.name}.proxy{where}: {error}")
+                break  # one line per template: the first combination that fails
     if problems:
         raise ConfigError("\n".join(f"invalid value for --injector-config: {problem}" for problem in problems))
 
@@ -457,20 +480,58 @@ def _placeholder_values(  # noqa: PLR0917 (one value per placeholder source)
     owner = owner or owner_of({"apiVersion": "v1", "kind": "Pod", **pod})
     apps = [c for c in spec.get("containers") or [] if isinstance(c, Mapping) and c.get("name") != PROXY_CONTAINER]
     context = template.proxy.get("securityContext") or {}
+    listeners = template.listeners
+    labels = string_map(_mapping(pod.get("metadata"), "metadata", "the pod").get("labels"))
+
+    def annotated(annotation: str, path: str) -> str:
+        return annotations[annotation] if annotation in annotations else settings.text(path)
+
+    def readiness(field: str) -> int | None:
+        # Kubernetes leaves a probe's zero fields out.
+        text = annotated(
+            f"readiness.status.sidecar.istio.io/{field}", f"global.proxy.readiness{field[0].upper()}{field[1:]}"
+        )
+        return int(text) if text.isdigit() and int(text) else None
+
+    metadata = capture.proxy_config(annotations, settings).get("proxyMetadata") or {}
     return {
         "ProxyUID": context.get("runAsUser"),
         "ProxyGID": context.get("runAsGroup", context.get("runAsUser")),
-        "OutboundPort": template.listeners.outbound,
-        "InboundPort": template.listeners.inbound,
+        "OutboundPort": listeners.outbound if listeners else None,
+        "InboundPort": listeners.inbound if listeners else None,
         "InterceptionMode": mode,
         "Namespace": namespace,
-        "WorkloadName": owner.name,
+        # Istio's workload-name label names the workload, not the owner.
+        "WorkloadName": labels.get(WORKLOAD_NAME_LABEL) or owner.name,
         "Owner": f"kubernetes://apis/{owner.api_version}/namespaces/{namespace}/{owner.kind.lower()}s/{owner.name}",
         "AppContainers": ",".join(go_text(c.get("name")) for c in apps),
         "PodPorts": _pod_ports(apps),
         "ProxyConfig": _proxy_config_text(annotations, settings),
         "ProxyResources": _resources(annotations, settings),
+        "AnnotatedResources": _annotated_resources(annotations),
+        "ProxyImage": _proxy_image(annotations, settings),
+        "StatusPort": _status_port(annotations, settings),
+        "ReadinessInitialDelaySeconds": readiness("initialDelaySeconds"),
+        "ReadinessPeriodSeconds": readiness("periodSeconds"),
+        "ReadinessFailureThreshold": readiness("failureThreshold"),
+        "ProxyMetadataEnv": [
+            {"name": key, **({"value": go_text(metadata[key])} if go_text(metadata[key]) else {})}
+            for key in sorted(metadata)
+        ],
+        "LogLevel": annotated(PROXY_LOG_LEVEL, "global.proxy.logLevel"),
+        "ComponentLogLevel": annotated(PROXY_COMPONENT_LOG_LEVEL, "global.proxy.componentLogLevel"),
+        "AgentLogLevel": annotated(capture.AGENT_LOG_LEVEL, "global.logging.level"),
     }
+
+
+def _proxy_image(annotations: Mapping[str, str], settings: Settings) -> str:
+    """Istio's proxy image: the pod's sidecar.istio.io/proxyImage or values.global.proxy.image when it is a
+    registry path (holds a '/'), else that name (proxyv2) at the values' hub and tag."""
+    for image in (annotations.get(PROXY_IMAGE, ""), settings.text("global.proxy.image")):
+        if "/" in image:
+            return image
+    name = settings.text("global.proxy.image") or "proxyv2"
+    return f"{settings.text('global.hub')}/{name}:{settings.text('global.tag')}"
 
 
 _PORT_FIELDS = ("name", "hostPort", "containerPort", "protocol", "hostIP")
@@ -497,25 +558,85 @@ def _proxy_config_text(annotations: Mapping[str, str], settings: Settings) -> st
     defaults = DEFAULT_MESH["defaultConfig"]
     config = capture.proxy_config(annotations, settings)
     differing = {key: value for key, value in config.items() if value != defaults.get(key) and value not in ({}, None)}
-    return json.dumps(differing, separators=(",", ":"), sort_keys=True) + "\n"
+    # protojson writes a message's fields in the order the .proto declares them, a map's keys sorted (below the
+    # top level, every key sorted: the nested messages' declarations are not listed here).
+    order = {name: index for index, name in enumerate(PROXY_CONFIG_FIELDS)}
+    ordered = sorted(differing, key=lambda key: (order.get(key, len(order)), key))
+    return json.dumps({key: _sorted_maps(differing[key]) for key in ordered}, separators=(",", ":")) + "\n"
+
+
+PROXY_CONFIG_FIELDS = (
+    *("configPath", "binaryPath", "serviceCluster", "tracingServiceName", "drainDuration"),
+    *("parentShutdownDuration", "discoveryAddress", "discoveryRefreshDelay", "zipkinAddress", "statsdUdpAddress"),
+    *("envoyMetricsServiceAddress", "proxyAdminPort", "availabilityZone", "controlPlaneAuthPolicy"),
+    *("customConfigFile", "statNameLength", "concurrency", "proxyBootstrapTemplatePath", "interceptionMode"),
+    *("tracing", "sds", "envoyAccessLogService", "envoyMetricsService", "proxyMetadata", "runtimeValues"),
+    *("statusPort", "extraStatTags", "gatewayTopology", "terminationDrainDuration", "meshId", "readinessProbe"),
+    *("proxyStatsMatcher", "holdApplicationUntilProxyStarts", "caCertificatesPem", "image"),
+    *("privateKeyProvider", "proxyHeaders", "fileFlushInterval", "fileFlushMinSizeKb"),
+)
+"""Istio's ProxyConfig (``mesh/v1alpha1/proxy.proto``): its fields in declaration order."""
+
+
+def _sorted_maps(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _sorted_maps(value[key]) for key in sorted(value)}
+    return value
 
 
 def _trees(settings: Settings) -> dict[str, Any]:
     return {"Values": settings.values, "MeshConfig": settings.mesh}
 
 
-def _rendered_proxy(template: Template, mode: str, values: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
-    proxy = dict(template.proxy)
-    if mode == "TPROXY" and template.tproxy:
-        proxy = _strategic_merge(proxy, template.tproxy)
-    rendered: dict[str, Any] = substitute(proxy, values, _trees(settings))
+def _rendered_proxy(
+    template: Template, conditions: frozenset[str], values: Mapping[str, Any], settings: Settings
+) -> dict[str, Any]:
+    rendered: dict[str, Any] = substitute(_overlaid(template, conditions), values, _trees(settings))
     return rendered
+
+
+def _overlaid(template: Template, conditions: frozenset[str]) -> Mapping[str, Any]:
+    """The template's proxy with the overlays whose conditions all hold laid over it, in order."""
+    proxy: Mapping[str, Any] = template.proxy
+    for overlay in template.overlays:
+        if overlay.when <= conditions:
+            proxy = _strategic_merge(proxy, overlay.proxy)
+    return proxy
+
+
+def _conditions(annotations: Mapping[str, str], settings: Settings, mode: str, native: bool) -> frozenset[str]:
+    """Which of the overlays' conditions (template.CONDITIONS) hold for the pod."""
+    held = {"tproxy"} if mode == "TPROXY" else set()
+    if native:
+        held.add("nativeSidecar")
+    elif _holds_application(annotations, settings)[0]:
+        held.add("holdApplication")
+    if _status_port(annotations, settings) != 0:
+        held.add("statusPort")
+    return frozenset(held)
+
+
+def _holds_application(annotations: Mapping[str, str], settings: Settings) -> tuple[bool, bool]:
+    """Whether a proxy that is not a native sidecar holds the app until it is ready (its postStart hook), and
+    whether it goes first among the containers. Istio reads holdApplicationUntilProxyStarts of the pod's
+    proxy config and of values.global.proxy: either puts the proxy first, and the hook is the proxy config's
+    choice when it makes one (an explicit false removes it), else the values'."""
+    own = capture.proxy_config(annotations, settings).get("holdApplicationUntilProxyStarts")
+    values = settings.value("global.proxy.holdApplicationUntilProxyStarts") is True
+    return (own is True if isinstance(own, bool) else values), own is True or values
+
+
+def _status_port(annotations: Mapping[str, str], settings: Settings) -> int:
+    """The agent's status port: status.sidecar.istio.io/port (checked as a port), else the values'."""
+    text = annotations.get(capture.STATUS_PORT, settings.text("global.proxy.statusPort")).strip()
+    return int(text) if text.isdigit() else 0
 
 
 def _sidecar(template: Template, proxy: Mapping[str, Any]) -> Sidecar:
     """What the capture takes from the proxy, which must be able to receive it."""
     uid, gid = proxy_identity(proxy)
     listeners = template.listeners
+    assert listeners is not None  # only a template with listeners gets a capture
     own = [*template.proxy_ports]
     own += [port for port in declared_ports(proxy) if port not in own]
     for port in (listeners.outbound, listeners.inbound):
@@ -666,12 +787,18 @@ def _image(settings: Settings, injector: Injector) -> str:
     return injector.image
 
 
-def _resources(annotations: Mapping[str, str], settings: Settings) -> dict[str, Any]:
-    given = [(part, kind, name) for part, kind, name in RESOURCE_ANNOTATIONS if name in annotations]
+def _annotated_resources(annotations: Mapping[str, str]) -> dict[str, Any]:
+    """The proxy's resources from the sidecar.istio.io/proxyCPU... annotations alone."""
     resources: dict[str, Any] = {}
-    if given:
-        for part, kind, name in given:
+    for part, kind, name in RESOURCE_ANNOTATIONS:
+        if name in annotations:
             resources.setdefault(part, {})[kind] = _quantity(annotations[name], f"annotation '{name}'")
+    return resources
+
+
+def _resources(annotations: Mapping[str, str], settings: Settings) -> dict[str, Any]:
+    resources = _annotated_resources(annotations)
+    if resources:
         return resources
     configured = settings.value("global.proxy.resources") or {}
     for part in ("limits", "requests"):
