@@ -13,6 +13,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
+from istio_iptables.errors import ConfigError
 from istio_iptables.kube.capture import load_settings
 from istio_iptables.kube.inject import Injector, injected_pod
 from istio_iptables.kube.manifests import read_injector_config
@@ -233,3 +234,52 @@ def test_a_placeholder_standing_for_nothing_drops_its_field_and_a_list_is_splice
     tree = {"a": "{{ .Empty }}", "b": "{{ .None }}", "c": "x{{ .Empty }}", "env": ["{{ .Items }}", {"name": "Z"}]}
     values = {"Empty": "", "None": None, "Items": [{"name": "A"}, {"name": "B"}]}
     assert substitute(tree, values, {}) == {"c": "x", "env": [{"name": "A"}, {"name": "B"}, {"name": "Z"}]}
+
+
+def test_the_values_and_annotations_istios_template_reads() -> None:
+    sets = [
+        "values.global.logAsJson=true",
+        "values.global.proxy.privileged=true",
+        "values.global.multiCluster.clusterName=east",
+        "values.global.meshID=mesh1",
+        "values.global.proxy.clusterDomain=corp.local",
+        "values.global.caAddress=ca.example:443",
+        "meshConfig.defaultConfig.proxyMetadata.ISTIO_META_DNS_CAPTURE=true",
+    ]
+    mounts = '{"certs": {"mountPath": "/certs", "readOnly": true}}'
+    volumes = '{"certs": {"secret": {"secretName": "certs"}}}'
+    pod = istio(
+        sets,
+        **{
+            "sidecar.istio.io/userVolumeMount": mounts,
+            "sidecar.istio.io/userVolume": volumes,
+            "sidecar.istio.io/logLevel": "debug",
+            "sidecar.istio.io/proxyImage": "registry.example/proxy:2",
+        },
+    )
+    proxy = container(pod, "istio-proxy")
+    assert proxy["image"] == "registry.example/proxy:2"
+    assert proxy["args"][3:] == [
+        "$(POD_NAMESPACE).svc.corp.local",
+        "--proxyLogLevel=debug",
+        "--proxyComponentLogLevel=misc:error",
+        "--log_output_level=default:info",
+        "--log_as_json",
+    ]
+    assert (proxy["securityContext"]["privileged"], proxy["securityContext"]["allowPrivilegeEscalation"]) == (
+        True,
+        True,
+    )
+    assert [env(proxy, name) for name in ("CA_ADDR", "ISTIO_META_CLUSTER_ID", "ISTIO_META_MESH_ID")] == [
+        "ca.example:443",
+        "east",
+        "mesh1",
+    ]
+    assert proxy["env"][-2:][0] == {"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}  # proxyMetadata, then probers
+    assert proxy["volumeMounts"][-1] == {"name": "certs", "mountPath": "/certs", "readOnly": True}
+    assert pod["spec"]["volumes"][-1] == {"name": "certs", "secret": {"secretName": "certs"}}
+
+
+def test_a_bad_user_volume_annotation_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"invalid value '\[\]' for annotation 'sidecar.istio.io/userVolume'"):
+        istio(**{"sidecar.istio.io/userVolume": "[]"})

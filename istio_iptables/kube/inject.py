@@ -37,6 +37,8 @@ PROXY_IMAGE = "sidecar.istio.io/proxyImage"
 PROXY_LOG_LEVEL = "sidecar.istio.io/logLevel"
 PROXY_COMPONENT_LOG_LEVEL = "sidecar.istio.io/componentLogLevel"
 WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
+USER_VOLUME = "sidecar.istio.io/userVolume"
+USER_VOLUME_MOUNT = "sidecar.istio.io/userVolumeMount"
 RESOURCE_ANNOTATIONS = (
     ("requests", "cpu", "sidecar.istio.io/proxyCPU"),
     ("requests", "memory", "sidecar.istio.io/proxyMemory"),
@@ -494,6 +496,7 @@ def _placeholder_values(  # noqa: PLR0917 (one value per placeholder source)
         return int(text) if text.isdigit() and int(text) else None
 
     metadata = capture.proxy_config(annotations, settings).get("proxyMetadata") or {}
+    trust_domain = go_text(settings.mesh_value("trustDomain")) or "cluster.local"
     return {
         "ProxyUID": context.get("runAsUser"),
         "ProxyGID": context.get("runAsGroup", context.get("runAsUser")),
@@ -518,10 +521,51 @@ def _placeholder_values(  # noqa: PLR0917 (one value per placeholder source)
             {"name": key, **({"value": go_text(metadata[key])} if go_text(metadata[key]) else {})}
             for key in sorted(metadata)
         ],
+        "AgentArgs": _agent_args(settings),
+        "CAAddress": settings.text("global.caAddress") or _istiod_address(settings),
+        "ClusterID": settings.text("global.multiCluster.clusterName") or "Kubernetes",
+        "TrustDomain": trust_domain,
+        "MeshID": settings.text("global.meshID") or trust_domain,
+        "UserVolumes": _user_volumes(annotations, USER_VOLUME),
+        "UserVolumeMounts": _user_volumes(annotations, USER_VOLUME_MOUNT),
         "LogLevel": annotated(PROXY_LOG_LEVEL, "global.proxy.logLevel"),
         "ComponentLogLevel": annotated(PROXY_COMPONENT_LOG_LEVEL, "global.proxy.componentLogLevel"),
         "AgentLogLevel": annotated(capture.AGENT_LOG_LEVEL, "global.logging.level"),
     }
+
+
+def _agent_args(settings: Settings) -> list[str]:
+    """The agent's optional arguments Istio's template adds from the values."""
+    args = []
+    if port := settings.text("global.sts.servicePort"):
+        args.append(f"--stsPort={port}")
+    if settings.value("global.logAsJson") is True:
+        args.append("--log_as_json")
+    if path := settings.text("global.proxy.outlierLogPath"):
+        args.append(f"--outlierLogPath={path}")
+    return args
+
+
+def _istiod_address(settings: Settings) -> str:
+    revision = settings.text("revision")
+    return f"istiod{'-' + revision if revision else ''}.{settings.text('global.istioNamespace')}.svc:15012"
+
+
+def _user_volumes(annotations: Mapping[str, str], annotation: str) -> list[dict[str, Any]]:
+    """Istio's sidecar.istio.io/userVolume and userVolumeMount: a JSON map of name to volume (or volume mount),
+    each added with its name, by name."""
+    if annotation not in annotations:
+        return []
+    try:
+        given = json.loads(annotations[annotation])
+    except ValueError:
+        given = None
+    if not isinstance(given, dict) or not all(isinstance(value, dict) for value in given.values()):
+        raise InjectionError(
+            f"invalid value '{go_text(annotations[annotation])}' for annotation '{annotation}': must be a JSON "
+            "map of names to volumes"
+        )
+    return [{"name": name, **given[name]} for name in sorted(given)]
 
 
 def _proxy_image(annotations: Mapping[str, str], settings: Settings) -> str:

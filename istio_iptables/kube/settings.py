@@ -40,6 +40,7 @@ DEFAULT_VALUES: Mapping[str, Any] = {
             "readinessFailureThreshold": 4,
             "logLevel": "warning",
             "componentLogLevel": "misc:error",
+            "clusterDomain": "cluster.local",
             "privileged": False,
             "holdApplicationUntilProxyStarts": False,
             "resources": {
@@ -52,6 +53,8 @@ DEFAULT_VALUES: Mapping[str, Any] = {
         "logAsJson": False,
         "imagePullPolicy": "",
         "nativeNftables": False,
+        "pilotCertProvider": "istiod",
+        "istioNamespace": "istio-system",
     },
     "pilot": {"cni": {"enabled": False, "provider": "default"}},
     "sidecarInjectorWebhook": {"defaultTemplates": [], "templates": {}, "rewriteAppHTTPProbe": True},

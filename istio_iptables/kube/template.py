@@ -51,6 +51,14 @@ PLACEHOLDERS: Mapping[str, str] = {
     "ReadinessFailureThreshold": "readiness.status.sidecar.istio.io/failureThreshold, else "
     "values.global.proxy.readinessFailureThreshold (nothing when 0)",
     "ProxyMetadataEnv": "the pod's proxy config's proxyMetadata as env entries, by name (a list item: spliced in)",
+    "AgentArgs": "the agent's optional arguments from the values (--stsPort, --log_as_json, --outlierLogPath; "
+    "a list item: spliced in)",
+    "CAAddress": "values.global.caAddress, else istiod[-revision].<values.global.istioNamespace>.svc:15012",
+    "ClusterID": "values.global.multiCluster.clusterName, else Kubernetes",
+    "TrustDomain": "the mesh config's trustDomain, else cluster.local",
+    "MeshID": "values.global.meshID, else the trust domain",
+    "UserVolumes": "the volumes of the pod's sidecar.istio.io/userVolume (a list item: spliced in)",
+    "UserVolumeMounts": "the mounts of the pod's sidecar.istio.io/userVolumeMount (a list item: spliced in)",
     "LogLevel": "sidecar.istio.io/logLevel, else values.global.proxy.logLevel",
     "ComponentLogLevel": "sidecar.istio.io/componentLogLevel, else values.global.proxy.componentLogLevel",
     "AgentLogLevel": "sidecar.istio.io/agentLogLevel, else values.global.logging.level",
