@@ -1,9 +1,12 @@
 """Injection: a workload's pod template in, the same with the capture's init container and annotations out,
 as Istio's injector (``istioctl kube-inject`` and the webhook) makes them. Pure: documents in, documents out.
 
-Only the capture is injected: the ``istio-init`` container (``istio-validation`` when Istio's CNI plugin
-captures) and the pod annotations that carry the capture settings. The ``istio-proxy`` container stays the
-mesh's job; one the user wrote is left as it is, and its ``runAsUser`` is the UID the rules exempt.
+The capture: the ``istio-init`` container (``istio-validation`` when a CNI plugin captures) and the pod
+annotations that carry the capture settings. The proxy: the ``istio-proxy`` container of the injector
+configuration's template (its overlays laid as the pod's conditions ask, the user's own ``istio-proxy`` over
+it), with the capture derived from it, and what Istio's injector does for its agent in code (``agent.py``).
+Without a configuration, a user's ``istio-proxy`` is left as it is, and its ``runAsUser`` is the UID the
+rules exempt.
 """
 
 from __future__ import annotations
