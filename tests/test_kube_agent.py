@@ -283,3 +283,18 @@ def test_the_values_and_annotations_istios_template_reads() -> None:
 def test_a_bad_user_volume_annotation_is_named() -> None:
     with pytest.raises(ConfigError, match=r"invalid value '\[\]' for annotation 'sidecar.istio.io/userVolume'"):
         istio(**{"sidecar.istio.io/userVolume": "[]"})
+
+
+def test_the_pod_gets_istios_labels_and_annotations_unless_it_has_them() -> None:
+    pod = copy.deepcopy(POD)
+    pod["metadata"]["labels"] = {"app": "a" * 62 + "-x", "version": "v2", "security.istio.io/tlsMode": "disabled"}
+    result = istio(pod=pod, **{"kubectl.kubernetes.io/default-container": "log"})
+    assert result["metadata"]["labels"] == {
+        **pod["metadata"]["labels"],
+        "service.istio.io/canonical-name": "a" * 62,  # 63 characters at most, then one trailing '-' dropped
+        "service.istio.io/canonical-revision": "v2",
+    }
+    annotations = result["metadata"]["annotations"]
+    assert annotations["kubectl.kubernetes.io/default-container"] == "log"
+    assert annotations["kubectl.kubernetes.io/default-logs-container"] == "app"
+    assert annotations["istio.io/rev"] == "default"

@@ -500,6 +500,8 @@ def _placeholder_values(  # noqa: PLR0917 (one value per placeholder source)
 
     metadata = capture.proxy_config(annotations, settings).get("proxyMetadata") or {}
     trust_domain = go_text(settings.mesh_value("trustDomain")) or "cluster.local"
+    workload_name = labels.get(WORKLOAD_NAME_LABEL) or owner.name
+    canonical_name = labels.get("app.kubernetes.io/name") or labels.get("app") or workload_name
     return {
         "ProxyUID": context.get("runAsUser"),
         "ProxyGID": context.get("runAsGroup", context.get("runAsUser")),
@@ -508,7 +510,11 @@ def _placeholder_values(  # noqa: PLR0917 (one value per placeholder source)
         "InterceptionMode": mode,
         "Namespace": namespace,
         # Istio's workload-name label names the workload, not the owner.
-        "WorkloadName": labels.get(WORKLOAD_NAME_LABEL) or owner.name,
+        "WorkloadName": workload_name,
+        # A label value has at most 63 characters; Istio cuts the name there and drops one trailing '-'.
+        "CanonicalName": canonical_name[:63].removesuffix("-"),
+        "CanonicalRevision": labels.get("app.kubernetes.io/version") or labels.get("version") or "latest",
+        "DefaultContainer": go_text(apps[0].get("name")) if apps else None,
         "Owner": f"kubernetes://apis/{owner.api_version}/namespaces/{namespace}/{owner.kind.lower()}s/{owner.name}",
         "AppContainers": ",".join(go_text(c.get("name")) for c in apps),
         "PodPorts": _pod_ports(apps),

@@ -51,6 +51,10 @@ PLACEHOLDERS: Mapping[str, str] = {
     "ReadinessFailureThreshold": "readiness.status.sidecar.istio.io/failureThreshold, else "
     "values.global.proxy.readinessFailureThreshold (nothing when 0)",
     "ProxyMetadataEnv": "the pod's proxy config's proxyMetadata as env entries, by name (a list item: spliced in)",
+    "CanonicalName": "the pod's app.kubernetes.io/name label, else its app label, else .WorkloadName (63 characters "
+    "at most)",
+    "CanonicalRevision": "the pod's app.kubernetes.io/version label, else its version label, else latest",
+    "DefaultContainer": "the name of the pod's first container but the proxy (nothing without one)",
     "AgentArgs": "the agent's optional arguments from the values (--stsPort, --log_as_json, --outlierLogPath; "
     "a list item: spliced in)",
     "CAAddress": "values.global.caAddress, else istiod[-revision].<values.global.istioNamespace>.svc:15012",
