@@ -298,3 +298,14 @@ def test_the_pod_gets_istios_labels_and_annotations_unless_it_has_them() -> None
     assert annotations["kubectl.kubernetes.io/default-container"] == "log"
     assert annotations["kubectl.kubernetes.io/default-logs-container"] == "app"
     assert annotations["istio.io/rev"] == "default"
+
+
+def test_the_templates_volumes_go_ahead_of_the_pods_own() -> None:
+    """As Istio's strategic merge of its template over the pod orders them; a volume the pod has is its own."""
+    pod = copy.deepcopy(POD)
+    pod["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}, {"name": "istio-envoy", "emptyDir": {}}]
+    volumes = istio(pod=pod)["spec"]["volumes"]
+    names = [volume["name"] for volume in volumes]
+    assert names[:3] == ["workload-socket", "credential-socket", "workload-certs"]
+    assert names.index("data") == names.index("istio-envoy") - 1  # before the next volume it preceded
+    assert {"name": "istio-envoy", "emptyDir": {}} in volumes

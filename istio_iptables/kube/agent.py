@@ -69,8 +69,23 @@ def rewrite_app_probes(
     """The app containers' probes and lifecycle hooks, in ``ISTIO_KUBE_APP_PROBERS`` on ``proxy``, rewritten to
     the agent's status port (``status.sidecar.istio.io/port``, else the mesh config's), in place."""
     probers = app_probers(spec, mesh_status_port(settings))
-    if probers:
-        proxy["env"] = [*(proxy.get("env") or []), {"name": APP_PROBERS_ENV, "value": go_json(probers)}]
+    env = list(proxy.get("env") or [])
+    at = next(
+        (i for i, item in enumerate(env) if isinstance(item, Mapping) and item.get("name") == APP_PROBERS_ENV), None
+    )
+    if at is not None:
+        # The user's istio-proxy brings probers already (an injected pod's, as Istio merges them when it injects
+        # a pod again): theirs win, and the variable stays one.
+        try:
+            given = json.loads(str(env[at].get("value") or "{}"))
+        except ValueError:
+            given = None
+        if isinstance(given, dict):
+            env[at] = {"name": APP_PROBERS_ENV, "value": go_json(dict(sorted({**probers, **given}.items())))}
+    elif probers:
+        env.append({"name": APP_PROBERS_ENV, "value": go_json(probers)})
+    if env:
+        proxy["env"] = env
     port_text = annotations.get(STATUS_PORT)
     port = int(port_text) if port_text is not None and port_text.strip().isdigit() else mesh_status_port(settings)
     for key in ("initContainers", "containers"):

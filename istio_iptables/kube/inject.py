@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from istio_iptables.errors import ConfigError
@@ -753,17 +753,15 @@ def _native(annotations: Mapping[str, str], template: Template) -> bool:
 def _add_volumes(
     spec: dict[str, Any], template: Template, values: Mapping[str, Any], settings: Settings, workload: str
 ) -> list[str]:
-    """The template's volumes added to the pod (one the pod already has, by name, is kept); their names."""
+    """The template's volumes added to the pod (one the pod already has, by name, is kept), in the order of
+    Istio's strategic merge of the template over the pod; their names."""
     volumes = _list(spec, "volumes", workload)
     present = {v.get("name") for v in volumes if isinstance(v, Mapping)}
-    added = []
-    for volume in substitute(list(template.volumes), values, _trees(settings)):
-        if volume["name"] not in present:
-            volumes.append(volume)
-            added.append(volume["name"])
+    wanted = substitute(list(template.volumes), values, _trees(settings))
+    volumes = _merge_by(volumes, wanted, "name", lambda own, _: copy.deepcopy(own))
     if volumes:
         spec["volumes"] = volumes
-    return added
+    return [volume["name"] for volume in wanted if volume["name"] not in present]
 
 
 def _native_sidecar(annotations: Mapping[str, str], init_containers: list[Any]) -> bool:
@@ -888,22 +886,36 @@ def _strategic_merge(generated: Any, user: Any) -> Any:
 _MERGE_KEYS = {"env": "name", "volumeMounts": "mountPath", "ports": "containerPort", "volumeDevices": "devicePath"}
 
 
-def _merge_by(generated: list[Any], user: list[Any], key: str) -> list[Any]:
-    merged = list(generated)
-    for item in user:
-        at = next(
-            (
-                i
-                for i, old in enumerate(merged)
-                if isinstance(old, Mapping) and isinstance(item, Mapping) and old.get(key) == item.get(key)
-            ),
-            None,
+def _merge_by(
+    original: list[Any],
+    patch: list[Any],
+    key: str,
+    combine: Callable[[Any, Any], Any] = _strategic_merge,
+) -> list[Any]:
+    """Kubernetes' strategic merge of a list keyed by ``key``: an item of both is ``combine``d, and the order is
+    apimachinery's (``mergeSortedSlice``): the patch's items in the patch's order, each of the original's own
+    items placed before the first patch item that follows it in the original."""
+
+    def key_of(item: Any) -> Any:
+        return item.get(key) if isinstance(item, Mapping) else None
+
+    patched = {key_of(item): item for item in patch}
+    merged = [combine(item, patched[key_of(item)]) if key_of(item) in patched else item for item in original]
+    known = {key_of(item) for item in original}
+    merged += [copy.deepcopy(item) for item in patch if key_of(item) not in known]
+    order = {key_of(item): index for index, item in enumerate(patch)}
+    from_patch = sorted((item for item in merged if key_of(item) in patched), key=lambda item: order[key_of(item)])
+    own = [item for item in merged if key_of(item) not in patched]
+    position = {key_of(item): index for index, item in enumerate(original)}
+    result: list[Any] = []
+    while own or from_patch:
+        # An original item goes first while it precedes, in the original, the next patch item.
+        own_first = bool(own) and (
+            not from_patch
+            or (key_of(from_patch[0]) in position and position[key_of(own[0])] < position[key_of(from_patch[0])])
         )
-        if at is None:
-            merged.append(copy.deepcopy(item))
-        else:
-            merged[at] = _strategic_merge(merged[at], item)
-    return merged
+        result.append(own.pop(0) if own_first else from_patch.pop(0))
+    return result
 
 
 def _find(spec: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:

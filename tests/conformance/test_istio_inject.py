@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 import yaml
 
-from istio_iptables.kube.inject import INIT_CONTAINER, SIDECAR_STATUS, VALIDATION_CONTAINER, pod_paths
+from istio_iptables.kube.capture import load_settings
+from istio_iptables.kube.inject import (
+    INIT_CONTAINER,
+    SIDECAR_STATUS,
+    VALIDATION_CONTAINER,
+    Injector,
+    inject_documents,
+    pod_paths,
+)
+from istio_iptables.kube.manifests import read_injector_config
 from tests.helpers import SHARED, run_cli
 
 CORPUS = SHARED / "conformance" / "istio" / "inject"
@@ -89,7 +98,8 @@ PROXY_DIFFERENCES: dict[str, tuple[dict[str, Any], str]] = {
     "merge-probers": (
         {"proxy": None},
         "the pod is injected already (sidecar.istio.io/status): this injector leaves it as it is, so that "
-        "injecting twice changes nothing; Istio's strips its earlier sidecar and injects it again",
+        "injecting twice changes nothing; Istio's strips its earlier sidecar and injects it again (without the "
+        "marks of the earlier injection, the pod gets Istio's proxy exactly: the test below)",
     ),
     "proxy-override-runas.tproxy": (
         {"securityContext.runAsUser": (0, 1234)},
@@ -165,3 +175,27 @@ def test_the_istio_template_renders_istios_proxy(case: str, tmp_path: Path) -> N
             proxy, wanted_proxy = _without(proxy, dotted), _without(wanted_proxy, dotted)
         assert proxy == wanted_proxy
         assert [v for v in spec.get("volumes") or [] if v["name"] != "istio-iptables-lock"] == wanted["volumes"]
+
+
+@pytest.mark.skipif("merge-probers" not in CASES, reason=f"Istio's injection goldens are not there: {CORPUS} is absent")
+def test_a_pod_with_an_earlier_sidecars_proxy_gets_istios_merged_proxy() -> None:
+    """merge-probers without what marks it injected (its status annotation, the earlier istio-init and
+    volumes): its old istio-proxy is laid over the template's as Kubernetes' strategic merge orders lists, and
+    its ISTIO_KUBE_APP_PROBERS takes the new container's probe, as in Istio's golden."""
+    folder = CORPUS / "merge-probers"
+    (deployment,) = filter(None, yaml.safe_load_all((folder / "input.yaml").read_text()))
+    template = deployment["spec"]["template"]
+    del template["metadata"]["annotations"][SIDECAR_STATUS]
+    del template["spec"]["initContainers"], template["spec"]["volumes"]
+    sets = json.loads((folder / "case.json").read_text())["sets"]
+    parsed, values = read_injector_config("istio")
+    chosen = Injector(load_settings(sets, values=values), config=parsed)
+    (injected,) = _workloads(inject_documents([deployment], chosen))
+    spec = _at(injected, pod_paths(injected)[1])  # type: ignore[index]
+    (proxy,) = [c for c in spec["initContainers"] if c["name"] == "istio-proxy"]
+    (wanted,) = yaml.safe_load((folder / "expected-proxy.yaml").read_text())
+    assert {k: v for k, v in proxy.items() if k != "image"} == {
+        k: v for k, v in wanted["proxy"].items() if k not in ("image", "_in")
+    }
+    assert spec["volumes"] == wanted["volumes"]
+    assert "istio-proxy" not in [c["name"] for c in spec["containers"]]
