@@ -16,11 +16,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from istio_iptables.capture.config import Config
 from istio_iptables.errors import ConfigError
-from istio_iptables.kube.capture import InjectionError, load_settings, parse_capture_args
+from istio_iptables.kube.capture import RECORDED_PROXY_PORTS, InjectionError, load_settings, parse_capture_args
 from istio_iptables.kube.inject import Injector, check_config, injected_pod
 from istio_iptables.kube.manifests import read_injector_config
 from istio_iptables.kube.template import SHIPPED, load_schema, parse_config, shipped_text
+from istio_iptables.records import replace
 from tests.helpers import run_cli
 
 POD = {
@@ -269,11 +271,12 @@ def test_the_relay_templates_placeholders_are_rendered() -> None:
     assert result["metadata"]["labels"] == {"istio-iptables.io/proxy": "relay"}
 
 
-def test_the_webhooks_patch_is_injects_output_with_the_relay() -> None:
+@pytest.mark.parametrize("sets", [[], ["components.cni.enabled=true"]])
+def test_the_webhooks_patch_is_injects_output_with_the_relay(sets: list[str]) -> None:
     from istio_iptables.kube.webhook import answer  # noqa: PLC0415 (the webhook extra)
 
     parsed, values = read_injector_config("relay")
-    chosen = Injector(load_settings(values=values), config=parsed)
+    chosen = Injector(load_settings(sets, values=values), config=parsed)
     pod = {key: value for key, value in POD.items() if key != "metadata"} | {"metadata": {"name": "app"}}
     review = {
         "apiVersion": "admission.k8s.io/v1",
@@ -291,6 +294,8 @@ def test_the_webhooks_patch_is_injects_output_with_the_relay() -> None:
 
     patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
     assert patched == inject(pod, chosen)
+    # In CNI mode the relay's ports (not Istio's) are recorded for the plugin, by the webhook as by inject.
+    assert (RECORDED_PROXY_PORTS in patched["metadata"]["annotations"]) == bool(sets)
     assert response["warnings"][0].startswith("istio-iptables: injected the capture and the proxy of template sidecar")
 
 
@@ -321,3 +326,77 @@ def test_interception_mode_none_gets_the_proxy_without_the_capture() -> None:
     without = injected_pod(pod, Injector(load_settings()), workload="Pod shop/app", namespace="shop")
     assert without.pod == pod
     assert without.reason == "not injected: interception mode NONE asks for no capture"
+
+
+# ---- CNI mode: the plugin, given the pod's annotations only, applies the init container's rules --------------
+
+
+def plugin_config_of(pod: dict[str, Any], settings: Any) -> Any:
+    """The Config the CNI plugin makes of an injected pod from its annotations alone, as a runtime hands them
+    (its plugin settings: ``settings``), without what only concerns the plugin's way of applying it."""
+    from istio_iptables.cni.plugin import PluginConfig, PodInfo, capture_config  # noqa: PLC0415
+
+    found = capture_config(PodInfo(pod["metadata"]["annotations"]), settings, "/run/netns/pod", PluginConfig())
+    return replace(found, network_namespace=Config.network_namespace, cni_mode=False, force_iptables_binary=None)
+
+
+def init_config_of(pod: dict[str, Any]) -> Any:
+    """The Config of the pod's istio-init container: its args and environment."""
+    (init,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init"]
+    return parse_capture_args(init["args"], {item["name"]: item["value"] for item in init.get("env") or []})
+
+
+@settings(max_examples=60, deadline=None)
+@given(templates_and_pods(), st.sampled_from([[], ["meshConfig.defaultConfig.interceptionMode=TPROXY"]]))
+def test_the_plugin_applies_the_init_containers_rules_for_any_template(
+    case: tuple[dict[str, Any], dict[str, Any]], sets: list[str]
+) -> None:
+    """Whatever ports and UID the template's proxy has: the injector's settings name its listeners (as they
+    must), the plugin runs with the chart's defaults, and still captures as the init container would."""
+    tree, pod = case
+    body = tree["templates"]["sidecar"]
+    listeners = body["listeners"]
+    mesh = [*sets, f"meshConfig.proxyListenPort={listeners['outbound']}"]
+    mesh.append(f"meshConfig.proxyInboundListenPort={listeners['inbound']}")
+    config_ = parse_config(tree, "test")
+    for container in pod["spec"]["containers"]:
+        container["securityContext"] = {"runAsUser": 5}  # no app runs as the proxy (refused, tested above)
+    if 5 in (body["proxy"]["securityContext"]["runAsUser"], body["proxy"]["securityContext"].get("runAsGroup")):
+        return
+    init_mode = inject(pod, Injector(load_settings(mesh), config=config_))
+    cni_mode = inject(pod, Injector(load_settings([*mesh, "components.cni.enabled=true"]), config=config_))
+    assert plugin_config_of(cni_mode, load_settings(sets)) == init_config_of(init_mode)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_plugin_applies_the_init_containers_rules_for_the_shipped_templates(name: str) -> None:
+    parsed, values = read_injector_config(name)
+    for sets in ([], ["meshConfig.defaultConfig.interceptionMode=TPROXY"]):
+        init_mode = inject(POD, Injector(load_settings(sets, values=values), config=parsed))
+        cni_settings = load_settings([*sets, "components.cni.enabled=true"], values=values)
+        cni_mode = inject(POD, Injector(cni_settings, config=parsed))
+        assert plugin_config_of(cni_mode, load_settings(sets)) == init_config_of(init_mode)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "15001",
+        "{}",
+        '{"outbound":15001,"inbound":15006}',
+        '{"outbound":0,"inbound":15006,"own":[]}',
+        '{"outbound":15001,"inbound":15006,"own":[true]}',
+        '{"outbound":15001,"inbound":15006,"own":[],"x":1}',
+    ],
+)
+def test_a_bad_recorded_ports_annotation_is_named_in_one_line(value: str) -> None:
+    annotations = {
+        "sidecar.istio.io/status": '{"initContainers":["istio-validation"]}',
+        RECORDED_PROXY_PORTS: value,
+    }
+    with pytest.raises(InjectionError) as refused:
+        plugin_config_of({"metadata": {"annotations": annotations}}, load_settings())
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"invalid value '{value}' for annotation '{RECORDED_PROXY_PORTS}': must be")

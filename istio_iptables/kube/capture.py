@@ -9,6 +9,7 @@ same parser (``parse_capture_args``), so a pod gets the same rules whichever way
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 
 from istio_iptables.capture import config as configuration
@@ -43,9 +44,17 @@ RECORDED_PROXY_UID = "istio-iptables.io/proxy-uid"
 the UID comes from the ``istio-proxy`` container's securityContext, which a runtime does not hand a CNI plugin
 (only the pod's annotations). Read back here, it gives the plugin the init container's ``-u`` exactly."""
 
+RECORDED_PROXY_PORTS = "istio-iptables.io/proxy-ports"
+"""This injector's own annotation, written in CNI mode only when the template's proxy gives the capture other
+ports than Istio's: ``{"outbound":P,"inbound":Z,"own":[PORT,...]}``, the init argv's ``-p``, ``-z`` and the
+proxy's own ports that start its ``-d``. A runtime hands a CNI plugin the annotations only, not the template
+or the proxy's container; read back here, it gives the plugin the init container's ports exactly."""
+
 DEFAULT_PROXY_UID = 1337
 ALWAYS_EXCLUDED_INBOUND = "15090,15021"
 """Envoy's Prometheus port and the agent's health port: the template writes them before the status port."""
+DEFAULT_LISTENERS = (15001, 15006)
+"""Istio's outbound and inbound listeners (``meshConfig.proxyListenPort``, ``proxyInboundListenPort``)."""
 
 
 @record
@@ -60,6 +69,37 @@ class Sidecar:
     """``-z``: the proxy's inbound listener."""
     own_ports: tuple[int, ...]
     """The proxy's own ports, first in ``-d`` (in place of Istio's 15090,15021)."""
+
+
+def recorded_ports_text(sidecar: Sidecar) -> str:
+    """``RECORDED_PROXY_PORTS``'s value for the ports the capture takes from ``sidecar``."""
+    ports = {"outbound": sidecar.outbound, "inbound": sidecar.inbound, "own": list(sidecar.own_ports)}
+    return json.dumps(ports, separators=(",", ":"))
+
+
+def recorded_ports(text: str) -> tuple[int, int, tuple[int, ...]]:
+    """The outbound and inbound listeners and the proxy's own ports of a ``RECORDED_PROXY_PORTS`` value;
+    InjectionError naming the annotation when it is not one this injector writes."""
+    try:
+        ports = json.loads(text)
+    except ValueError:
+        ports = None
+    valid = (
+        isinstance(ports, dict)
+        and sorted(ports) == ["inbound", "outbound", "own"]
+        and isinstance(ports["own"], list)
+        and all(_is_port(port) for port in [ports["outbound"], ports["inbound"], *ports["own"]])
+    )
+    if not valid:
+        raise InjectionError(
+            f"invalid value '{configuration.shown(text)}' for annotation '{RECORDED_PROXY_PORTS}': must be "
+            '{"outbound":PORT,"inbound":PORT,"own":[PORT,...]} with ports 1-65535, as the injector writes it'
+        )
+    return ports["outbound"], ports["inbound"], tuple(ports["own"])
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
 class InjectionError(ConfigError):
@@ -317,8 +357,17 @@ def _arguments(
     status_port, status_origin = pick(STATUS_PORT, "global.proxy.statusPort")
     excluded, excluded_origin = pick(EXCLUDE_INBOUND_PORTS, "global.proxy.excludeInboundPorts")
     excluded_with_status = exclude_inbound_port(status_port, excluded)
-    if sidecar is None:
-        listeners = [("-p", *mesh_port("proxyListenPort", 15001)), ("-z", *mesh_port("proxyInboundListenPort", 15006))]
+    if sidecar is None and RECORDED_PROXY_PORTS in annotations:
+        # The ports the injector recorded are the init argv's, whatever the settings here say.
+        outbound, inbound, own = recorded_ports(annotations[RECORDED_PROXY_PORTS])
+        recorded = f"annotation '{RECORDED_PROXY_PORTS}'"
+        listeners = [("-p", str(outbound), recorded), ("-z", str(inbound), recorded)]
+        uid, own_ports = _proxy_uid(annotations, proxy_uid), ",".join(map(str, own))
+    elif sidecar is None:
+        listeners = [
+            ("-p", *mesh_port("proxyListenPort", DEFAULT_LISTENERS[0])),
+            ("-z", *mesh_port("proxyInboundListenPort", DEFAULT_LISTENERS[1])),
+        ]
         uid, own_ports = _proxy_uid(annotations, proxy_uid), ALWAYS_EXCLUDED_INBOUND
     else:
         listeners = [

@@ -1,20 +1,24 @@
 """Injection: a workload's pod template in, the same with the capture's init container and annotations out,
 as Istio's injector (``istioctl kube-inject`` and the webhook) makes them. Pure: documents in, documents out.
 
-Only the capture is injected: the ``istio-init`` container (``istio-validation`` when Istio's CNI plugin
-captures) and the pod annotations that carry the capture settings. The ``istio-proxy`` container stays the
-mesh's job; one the user wrote is left as it is, and its ``runAsUser`` is the UID the rules exempt.
+The capture: the ``istio-init`` container (``istio-validation`` when a CNI plugin captures) and the pod
+annotations that carry the capture settings. The proxy: the ``istio-proxy`` container of the injector
+configuration's template (its overlays laid as the pod's conditions ask, the user's own ``istio-proxy`` over
+it), with the capture derived from it, and what Istio's injector does for its agent in code (``agent.py``).
+Without a configuration, a user's ``istio-proxy`` is left as it is, and its ``runAsUser`` is the UID the
+rules exempt.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from istio_iptables.errors import ConfigError
-from istio_iptables.kube import capture
+from istio_iptables.kube import agent, capture
+from istio_iptables.kube.agent import PROXY_CONTAINER
 from istio_iptables.kube.capture import InjectionError, Sidecar, init_args
 from istio_iptables.kube.policy import SIDECAR_STATUS, PodFacts, chosen_templates, decide, string_map
 from istio_iptables.kube.quantity import canonical_quantity
@@ -27,12 +31,17 @@ DEFAULT_IMAGE = "istio-iptables:0.1.0"
 
 INIT_CONTAINER = "istio-init"
 VALIDATION_CONTAINER = "istio-validation"
-PROXY_CONTAINER = "istio-proxy"
 
 TEMPLATES = "inject.istio.io/templates"
 NATIVE_SIDECAR = "sidecar.istio.io/nativeSidecar"
 MULTUS_NETWORKS = "k8s.v1.cni.cncf.io/networks"
 MULTUS_NETWORK = "default/istio-cni"
+PROXY_IMAGE = "sidecar.istio.io/proxyImage"
+PROXY_LOG_LEVEL = "sidecar.istio.io/logLevel"
+PROXY_COMPONENT_LOG_LEVEL = "sidecar.istio.io/componentLogLevel"
+WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
+USER_VOLUME = "sidecar.istio.io/userVolume"
+USER_VOLUME_MOUNT = "sidecar.istio.io/userVolumeMount"
 RESOURCE_ANNOTATIONS = (
     ("requests", "cpu", "sidecar.istio.io/proxyCPU"),
     ("requests", "memory", "sidecar.istio.io/proxyMemory"),
@@ -148,13 +157,17 @@ def injected_pod(
                 "one; --capture-only injects the capture alone)"
             )
         proxy = None
+        native = template is not None and _native(annotations, template)
         if template is not None:
             values = _placeholder_values(pod, spec, annotations, settings, mode, template, namespace, owner)
-            proxy = _strategic_merge(_rendered_proxy(template, mode, values, settings), user_proxy or {})
-        sidecar = _sidecar(template, proxy) if template is not None and proxy is not None else None
+            conditions = _conditions(annotations, settings, mode, native)
+            overrides = {key: value for key, value in (user_proxy or {}).items() if (key, value) != ("image", "auto")}
+            proxy = _strategic_merge(_rendered_proxy(template, conditions, values, settings), overrides)
+        captures = template is None or template.listeners is not None
+        sidecar = _sidecar(template, proxy) if template is not None and proxy is not None and captures else None
         if sidecar is not None:
             _check_apps(spec, proxy or {}, workload)
-        if mode == "NONE":
+        if mode == "NONE" or not captures:
             container = None
         else:
             context = proxy.get("securityContext") if proxy is not None else _security_context(user_proxy, workload)
@@ -164,9 +177,14 @@ def injected_pod(
     if container is None and proxy is None:
         return Outcome(unchanged, "not injected: interception mode NONE asks for no capture")
     spec = copy.deepcopy(spec)
-    init_containers = _list(spec, "initContainers", workload)
     added_volumes: list[str] = []
-    native = template is not None and _native(annotations, template)
+    if template is not None and proxy is not None:
+        # What Istio's injector does in code for its agent, after the template (and the user's proxy) are laid.
+        if template.merge_prometheus_metrics:
+            agent.merge_prometheus(annotations, proxy, settings)
+        if template.rewrite_app_probes and agent.rewrites_probes(annotations, settings):
+            agent.rewrite_app_probes(spec, proxy, annotations, settings)
+    init_containers = _list(spec, "initContainers", workload)
     if proxy is not None:
         others = [c for c in init_containers if not (isinstance(c, Mapping) and c.get("name") == PROXY_CONTAINER)]
         containers = [
@@ -178,7 +196,9 @@ def injected_pod(
             init_containers = [{**proxy, "restartPolicy": "Always"}, *others]
         else:
             init_containers = others
-            containers = [*containers, proxy]
+            # Last, so that kubectl's commands default to the app; first when it holds the app until it is ready.
+            first = _holds_application(annotations, settings)[1]
+            containers = [proxy, *containers] if first else [*containers, proxy]
         spec["containers"] = containers
         added_volumes = _add_volumes(spec, template, values, settings, workload)  # type: ignore[arg-type]
     if container is not None:
@@ -204,6 +224,7 @@ def injected_pod(
     if container is not None and settings.cni:
         annotations.update(cni_annotations(annotations, settings))
         annotations.update(recorded_proxy_uid(container["args"]))
+        annotations.update(recorded_proxy_ports(sidecar))
     new_labels = dict(labels)
     if template is not None:
         for key, value in substitute(dict(template.labels), values, _trees(settings)).items():
@@ -226,6 +247,8 @@ def injected_pod(
     what = (
         f"the capture and the proxy of template {template.name}"
         if template is not None and container is not None
+        else f"the proxy of template {template.name} (a template without listeners: no capture)"
+        if template is not None and template.listeners is None
         else f"the proxy of template {template.name} (interception mode NONE: no capture)"
         if template is not None
         else "the capture, for the pod's own istio-proxy container"
@@ -276,6 +299,18 @@ def recorded_proxy_uid(args: object) -> dict[str, str]:
     if isinstance(args, list) and "-u" in args[:-1]:  # the user's init container may have replaced the args
         uid = str(args[args.index("-u") + 1])
     return {} if uid == str(capture.DEFAULT_PROXY_UID) else {capture.RECORDED_PROXY_UID: uid}
+
+
+def recorded_proxy_ports(sidecar: Sidecar | None) -> dict[str, str]:
+    """CNI mode: the ports the capture takes from the template's proxy (``-p``, ``-z``, the start of ``-d``),
+    as the annotation the plugin reads back (``capture.RECORDED_PROXY_PORTS``), when they are not Istio's: the
+    template and the proxy's container are not handed to a CNI plugin."""
+    if sidecar is None:
+        return {}
+    istio = (*capture.DEFAULT_LISTENERS, capture.ALWAYS_EXCLUDED_INBOUND)
+    if (sidecar.outbound, sidecar.inbound, ",".join(map(str, sidecar.own_ports))) == istio:
+        return {}
+    return {capture.RECORDED_PROXY_PORTS: capture.recorded_ports_text(sidecar)}
 
 
 def append_multus_network(existing: str, network: str) -> str:
@@ -394,9 +429,12 @@ def _capture_config(settings: Settings) -> InjectorConfig:
 
 def check_config(config: InjectorConfig, settings: Settings) -> None:
     """Refuse a configuration whose proxies cannot receive what the capture sends them: listeners other than
-    the mesh config's (which the CNI plugin reads), or a proxy without a UID of its own to be exempted by."""
+    the mesh config's (which Istio's control plane and its CNI plugin use), or a proxy without a UID of its own
+    to be exempted by."""
     problems = []
     for template in config.templates.values():
+        if template.listeners is None:
+            continue  # no capture: nothing to agree with
         for field, path in (("outbound", "proxyListenPort"), ("inbound", "proxyInboundListenPort")):
             port = getattr(template.listeners, field)
             if port != settings.mesh_value(path):
@@ -404,11 +442,15 @@ def check_config(config: InjectorConfig, settings: Settings) -> None:
                     f"templates.{template.name}.listeners.{field}: {port} disagrees with setting "
                     f"meshConfig.{path} ({go_text(settings.mesh_value(path))}), where the capture sends connections"
                 )
-        for mode, proxy in (("", template.proxy), (" (TPROXY)", _strategic_merge(template.proxy, template.tproxy))):
+        named = sorted({condition for overlay in template.overlays for condition in overlay.when})
+        # Every combination of the overlays' conditions gives a proxy the capture must be able to exempt.
+        for held in (frozenset(c for i, c in enumerate(named) if mask >> i & 1) for mask in range(2 ** len(named))):
+            where = f" (when {', '.join(sorted(held))})" if held else ""
             try:
-                proxy_identity(proxy)
+                proxy_identity(_overlaid(template, held))
             except InjectionError as error:
-                problems.append(f"templates.{template.name}.proxy{mode}: {error}")
+                problems.append(f"templates.{template.name}.proxy{where}: {error}")
+                break  # one line per template: the first combination that fails
     if problems:
         raise ConfigError("\n".join(f"invalid value for --injector-config: {problem}" for problem in problems))
 
@@ -443,20 +485,106 @@ def _placeholder_values(  # noqa: PLR0917 (one value per placeholder source)
     owner = owner or owner_of({"apiVersion": "v1", "kind": "Pod", **pod})
     apps = [c for c in spec.get("containers") or [] if isinstance(c, Mapping) and c.get("name") != PROXY_CONTAINER]
     context = template.proxy.get("securityContext") or {}
+    listeners = template.listeners
+    labels = string_map(_mapping(pod.get("metadata"), "metadata", "the pod").get("labels"))
+
+    def annotated(annotation: str, path: str) -> str:
+        return annotations[annotation] if annotation in annotations else settings.text(path)
+
+    def readiness(field: str) -> int | None:
+        # Kubernetes leaves a probe's zero fields out.
+        text = annotated(
+            f"readiness.status.sidecar.istio.io/{field}", f"global.proxy.readiness{field[0].upper()}{field[1:]}"
+        )
+        return int(text) if text.isdigit() and int(text) else None
+
+    metadata = capture.proxy_config(annotations, settings).get("proxyMetadata") or {}
+    trust_domain = go_text(settings.mesh_value("trustDomain")) or "cluster.local"
+    workload_name = labels.get(WORKLOAD_NAME_LABEL) or owner.name
+    canonical_name = labels.get("app.kubernetes.io/name") or labels.get("app") or workload_name
     return {
         "ProxyUID": context.get("runAsUser"),
         "ProxyGID": context.get("runAsGroup", context.get("runAsUser")),
-        "OutboundPort": template.listeners.outbound,
-        "InboundPort": template.listeners.inbound,
+        "OutboundPort": listeners.outbound if listeners else None,
+        "InboundPort": listeners.inbound if listeners else None,
         "InterceptionMode": mode,
         "Namespace": namespace,
-        "WorkloadName": owner.name,
+        # Istio's workload-name label names the workload, not the owner.
+        "WorkloadName": workload_name,
+        # A label value has at most 63 characters; Istio cuts the name there and drops one trailing '-'.
+        "CanonicalName": canonical_name[:63].removesuffix("-"),
+        "CanonicalRevision": labels.get("app.kubernetes.io/version") or labels.get("version") or "latest",
+        "DefaultContainer": go_text(apps[0].get("name")) if apps else None,
         "Owner": f"kubernetes://apis/{owner.api_version}/namespaces/{namespace}/{owner.kind.lower()}s/{owner.name}",
         "AppContainers": ",".join(go_text(c.get("name")) for c in apps),
         "PodPorts": _pod_ports(apps),
         "ProxyConfig": _proxy_config_text(annotations, settings),
         "ProxyResources": _resources(annotations, settings),
+        "AnnotatedResources": _annotated_resources(annotations),
+        "ProxyImage": _proxy_image(annotations, settings),
+        "StatusPort": _status_port(annotations, settings),
+        "ReadinessInitialDelaySeconds": readiness("initialDelaySeconds"),
+        "ReadinessPeriodSeconds": readiness("periodSeconds"),
+        "ReadinessFailureThreshold": readiness("failureThreshold"),
+        "ProxyMetadataEnv": [
+            {"name": key, **({"value": go_text(metadata[key])} if go_text(metadata[key]) else {})}
+            for key in sorted(metadata)
+        ],
+        "AgentArgs": _agent_args(settings),
+        "CAAddress": settings.text("global.caAddress") or _istiod_address(settings),
+        "ClusterID": settings.text("global.multiCluster.clusterName") or "Kubernetes",
+        "TrustDomain": trust_domain,
+        "MeshID": settings.text("global.meshID") or trust_domain,
+        "UserVolumes": _user_volumes(annotations, USER_VOLUME),
+        "UserVolumeMounts": _user_volumes(annotations, USER_VOLUME_MOUNT),
+        "LogLevel": annotated(PROXY_LOG_LEVEL, "global.proxy.logLevel"),
+        "ComponentLogLevel": annotated(PROXY_COMPONENT_LOG_LEVEL, "global.proxy.componentLogLevel"),
+        "AgentLogLevel": annotated(capture.AGENT_LOG_LEVEL, "global.logging.level"),
     }
+
+
+def _agent_args(settings: Settings) -> list[str]:
+    """The agent's optional arguments Istio's template adds from the values."""
+    args = []
+    if port := settings.text("global.sts.servicePort"):
+        args.append(f"--stsPort={port}")
+    if settings.value("global.logAsJson") is True:
+        args.append("--log_as_json")
+    if path := settings.text("global.proxy.outlierLogPath"):
+        args.append(f"--outlierLogPath={path}")
+    return args
+
+
+def _istiod_address(settings: Settings) -> str:
+    revision = settings.text("revision")
+    return f"istiod{'-' + revision if revision else ''}.{settings.text('global.istioNamespace')}.svc:15012"
+
+
+def _user_volumes(annotations: Mapping[str, str], annotation: str) -> list[dict[str, Any]]:
+    """Istio's sidecar.istio.io/userVolume and userVolumeMount: a JSON map of name to volume (or volume mount),
+    each added with its name, by name."""
+    if annotation not in annotations:
+        return []
+    try:
+        given = json.loads(annotations[annotation])
+    except ValueError:
+        given = None
+    if not isinstance(given, dict) or not all(isinstance(value, dict) for value in given.values()):
+        raise InjectionError(
+            f"invalid value '{go_text(annotations[annotation])}' for annotation '{annotation}': must be a JSON "
+            "map of names to volumes"
+        )
+    return [{"name": name, **given[name]} for name in sorted(given)]
+
+
+def _proxy_image(annotations: Mapping[str, str], settings: Settings) -> str:
+    """Istio's proxy image: the pod's sidecar.istio.io/proxyImage or values.global.proxy.image when it is a
+    registry path (holds a '/'), else that name (proxyv2) at the values' hub and tag."""
+    for image in (annotations.get(PROXY_IMAGE, ""), settings.text("global.proxy.image")):
+        if "/" in image:
+            return image
+    name = settings.text("global.proxy.image") or "proxyv2"
+    return f"{settings.text('global.hub')}/{name}:{settings.text('global.tag')}"
 
 
 _PORT_FIELDS = ("name", "hostPort", "containerPort", "protocol", "hostIP")
@@ -483,25 +611,85 @@ def _proxy_config_text(annotations: Mapping[str, str], settings: Settings) -> st
     defaults = DEFAULT_MESH["defaultConfig"]
     config = capture.proxy_config(annotations, settings)
     differing = {key: value for key, value in config.items() if value != defaults.get(key) and value not in ({}, None)}
-    return json.dumps(differing, separators=(",", ":"), sort_keys=True) + "\n"
+    # protojson writes a message's fields in the order the .proto declares them, a map's keys sorted (below the
+    # top level, every key sorted: the nested messages' declarations are not listed here).
+    order = {name: index for index, name in enumerate(PROXY_CONFIG_FIELDS)}
+    ordered = sorted(differing, key=lambda key: (order.get(key, len(order)), key))
+    return json.dumps({key: _sorted_maps(differing[key]) for key in ordered}, separators=(",", ":")) + "\n"
+
+
+PROXY_CONFIG_FIELDS = (
+    *("configPath", "binaryPath", "serviceCluster", "tracingServiceName", "drainDuration"),
+    *("parentShutdownDuration", "discoveryAddress", "discoveryRefreshDelay", "zipkinAddress", "statsdUdpAddress"),
+    *("envoyMetricsServiceAddress", "proxyAdminPort", "availabilityZone", "controlPlaneAuthPolicy"),
+    *("customConfigFile", "statNameLength", "concurrency", "proxyBootstrapTemplatePath", "interceptionMode"),
+    *("tracing", "sds", "envoyAccessLogService", "envoyMetricsService", "proxyMetadata", "runtimeValues"),
+    *("statusPort", "extraStatTags", "gatewayTopology", "terminationDrainDuration", "meshId", "readinessProbe"),
+    *("proxyStatsMatcher", "holdApplicationUntilProxyStarts", "caCertificatesPem", "image"),
+    *("privateKeyProvider", "proxyHeaders", "fileFlushInterval", "fileFlushMinSizeKb"),
+)
+"""Istio's ProxyConfig (``mesh/v1alpha1/proxy.proto``): its fields in declaration order."""
+
+
+def _sorted_maps(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _sorted_maps(value[key]) for key in sorted(value)}
+    return value
 
 
 def _trees(settings: Settings) -> dict[str, Any]:
     return {"Values": settings.values, "MeshConfig": settings.mesh}
 
 
-def _rendered_proxy(template: Template, mode: str, values: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
-    proxy = dict(template.proxy)
-    if mode == "TPROXY" and template.tproxy:
-        proxy = _strategic_merge(proxy, template.tproxy)
-    rendered: dict[str, Any] = substitute(proxy, values, _trees(settings))
+def _rendered_proxy(
+    template: Template, conditions: frozenset[str], values: Mapping[str, Any], settings: Settings
+) -> dict[str, Any]:
+    rendered: dict[str, Any] = substitute(_overlaid(template, conditions), values, _trees(settings))
     return rendered
+
+
+def _overlaid(template: Template, conditions: frozenset[str]) -> Mapping[str, Any]:
+    """The template's proxy with the overlays whose conditions all hold laid over it, in order."""
+    proxy: Mapping[str, Any] = template.proxy
+    for overlay in template.overlays:
+        if overlay.when <= conditions:
+            proxy = _strategic_merge(proxy, overlay.proxy)
+    return proxy
+
+
+def _conditions(annotations: Mapping[str, str], settings: Settings, mode: str, native: bool) -> frozenset[str]:
+    """Which of the overlays' conditions (template.CONDITIONS) hold for the pod."""
+    held = {"tproxy"} if mode == "TPROXY" else set()
+    if native:
+        held.add("nativeSidecar")
+    elif _holds_application(annotations, settings)[0]:
+        held.add("holdApplication")
+    if _status_port(annotations, settings) != 0:
+        held.add("statusPort")
+    return frozenset(held)
+
+
+def _holds_application(annotations: Mapping[str, str], settings: Settings) -> tuple[bool, bool]:
+    """Whether a proxy that is not a native sidecar holds the app until it is ready (its postStart hook), and
+    whether it goes first among the containers. Istio reads holdApplicationUntilProxyStarts of the pod's
+    proxy config and of values.global.proxy: either puts the proxy first, and the hook is the proxy config's
+    choice when it makes one (an explicit false removes it), else the values'."""
+    own = capture.proxy_config(annotations, settings).get("holdApplicationUntilProxyStarts")
+    values = settings.value("global.proxy.holdApplicationUntilProxyStarts") is True
+    return (own is True if isinstance(own, bool) else values), own is True or values
+
+
+def _status_port(annotations: Mapping[str, str], settings: Settings) -> int:
+    """The agent's status port: status.sidecar.istio.io/port (checked as a port), else the values'."""
+    text = annotations.get(capture.STATUS_PORT, settings.text("global.proxy.statusPort")).strip()
+    return int(text) if text.isdigit() else 0
 
 
 def _sidecar(template: Template, proxy: Mapping[str, Any]) -> Sidecar:
     """What the capture takes from the proxy, which must be able to receive it."""
     uid, gid = proxy_identity(proxy)
     listeners = template.listeners
+    assert listeners is not None  # only a template with listeners gets a capture
     own = [*template.proxy_ports]
     own += [port for port in declared_ports(proxy) if port not in own]
     for port in (listeners.outbound, listeners.inbound):
@@ -565,17 +753,15 @@ def _native(annotations: Mapping[str, str], template: Template) -> bool:
 def _add_volumes(
     spec: dict[str, Any], template: Template, values: Mapping[str, Any], settings: Settings, workload: str
 ) -> list[str]:
-    """The template's volumes added to the pod (one the pod already has, by name, is kept); their names."""
+    """The template's volumes added to the pod (one the pod already has, by name, is kept), in the order of
+    Istio's strategic merge of the template over the pod; their names."""
     volumes = _list(spec, "volumes", workload)
     present = {v.get("name") for v in volumes if isinstance(v, Mapping)}
-    added = []
-    for volume in substitute(list(template.volumes), values, _trees(settings)):
-        if volume["name"] not in present:
-            volumes.append(volume)
-            added.append(volume["name"])
+    wanted = substitute(list(template.volumes), values, _trees(settings))
+    volumes = _merge_by(volumes, wanted, "name", lambda own, _: copy.deepcopy(own))
     if volumes:
         spec["volumes"] = volumes
-    return added
+    return [volume["name"] for volume in wanted if volume["name"] not in present]
 
 
 def _native_sidecar(annotations: Mapping[str, str], init_containers: list[Any]) -> bool:
@@ -652,12 +838,18 @@ def _image(settings: Settings, injector: Injector) -> str:
     return injector.image
 
 
-def _resources(annotations: Mapping[str, str], settings: Settings) -> dict[str, Any]:
-    given = [(part, kind, name) for part, kind, name in RESOURCE_ANNOTATIONS if name in annotations]
+def _annotated_resources(annotations: Mapping[str, str]) -> dict[str, Any]:
+    """The proxy's resources from the sidecar.istio.io/proxyCPU... annotations alone."""
     resources: dict[str, Any] = {}
-    if given:
-        for part, kind, name in given:
+    for part, kind, name in RESOURCE_ANNOTATIONS:
+        if name in annotations:
             resources.setdefault(part, {})[kind] = _quantity(annotations[name], f"annotation '{name}'")
+    return resources
+
+
+def _resources(annotations: Mapping[str, str], settings: Settings) -> dict[str, Any]:
+    resources = _annotated_resources(annotations)
+    if resources:
         return resources
     configured = settings.value("global.proxy.resources") or {}
     for part in ("limits", "requests"):
@@ -694,22 +886,36 @@ def _strategic_merge(generated: Any, user: Any) -> Any:
 _MERGE_KEYS = {"env": "name", "volumeMounts": "mountPath", "ports": "containerPort", "volumeDevices": "devicePath"}
 
 
-def _merge_by(generated: list[Any], user: list[Any], key: str) -> list[Any]:
-    merged = list(generated)
-    for item in user:
-        at = next(
-            (
-                i
-                for i, old in enumerate(merged)
-                if isinstance(old, Mapping) and isinstance(item, Mapping) and old.get(key) == item.get(key)
-            ),
-            None,
+def _merge_by(
+    original: list[Any],
+    patch: list[Any],
+    key: str,
+    combine: Callable[[Any, Any], Any] = _strategic_merge,
+) -> list[Any]:
+    """Kubernetes' strategic merge of a list keyed by ``key``: an item of both is ``combine``d, and the order is
+    apimachinery's (``mergeSortedSlice``): the patch's items in the patch's order, each of the original's own
+    items placed before the first patch item that follows it in the original."""
+
+    def key_of(item: Any) -> Any:
+        return item.get(key) if isinstance(item, Mapping) else None
+
+    patched = {key_of(item): item for item in patch}
+    merged = [combine(item, patched[key_of(item)]) if key_of(item) in patched else item for item in original]
+    known = {key_of(item) for item in original}
+    merged += [copy.deepcopy(item) for item in patch if key_of(item) not in known]
+    order = {key_of(item): index for index, item in enumerate(patch)}
+    from_patch = sorted((item for item in merged if key_of(item) in patched), key=lambda item: order[key_of(item)])
+    own = [item for item in merged if key_of(item) not in patched]
+    position = {key_of(item): index for index, item in enumerate(original)}
+    result: list[Any] = []
+    while own or from_patch:
+        # An original item goes first while it precedes, in the original, the next patch item.
+        own_first = bool(own) and (
+            not from_patch
+            or (key_of(from_patch[0]) in position and position[key_of(own[0])] < position[key_of(from_patch[0])])
         )
-        if at is None:
-            merged.append(copy.deepcopy(item))
-        else:
-            merged[at] = _strategic_merge(merged[at], item)
-    return merged
+        result.append(own.pop(0) if own_first else from_patch.pop(0))
+    return result
 
 
 def _find(spec: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:

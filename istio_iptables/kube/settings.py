@@ -35,6 +35,12 @@ DEFAULT_VALUES: Mapping[str, Any] = {
             "includeOutboundPorts": "",
             "excludeOutboundPorts": "",
             "statusPort": 15020,
+            "readinessInitialDelaySeconds": 0,
+            "readinessPeriodSeconds": 15,
+            "readinessFailureThreshold": 4,
+            "logLevel": "warning",
+            "componentLogLevel": "misc:error",
+            "clusterDomain": "cluster.local",
             "privileged": False,
             "holdApplicationUntilProxyStarts": False,
             "resources": {
@@ -47,12 +53,14 @@ DEFAULT_VALUES: Mapping[str, Any] = {
         "logAsJson": False,
         "imagePullPolicy": "",
         "nativeNftables": False,
+        "pilotCertProvider": "istiod",
+        "istioNamespace": "istio-system",
     },
     "pilot": {"cni": {"enabled": False, "provider": "default"}},
-    "sidecarInjectorWebhook": {"defaultTemplates": [], "templates": {}},
+    "sidecarInjectorWebhook": {"defaultTemplates": [], "templates": {}, "rewriteAppHTTPProbe": True},
 }
 """Istio's chart defaults (``manifests/charts/istio-control/istio-discovery/values.yaml``) for what the
-capture reads."""
+capture and the shipped istio template read."""
 
 DEFAULT_MESH: Mapping[str, Any] = {
     "proxyListenPort": 15001,
@@ -66,6 +74,7 @@ _BOOLEANS = (
     "values.global.proxy_init.forceApplyIptables",
     "values.global.proxy.privileged",
     "values.global.proxy.holdApplicationUntilProxyStarts",
+    "values.sidecarInjectorWebhook.rewriteAppHTTPProbe",
     "values.pilot.cni.enabled",
     "values.istio_cni.enabled",
     "components.cni.enabled",
@@ -132,9 +141,16 @@ class Settings:
         for port in (
             "meshConfig.proxyListenPort",
             "meshConfig.proxyInboundListenPort",
+            "meshConfig.defaultConfig.statusPort",
             "values.global.proxy.statusPort",
         ):
             _check(tree, port, _is_port_or_zero, "must be a port number (0-65535)")
+        for count in (
+            "values.global.proxy.readinessInitialDelaySeconds",
+            "values.global.proxy.readinessPeriodSeconds",
+            "values.global.proxy.readinessFailureThreshold",
+        ):
+            _check(tree, count, _is_count, "must be a non-negative integer")
         values_tree, components = tree["values"], tree["components"]
         cni = any(
             _lookup(root, path) is True
@@ -286,6 +302,10 @@ def _is_resources(value: Any) -> bool:
     return isinstance(value, Mapping) and all(
         key in ("requests", "limits") and isinstance(item, Mapping) for key, item in value.items()
     )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFFFFFF
 
 
 def _is_port_or_zero(value: Any) -> bool:

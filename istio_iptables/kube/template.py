@@ -3,10 +3,12 @@ volumes, labels and annotations), as a ConfigMap shaped like Istio's ``istio-sid
 under its ``config`` key.
 
 Istio's templates are Go text/template; ours are structured YAML (``injector-config.schema.json``) whose
-strings may hold placeholders, ``{{ .Name }}``, from a fixed list (``PLACEHOLDERS``): no conditionals, no
-loops, no functions. A placeholder that is a whole string and stands for a number becomes that number
-(``containerPort: "{{ .OutboundPort }}"``). Pure: the caller reads the files, this module only the
-package's own schema and shipped configurations.
+strings may hold placeholders, ``{{ .Name }}``, from a fixed list (``PLACEHOLDERS``): no loops, no functions,
+and no conditions but the overlays' fixed ones (``CONDITIONS``). A placeholder that is a whole string takes
+the value's type (``containerPort: "{{ .OutboundPort }}"`` is a number); standing for nothing (null or an
+empty string) it removes its key, as Kubernetes leaves an unset field out; a list item standing for a list is
+spliced in. Pure: the caller reads the files, this module only the package's own schema and shipped
+configurations.
 """
 
 from __future__ import annotations
@@ -38,10 +40,45 @@ PLACEHOLDERS: Mapping[str, str] = {
     "PodPorts": "the ports the pod's containers declare, as a JSON list (as Istio's ISTIO_META_POD_PORTS)",
     "ProxyConfig": "the pod's proxy config where it differs from the built-in defaults, as JSON (Istio's PROXY_CONFIG)",
     "ProxyResources": "the proxy's resources: the sidecar.istio.io/proxyCPU... annotations, else the values'",
+    "AnnotatedResources": "the proxy's resources from the sidecar.istio.io/proxyCPU... annotations only ({} without)",
+    "ProxyImage": "sidecar.istio.io/proxyImage when it holds a '/', else values.global.proxy.image when it does, "
+    "else hub/image:tag of the values",
+    "StatusPort": "the agent's status port: status.sidecar.istio.io/port, else values.global.proxy.statusPort",
+    "ReadinessInitialDelaySeconds": "readiness.status.sidecar.istio.io/initialDelaySeconds, else "
+    "values.global.proxy.readinessInitialDelaySeconds (nothing when 0)",
+    "ReadinessPeriodSeconds": "readiness.status.sidecar.istio.io/periodSeconds, else "
+    "values.global.proxy.readinessPeriodSeconds (nothing when 0)",
+    "ReadinessFailureThreshold": "readiness.status.sidecar.istio.io/failureThreshold, else "
+    "values.global.proxy.readinessFailureThreshold (nothing when 0)",
+    "ProxyMetadataEnv": "the pod's proxy config's proxyMetadata as env entries, by name (a list item: spliced in)",
+    "CanonicalName": "the pod's app.kubernetes.io/name label, else its app label, else .WorkloadName (63 characters "
+    "at most)",
+    "CanonicalRevision": "the pod's app.kubernetes.io/version label, else its version label, else latest",
+    "DefaultContainer": "the name of the pod's first container but the proxy (nothing without one)",
+    "AgentArgs": "the agent's optional arguments from the values (--stsPort, --log_as_json, --outlierLogPath; "
+    "a list item: spliced in)",
+    "CAAddress": "values.global.caAddress, else istiod[-revision].<values.global.istioNamespace>.svc:15012",
+    "ClusterID": "values.global.multiCluster.clusterName, else Kubernetes",
+    "TrustDomain": "the mesh config's trustDomain, else cluster.local",
+    "MeshID": "values.global.meshID, else the trust domain",
+    "UserVolumes": "the volumes of the pod's sidecar.istio.io/userVolume (a list item: spliced in)",
+    "UserVolumeMounts": "the mounts of the pod's sidecar.istio.io/userVolumeMount (a list item: spliced in)",
+    "LogLevel": "sidecar.istio.io/logLevel, else values.global.proxy.logLevel",
+    "ComponentLogLevel": "sidecar.istio.io/componentLogLevel, else values.global.proxy.componentLogLevel",
+    "AgentLogLevel": "sidecar.istio.io/agentLogLevel, else values.global.logging.level",
     "Values.PATH": "a value of the values tree (Values.global.proxy.statusPort)",
     "MeshConfig.PATH": "a value of the mesh config (MeshConfig.defaultConfig.discoveryAddress)",
 }
 """What ``{{ .Name }}`` may name, and what it stands for."""
+
+CONDITIONS: Mapping[str, str] = {
+    "tproxy": "the pod's interception mode is TPROXY",
+    "nativeSidecar": "the proxy runs as a native sidecar (an init container with restartPolicy Always)",
+    "holdApplication": "the proxy holds the app until it is ready (holdApplicationUntilProxyStarts of the pod's "
+    "proxy config or values.global.proxy; a native sidecar does by itself, so never with one)",
+    "statusPort": "the agent's status port is not 0",
+}
+"""What an overlay's ``when`` may name: the facts of a pod an overlay depends on."""
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _NAME = re.compile(r"\.([A-Za-z]+)((?:\.[A-Za-z0-9_-]+)*)")
@@ -55,17 +92,30 @@ class Listeners:
 
 
 @record
+class Overlay:
+    """Laid over the proxy container when every condition (``CONDITIONS``) holds for the pod."""
+
+    when: frozenset[str]
+    proxy: Mapping[str, Any]
+
+
+@record
 class Template:
     """One sidecar: the proxy container and what goes with it."""
 
     name: str
     proxy: Mapping[str, Any]
-    listeners: Listeners
+    listeners: Listeners | None
+    """None: the template gets no capture (a gateway, an agent without a proxy)."""
     proxy_ports: tuple[int, ...]
     """The proxy's own ports, never captured inbound (``-d``), besides the ports its container declares."""
     native_sidecar: bool
-    tproxy: Mapping[str, Any] = {}
-    """Laid over ``proxy`` for a pod whose interception mode is TPROXY."""
+    overlays: tuple[Overlay, ...] = ()
+    """In order; the ``tproxy`` field is the first, when ``tproxy``."""
+    rewrite_app_probes: bool = False
+    """The proxy answers the app's probes on the status port, as Istio's agent (ISTIO_KUBE_APP_PROBERS)."""
+    merge_prometheus_metrics: bool = False
+    """The proxy merges the app's Prometheus metrics into its own, as Istio's agent (ISTIO_PROMETHEUS_ANNOTATIONS)."""
     volumes: tuple[Mapping[str, Any], ...] = ()
     labels: Mapping[str, str] = {}
     annotations: Mapping[str, str] = {}
@@ -151,14 +201,18 @@ def parse_config(tree: Any, source: str) -> InjectorConfig:
 
 
 def _template(name: str, body: Mapping[str, Any]) -> Template:
-    listeners = body["listeners"]
+    listeners = body.get("listeners")
+    overlays = [Overlay(frozenset({"tproxy"}), copy.deepcopy(body["tproxy"]))] if body.get("tproxy") else []
+    overlays += [Overlay(frozenset(item["when"]), copy.deepcopy(item["proxy"])) for item in body.get("overlays", [])]
     return Template(
         name=name,
         proxy=copy.deepcopy(body["proxy"]),
-        listeners=Listeners(outbound=listeners["outbound"], inbound=listeners["inbound"]),
+        listeners=Listeners(outbound=listeners["outbound"], inbound=listeners["inbound"]) if listeners else None,
         proxy_ports=tuple(body.get("proxyPorts", [])),
         native_sidecar=body.get("nativeSidecar", False),
-        tproxy=copy.deepcopy(body.get("tproxy", {})),
+        overlays=tuple(overlays),
+        rewrite_app_probes=body.get("rewriteAppProbes", False),
+        merge_prometheus_metrics=body.get("mergePrometheusMetrics", False),
         volumes=tuple(copy.deepcopy(body.get("volumes", []))),
         labels=dict(body.get("labels", {})),
         annotations=dict(body.get("annotations", {})),
@@ -180,7 +234,7 @@ def _template_problems(template: Template) -> list[str]:
         for path, text in _placeholders(
             {
                 "proxy": template.proxy,
-                "tproxy": template.tproxy,
+                "overlays": [dict(overlay.proxy) for overlay in template.overlays],
                 "volumes": list(template.volumes),
                 "annotations": template.annotations,
             }
@@ -188,6 +242,8 @@ def _template_problems(template: Template) -> list[str]:
         if not _known(text)
     ]
     listeners = template.listeners
+    if listeners is None:
+        return problems
     if listeners.outbound == listeners.inbound:
         problems.append(
             f"{where}.listeners: outbound and inbound are both {listeners.outbound}: "
@@ -232,16 +288,37 @@ def _placeholders(tree: Any, path: str = "") -> list[tuple[str, str]]:
 
 def substitute(tree: Any, values: Mapping[str, Any], trees: Mapping[str, Any]) -> Any:
     """``tree`` with every placeholder replaced: ``values`` by name, ``Values.…``/``MeshConfig.…`` looked up in
-    ``trees``. A string that is one placeholder takes the value's type (a number stays a number, a map a map)."""
+    ``trees``. A string that is one placeholder takes the value's type (a number stays a number, a map a map);
+    one that stands for nothing (null, "") removes its key or list item, and a list item standing for a list
+    is spliced in."""
+    result = _substituted(tree, values, trees)
+    return None if result is _NOTHING else result
+
+
+_NOTHING = object()
+"""What a whole placeholder standing for nothing becomes: its key or list item is left out."""
+
+
+def _substituted(tree: Any, values: Mapping[str, Any], trees: Mapping[str, Any]) -> Any:
     if isinstance(tree, Mapping):
-        return {key: substitute(value, values, trees) for key, value in tree.items()}
+        items = ((key, _substituted(value, values, trees)) for key, value in tree.items())
+        return {key: value for key, value in items if value is not _NOTHING}
     if isinstance(tree, list):
-        return [substitute(item, values, trees) for item in tree]
+        result = []
+        for item in tree:
+            value = _substituted(item, values, trees)
+            if isinstance(item, str) and isinstance(value, list):
+                result += value  # a placeholder standing for list items
+            elif value is not _NOTHING:
+                result.append(value)
+        return result
     if not isinstance(tree, str) or "{{" not in tree:
         return tree
     whole = _PLACEHOLDER.fullmatch(tree)
     if whole:
         value = _value(whole.group(1), values, trees)
+        if value is None or value == "":
+            return _NOTHING
         return copy.deepcopy(value) if isinstance(value, (int, float, str, Mapping, list)) else _text(value)
     return _PLACEHOLDER.sub(lambda match: _text(_value(match.group(1), values, trees)), tree)
 

@@ -44,6 +44,7 @@ import yaml
 from istio_iptables.cni import cri, install
 from istio_iptables.kube.capture import load_settings
 from istio_iptables.kube.inject import INIT_CONTAINER, Injector, inject_documents, pod_paths
+from istio_iptables.kube.template import parse_config
 from tests.conformance.test_istio_inject import CASES, CORPUS
 from tests.kernel import cnilab, netlab
 from tests.kernel import conftest as kernel_fixtures
@@ -322,6 +323,11 @@ def workloads(documents: list[Any], sets: list[str] | None) -> list[dict[str, An
     if sets is not None:
         # The corpus's pods bring no proxy: the capture alone is what is compared.
         documents = inject_documents(documents, Injector(load_settings(sets), capture_only=True))
+    return pods_of(documents)
+
+
+def pods_of(documents: list[Any]) -> list[dict[str, Any]]:
+    """The ``metadata`` and ``spec`` of each workload's pod in ``documents``."""
     found = []
     for document in _flattened(documents):
         paths = pod_paths(document) if isinstance(document, Mapping) else None
@@ -404,6 +410,46 @@ def test_the_plugin_applies_the_init_containers_rules(node: PluginNode, case: Ca
         return
     init_pods = workloads(case.documents, [*(item for item in case.sets if item != CNI), INIT_MODE])
     cni_pods = workloads(case.documents, [*case.sets, CNI])
+    same_rules(node, init_pods, cni_pods)
+
+
+CUSTOM_PROXY = {
+    "nativeSidecar": True,
+    "listeners": {"outbound": 16001, "inbound": 16006},
+    "proxyPorts": [9000],
+    "proxy": {
+        "name": "istio-proxy",
+        "image": "proxy:1",
+        "ports": [{"containerPort": 9901}, {"containerPort": 8081}],
+        "securityContext": {"runAsUser": 2001, "runAsGroup": 2002},
+    },
+    "tproxy": {"securityContext": {"runAsUser": 0, "capabilities": {"add": ["NET_ADMIN"]}}},
+}
+"""A template whose proxy captures on other listeners, declares other ports and runs as another UID than
+Istio's: the injector's settings name its listeners; the plugin runs with the chart's defaults."""
+CUSTOM_CASES = ("hello", "hello-tproxy", "traffic-params", "status_params", "kubevirtInterfaces")
+
+
+@pytest.mark.parametrize("case", [case for case in CUSTOM_CASES if case in CASES])
+def test_the_plugin_applies_the_init_containers_rules_with_a_custom_proxy(node: PluginNode, case: str) -> None:
+    """What the plugin must know of the proxy (its listeners, ports and UID) comes from the annotations the
+    injector recorded, not from the plugin's settings."""
+    sets = json.loads((CORPUS / case / "case.json").read_text())["sets"]
+    node.configure(Case([], tuple(sets)).plugin_settings)
+    listeners = ["meshConfig.proxyListenPort=16001", "meshConfig.proxyInboundListenPort=16006"]
+    config = parse_config({"templates": {"sidecar": CUSTOM_PROXY}}, "custom")
+
+    def injected(mode: str) -> list[dict[str, Any]]:
+        injector = Injector(load_settings([*sets, *listeners, mode]), config=config)
+        return pods_of(inject_documents(corpus_input(case), injector))
+
+    same_rules(node, injected(INIT_MODE), injected(CNI))
+
+
+def same_rules(node: PluginNode, init_pods: list[dict[str, Any]], cni_pods: list[dict[str, Any]]) -> None:
+    """Each pod injected for CNI mode, set up by the plugin, has the tables of the same pod injected for init
+    mode, set up by its init container's command; both DELs of the captured pod pass, the first leaving
+    nothing of the plugin's."""
     assert len(init_pods) == len(cni_pods) > 0
     lab, record = node.lab, node.record
     for init_pod, cni_pod in zip(init_pods, cni_pods, strict=True):
