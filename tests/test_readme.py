@@ -134,6 +134,7 @@ def test_every_flag_the_documents_name_is_in_help(help_text: str) -> None:
 
 EXTERNAL_NAMES = {
     "ISTIO_PROMETHEUS_ANNOTATIONS": "the variable Istio's agent reads the app's scrape settings from",
+    "ISTIO_META_INTERCEPTION_MODE": "the variable of the istio template's proxy that pilot-agent reads its mode from",
     "KUBERNETES_SERVICE_HOST": "Kubernetes sets it in every container",
     "XTABLES_LOCKFILE": "iptables' own variable",
     "NET_ADMIN": "a capability",
