@@ -191,12 +191,14 @@ print(json.dumps(found))
             "ISTIO_META_INTERCEPTION_MODE": mode,
         },
         "root": "Read-only file system",
-        "labels": 'app="shop"',
-        "annotations": ["sidecar.istio.io/interceptionMode", "sidecar.istio.io/status"],
+        # The pod's own, with those Istio's template adds (tlsMode, canonical name...), as the kubelet writes them.
+        "labels": "\n".join(f'{key}="{value}"' for key, value in sorted(spec["metadata"]["labels"].items())),
+        "annotations": sorted(spec["metadata"]["annotations"]),
         "token": True,
         "root_cert": config_maps["istio-ca-root-cert"]["root-cert.pem"],
         "crl": [],
     }
+    assert {"app": "shop", "security.istio.io/tlsMode": "istio"}.items() <= spec["metadata"]["labels"].items()
     assert f'"tproxy":{str(mode == "TPROXY").lower()}' in pod.logs("istio-proxy")
     check_relayed_both_ways(lab, pod, peer)
 
