@@ -131,12 +131,15 @@ try:
 except ValueError:
     answer = sys.argv[2]
 arguments = dict(item.split("=", 1) for item in os.environ.get("CNI_ARGS", "").split(";") if "=" in item)
-print(json.dumps({
+record = {
     "command": os.environ["CNI_COMMAND"], "container": os.environ["CNI_CONTAINERID"],
     "pod": arguments.get("K8S_POD_NAME"), "netns": bool(netns), "prev_result": stdin.get("prevResult"),
     "runtime_config": stdin.get("runtimeConfig", {}), "exit": int(sys.argv[1]), "answer": answer, "after": after,
     "library_path": os.environ.get("LD_LIBRARY_PATH", "unset"),
-    "config": {key: value for key, value in stdin.items() if key not in ("prevResult", "runtimeConfig")}}))
+    "config": {key: value for key, value in stdin.items() if key not in ("prevResult", "runtimeConfig")}}
+# One write(2) per record: loggers of pods set up at once append to the same file, and print's buffered
+# writes of a long record (the plugin's settings with values) could interleave with another's.
+os.write(1, (json.dumps(record) + "\\n").encode())
 """
 
 
