@@ -135,9 +135,10 @@ def apply(config: Config, plan: Plan) -> None:
         ]
         routing = routes.read()
         sets = set_changes(config, () if config.cleanup_only else plan.sets, transitions)
-        if sets and sets.drift() and not (config.reconcile or config.cleanup_only):
+        drift = sets.drift() if sets and not (config.reconcile or config.cleanup_only) else []
+        if drift:
             raise DriftError(
-                "live sets differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(sets.drift())
+                "live sets differ from the plan and --no-reconcile forbids repairing them:\n" + "\n".join(drift)
             )
         attempted: list[Transition] = []
         undo: list[routes.Step] = []
@@ -186,7 +187,7 @@ def apply(config: Config, plan: Plan) -> None:
         ]
         lines += emptied
         lines += sets.report() if sets else []
-        _report(config, started, lines, changed=bool(transitions or native_copy or (sets and (sets.fill or sets.drop))))
+        _report(config, started, lines, changed=bool(transitions or native_copy or (sets and sets.changes)))
 
 
 def _changed_tables(expected: Layout, actual: Layout, label: Callable[[Table], str]) -> list[str]:

@@ -148,9 +148,13 @@ class Changes:
     fill: str
     drop: str
 
+    @property
+    def changes(self) -> bool:
+        return bool(self.fill or self.drop)
+
     def drift(self) -> list[str]:
         """How live sets differ from the plan: empty when there are none yet, or they are as planned."""
-        return differences(self.planned, self.live) if self.live and (self.fill or self.drop) else []
+        return differences(self.planned, self.live) if self.live and self.changes else []
 
     def fill_in(self) -> None:
         apply(self.fill)
