@@ -106,3 +106,15 @@ def test_capture_with_sets_is_the_capture_with_lists(lab: Lab, variant: str) -> 
     assert (
         captured.startswith("PROXY15001|peer:") and excluded.startswith("peer2:") and port_excluded.startswith("peer:")
     )
+
+
+def test_no_reconcile_refuses_sets_that_drifted_and_changes_nothing(pod: Pod) -> None:
+    flags = [*INIT, "--match-sets", "--force-iptables-binary", "nft"]
+    assert run_cli(pod, [*flags, "-x", "10.0.0.0/8,1.2.0.0/16"]).returncode == 0
+    pod.run(["ipset", "add", "ISTIO_EXCLUDE_CIDR4", "9.9.0.0/16"])  # another writer's member
+    before, saved = sets_of(pod), iptables_save(pod, "nft", 4)
+    refused = run_cli(pod, [*flags, "-x", "10.0.0.0/8,1.2.0.0/16", "--no-reconcile"])
+    assert refused.returncode != 0
+    assert "live sets differ from the plan" in refused.stderr
+    assert "ISTIO_EXCLUDE_CIDR4: extra member 9.9.0.0/16" in refused.stderr
+    assert (sets_of(pod), iptables_save(pod, "nft", 4)) == (before, saved)
