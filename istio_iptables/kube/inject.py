@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from istio_iptables.errors import ConfigError
-from istio_iptables.kube import agent, capture
-from istio_iptables.kube.agent import PROXY_CONTAINER
+from istio_iptables.kube import capture, pilot_agent
 from istio_iptables.kube.capture import InjectionError, Sidecar, init_args
+from istio_iptables.kube.pilot_agent import PROXY_CONTAINER
 from istio_iptables.kube.policy import SIDECAR_STATUS, PodFacts, chosen_templates, decide, string_map
 from istio_iptables.kube.quantity import canonical_quantity
 from istio_iptables.kube.settings import DEFAULT_MESH, Settings, go_text
@@ -181,9 +181,9 @@ def injected_pod(
     if template is not None and proxy is not None:
         # What Istio's injector does in code for its agent, after the template (and the user's proxy) are laid.
         if template.merge_prometheus_metrics:
-            agent.merge_prometheus(annotations, proxy, settings)
-        if template.rewrite_app_probes and agent.rewrites_probes(annotations, settings):
-            agent.rewrite_app_probes(spec, proxy, annotations, settings)
+            pilot_agent.merge_prometheus(annotations, proxy, settings)
+        if template.rewrite_app_probes and pilot_agent.rewrites_probes(annotations, settings):
+            pilot_agent.rewrite_app_probes(spec, proxy, annotations, settings)
     init_containers = _list(spec, "initContainers", workload)
     if proxy is not None:
         others = [c for c in init_containers if not (isinstance(c, Mapping) and c.get("name") == PROXY_CONTAINER)]
